@@ -1,0 +1,647 @@
+"""Sample tables for the supported dataset layouts, and image / mask loading.
+
+Every layout is turned into one flat, sorted list of :class:`Sample` rows, so later stages never
+care where a dataset came from. Three formats are understood (DESIGN §7):
+
+``mvtec``
+    ``<root>/<category>/train/good/*.png``, ``<root>/<category>/test/<defect>/*.png`` and, for every
+    image of a defect other than ``good``, ``<root>/<category>/ground_truth/<defect>/<stem>_mask.png``.
+``visa``
+    ``<root>/split_csv/1cls.csv`` with the header ``object,split,label,image,mask``; ``label`` is
+    ``normal`` or ``anomaly``; ``image`` and ``mask`` are paths relative to ``<root>``. VisA has no
+    defect types, so anomalous rows get the defect ``anomaly``. Masks are multi-valued (one value per
+    defect instance); a pixel is anomalous where the mask is ``!= 0``.
+``folder``
+    Any MVTec-like tree (MPDD, BTAD, a user's own line): the same layout as ``mvtec``, but images may
+    be ``.png .jpg .jpeg .bmp .tif .tiff`` and masks are ``ground_truth/<defect>/<stem>_mask.<ext>``
+    or ``ground_truth/<defect>/<stem>.<ext>`` (BTAD). Normal folders are named ``good`` or ``ok``
+    (BTAD); both are reported as the defect ``good``.
+
+Extensions are matched case-insensitively everywhere (``000.JPG``). Files whose name starts with a dot
+(``.DS_Store``, ``.gitignore``) are ignored; anything else that does not fit the layout is an error
+(:class:`DatasetError`, naming the file and the convention expected). Nothing is skipped silently.
+
+Sizes are read from image headers only (no pixel decode) when a table is built: the table checks
+that every mask has its image's size and that no image exceeds ``data.max_pixels``. Pixels are
+decoded later, one image at a time, by :func:`load_image` and :func:`load_mask`.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import zlib
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Iterable, Sequence
+
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("mvtec", "visa", "folder")
+"""The dataset layouts :func:`load_table` understands."""
+
+SPLITS = ("train", "test")
+"""The splits a sample can belong to."""
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+"""Image (and mask) extensions accepted by the ``folder`` format, compared lower-cased."""
+
+_TREE_EXTENSIONS = {"mvtec": (".png",), "folder": IMAGE_EXTENSIONS}
+_NORMAL_DIRS = {"mvtec": ("good",), "folder": ("good", "ok")}
+
+VISA_CSV = PurePosixPath("split_csv/1cls.csv")
+"""Where the VisA table lives, relative to the dataset root."""
+VISA_COLUMNS = ("object", "split", "label", "image", "mask")
+VISA_LABELS = {"normal": 0, "anomaly": 1}
+VISA_DEFECT = "anomaly"
+"""Defect name given to anomalous VisA samples (the CSV has no defect types)."""
+
+LAYOUTS = {
+    "mvtec": (
+        "mvtec layout: <root>/<category>/train/good/*.png, <root>/<category>/test/<defect>/*.png, "
+        "masks at <root>/<category>/ground_truth/<defect>/<stem>_mask.png"
+    ),
+    "folder": (
+        "folder layout: <root>/<category>/train/{good|ok}/*, <root>/<category>/test/<defect>/* "
+        f"(extensions {' '.join(IMAGE_EXTENSIONS)}, any case), masks at "
+        "<root>/<category>/ground_truth/<defect>/<stem>_mask.<ext> or <stem>.<ext>"
+    ),
+    "visa": (
+        f"visa layout: <root>/{VISA_CSV} with header {','.join(VISA_COLUMNS)}, label normal|anomaly, "
+        "image and mask paths relative to <root>"
+    ),
+}
+"""One-line description of each layout, quoted in error messages."""
+
+# What PIL raises on a file it cannot identify or decode (UnidentifiedImageError is an OSError;
+# truncated data is an OSError; some corrupt PNG chunks raise SyntaxError; bad zlib streams zlib.error).
+_PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zlib.error, Image.DecompressionBombError)
+
+
+class DatasetError(ValueError):
+    """A dataset tree, table or file does not follow its layout. The message names the file."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image of a dataset table."""
+
+    image: Path
+    """Absolute path of the image."""
+    mask: Path | None
+    """Absolute path of the mask; ``None`` for normal images (their mask is all zeros)."""
+    label: int
+    """0 normal, 1 anomalous."""
+    category: str
+    """Object / texture category (MVTec ``bottle``, VisA ``candle``, ...)."""
+    defect: str
+    """Defect type; ``good`` for normal images, ``anomaly`` for VisA anomalies."""
+    split: str
+    """``train`` or ``test``."""
+    relpath: str
+    """Image path relative to the dataset root, POSIX style (stored in the feature store's attrs)."""
+
+
+def _sort_key(s: Sample) -> tuple[str, str, str, str]:
+    return (s.category, s.split, s.defect, s.relpath)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public API
+
+
+def load_table(
+    fmt: str,
+    root: Path,
+    *,
+    splits: Sequence[str] = ("test",),
+    categories: Sequence[str] | None = None,
+    max_pixels: int = 50_000_000,
+) -> list[Sample]:
+    """Read a dataset tree into a list of samples.
+
+    Args:
+        fmt: one of :data:`FORMATS`.
+        root: dataset root folder (made absolute; symlinks inside it, such as DVC's, are not followed
+            so ``relpath`` stays relative to ``root``).
+        splits: which splits to include, a subset of :data:`SPLITS`.
+        categories: restrict to these categories; ``None`` means every category found. Requesting a
+            category the dataset does not have is an error.
+        max_pixels: refuse any image (or mask) whose header says it has more pixels than this
+            (``data.max_pixels``).
+
+    Returns:
+        Samples in a deterministic order: sorted by ``(category, split, defect, relpath)``.
+
+    Raises:
+        DatasetError: the root is missing, the format unknown, no image is found, an anomalous image
+            has no mask, a mask has no image, a mask's size differs from its image's, an image header
+            is unreadable or over ``max_pixels``, a VisA CSV is malformed or points outside the root,
+            or a requested category does not exist.
+    """
+    if fmt not in FORMATS:
+        raise DatasetError(f"unknown dataset format {fmt!r} for {root}; expected one of {', '.join(FORMATS)}")
+    root = Path(os.path.abspath(Path(root).expanduser()))
+    if not root.is_dir():
+        what = "is not a directory" if root.exists() else "does not exist"
+        raise DatasetError(f"dataset root {root} {what}; expected the {LAYOUTS[fmt]}")
+    splits = tuple(splits)
+    if not splits:
+        raise DatasetError(f"{root}: no split requested; expected some of {', '.join(SPLITS)}")
+    bad = [s for s in splits if s not in SPLITS]
+    if bad:
+        raise DatasetError(f"{root}: unknown split(s) {bad}; expected some of {', '.join(SPLITS)}")
+    if categories is not None:
+        categories = tuple(categories)
+        if not categories:
+            raise DatasetError(f"{root}: the category list is empty; use null/None for every category")
+    if not isinstance(max_pixels, int) or max_pixels < 1:
+        raise DatasetError(f"data.max_pixels must be a positive integer, got {max_pixels!r}")
+
+    if fmt == "visa":
+        samples = _visa_table(root, splits, categories, max_pixels)
+    else:
+        samples = _tree_table(fmt, root, splits, categories, max_pixels)
+    if not samples:
+        raise DatasetError(
+            f"no images found under {root} for splits {list(splits)}; expected the {LAYOUTS[fmt]}"
+        )
+    samples.sort(key=_sort_key)
+    return samples
+
+
+def load_image(path: Path, max_pixels: int = 50_000_000) -> Image.Image:
+    """Open and fully decode an image as 8-bit RGB.
+
+    Truncated or corrupt files raise instead of being padded (``ImageFile.LOAD_TRUNCATED_IMAGES``
+    is left alone). 16-bit grey images are scaled to 8 bit; alpha is dropped; EXIF orientation is
+    *not* applied, so pixels stay aligned with their mask.
+
+    Raises:
+        DatasetError: the file cannot be read or decoded, or has more than ``max_pixels`` pixels
+            (``data.max_pixels``), or PIL's own decompression-bomb guard refuses it.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            _check_pixels(path, im.size, max_pixels)
+            im.load()
+            if im.mode.startswith("I;16"):
+                # PIL's convert("RGB") clips 16-bit values at 255; keep the top 8 bits instead.
+                arr = (np.asarray(im).astype(np.uint32) >> 8).astype(np.uint8)
+                return Image.fromarray(arr, mode="L").convert("RGB")
+            return im.convert("RGB")
+    except DatasetError:
+        raise
+    except FileNotFoundError as e:
+        raise DatasetError(f"image {path} does not exist") from e
+    except _PIL_ERRORS as e:
+        raise DatasetError(
+            f"cannot decode image {path}: {e} (expected a complete, readable image file)"
+        ) from e
+
+
+def load_mask(path: Path | None, size: tuple[int, int], resize_to: int | None = None) -> np.ndarray:
+    """Load a mask as a binary array.
+
+    Args:
+        path: mask file, or ``None`` for a normal image (an all-zero mask is returned).
+        size: the image's size in **PIL order** ``(width, height)`` (what ``Image.size`` gives). The
+            mask must have exactly this size.
+        resize_to: if given, the mask is resized nearest-neighbour to ``(S, S)`` and then binarised.
+
+    Returns:
+        ``uint8`` array with values in {0, 1}, shape ``(height, width)`` or ``(S, S)`` when
+        ``resize_to`` is given. A pixel is anomalous (1) where the mask is non-zero in any colour
+        channel (VisA masks are multi-valued; palette masks are read by palette index; alpha is
+        ignored).
+
+    Raises:
+        DatasetError: the mask cannot be decoded or its size differs from ``size``.
+    """
+    w, h = int(size[0]), int(size[1])
+    if path is None:
+        shape = (resize_to, resize_to) if resize_to is not None else (h, w)
+        return np.zeros(shape, dtype=np.uint8)
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            if im.size != (w, h):
+                raise DatasetError(
+                    f"mask {path} is {im.size[0]}x{im.size[1]} but its image is {w}x{h}; "
+                    "a mask must have its image's size"
+                )
+            im.load()
+            binary = _binarise(im)
+    except DatasetError:
+        raise
+    except FileNotFoundError as e:
+        raise DatasetError(f"mask {path} does not exist") from e
+    except _PIL_ERRORS as e:
+        raise DatasetError(
+            f"cannot decode mask {path}: {e} (expected a complete, readable image file)"
+        ) from e
+    if resize_to is not None:
+        resized = Image.fromarray(binary * np.uint8(255)).resize(
+            (resize_to, resize_to), Image.Resampling.NEAREST
+        )
+        binary = (np.asarray(resized) > 0).astype(np.uint8)
+    return binary
+
+
+def summarize(samples: Iterable[Sample]) -> dict:
+    """Count samples for a ``check`` command.
+
+    Returns a JSON-ready dict::
+
+        {"n_images": N, "n_normal": ..., "n_anomalous": ..., "categories": [...],
+         "per_category": {category: {"n_images": ..., "n_normal": ..., "n_anomalous": ...,
+                                     "splits": {split: {defect: count}}}}}
+
+    with every mapping sorted by key.
+    """
+    samples = list(samples)
+    per: dict[str, dict] = {}
+    counts: dict[str, Counter] = defaultdict(Counter)
+    splits: dict[str, dict[str, Counter]] = defaultdict(lambda: defaultdict(Counter))
+    for s in samples:
+        counts[s.category]["n_images"] += 1
+        counts[s.category]["n_anomalous" if s.label else "n_normal"] += 1
+        splits[s.category][s.split][s.defect] += 1
+    for cat in sorted(counts):
+        per[cat] = {
+            "n_images": counts[cat]["n_images"],
+            "n_normal": counts[cat]["n_normal"],
+            "n_anomalous": counts[cat]["n_anomalous"],
+            "splits": {
+                sp: {d: n for d, n in sorted(splits[cat][sp].items())} for sp in sorted(splits[cat])
+            },
+        }
+    n_anom = sum(1 for s in samples if s.label)
+    return {
+        "n_images": len(samples),
+        "n_normal": len(samples) - n_anom,
+        "n_anomalous": n_anom,
+        "categories": sorted(per),
+        "per_category": per,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Header checks and mask decoding
+
+
+def _check_pixels(path: Path, size: tuple[int, int], max_pixels: int) -> None:
+    w, h = size
+    if w * h > max_pixels:
+        raise DatasetError(
+            f"image {path} is {w}x{h} = {w * h:,} pixels, over the limit data.max_pixels = {max_pixels:,}; "
+            "raise data.max_pixels in params.yaml if such images are expected"
+        )
+
+
+def _header_size(path: Path, max_pixels: int, what: str = "image") -> tuple[int, int]:
+    """(width, height) from the file header, without decoding pixels."""
+    try:
+        with Image.open(path) as im:
+            size = im.size
+    except Image.DecompressionBombError as e:
+        raise DatasetError(
+            f"{what} {path} refused by PIL's decompression-bomb guard: {e} "
+            f"(data.max_pixels = {max_pixels:,})"
+        ) from e
+    except _PIL_ERRORS as e:
+        raise DatasetError(
+            f"cannot read the header of {what} {path}: {e} (expected a readable image file)"
+        ) from e
+    _check_pixels(path, size, max_pixels)
+    return size
+
+
+def _check_pair(image: Path, mask: Path, max_pixels: int) -> None:
+    isize = _header_size(image, max_pixels)
+    msize = _header_size(mask, max_pixels, what="mask")
+    if isize != msize:
+        raise DatasetError(
+            f"mask {mask} is {msize[0]}x{msize[1]} but its image {image} is {isize[0]}x{isize[1]}; "
+            "a mask must have its image's size"
+        )
+
+
+def _binarise(im: Image.Image) -> np.ndarray:
+    """(H, W) uint8 in {0, 1}: 1 where any colour channel is non-zero (alpha ignored)."""
+    if im.mode == "P":
+        arr = np.asarray(im)  # palette indices: 0 is background in VisA-style masks
+    elif im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        arr = np.asarray(im)[..., :-1]
+    else:
+        arr = np.asarray(im)
+    if arr.ndim == 3:
+        arr = arr.any(axis=-1)
+    return (arr != 0).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------------
+# MVTec-like trees (mvtec, folder)
+
+
+def _visible(entries: Iterable[Path]) -> list[Path]:
+    return sorted(p for p in entries if not p.name.startswith("."))
+
+
+def _tree_categories(fmt: str, root: Path) -> list[str]:
+    cats = []
+    for p in _visible(root.iterdir()):
+        if not p.is_dir():
+            continue  # licence and readme files sit next to the categories in MVTec AD
+        if any((p / sub).is_dir() for sub in ("train", "test", "ground_truth")):
+            cats.append(p.name)
+        else:
+            log.warning("%s: not a category (no train/, test/ or ground_truth/ inside); ignored", p)
+    if not cats:
+        extra = ""
+        if any((root / sub).is_dir() for sub in ("train", "test")):
+            extra = f" ({root} itself looks like one category: pass its parent folder as the root)"
+        raise DatasetError(f"no category folders found in {root}{extra}; expected the {LAYOUTS[fmt]}")
+    return cats
+
+
+def _list_images(fmt: str, folder: Path) -> list[Path]:
+    exts = _TREE_EXTENSIONS[fmt]
+    images = []
+    for p in _visible(folder.iterdir()):
+        if p.is_dir():
+            raise DatasetError(
+                f"unexpected folder {p}; expected only images ({' '.join(exts)}) in the {LAYOUTS[fmt]}"
+            )
+        if p.suffix.lower() not in exts:
+            hint = " (use format 'folder' for other image types)" if fmt == "mvtec" else ""
+            raise DatasetError(
+                f"unexpected file {p}: extension is not one of {' '.join(exts)}{hint}; "
+                f"expected the {LAYOUTS[fmt]}"
+            )
+        images.append(p)
+    stems = Counter(p.stem for p in images)
+    dup = sorted(s for s, n in stems.items() if n > 1)
+    if dup:
+        names = sorted(p.name for p in images if p.stem == dup[0])
+        raise DatasetError(
+            f"{folder}: several images share the stem {dup[0]!r} ({', '.join(names)}); "
+            "stems must be unique so each image has one mask"
+        )
+    return images
+
+
+def _mask_index(fmt: str, gt_dir: Path) -> dict[str, Path]:
+    """Files of one ``ground_truth/<defect>`` folder, keyed by file name stem."""
+    exts = _TREE_EXTENSIONS[fmt]
+    out: dict[str, Path] = {}
+    for p in _visible(gt_dir.iterdir()):
+        if p.is_dir():
+            raise DatasetError(f"unexpected folder {p}; expected only mask files in the {LAYOUTS[fmt]}")
+        if p.suffix.lower() not in exts or (fmt == "mvtec" and not p.stem.endswith("_mask")):
+            raise DatasetError(f"unexpected file {p}: not a mask name; expected the {LAYOUTS[fmt]}")
+        if p.stem in out:
+            raise DatasetError(
+                f"{gt_dir}: several masks share the stem {p.stem!r} ({out[p.stem].name}, {p.name}); "
+                "expected one mask per image"
+            )
+        out[p.stem] = p
+    return out
+
+
+def _find_mask(fmt: str, image: Path, gt_dir: Path, index: dict[str, Path]) -> Path:
+    stem = image.stem
+    keys = [f"{stem}_mask"] if fmt == "mvtec" else [f"{stem}_mask", stem]
+    found = [index[k] for k in keys if k in index]
+    if len(found) > 1:
+        raise DatasetError(
+            f"image {image} has two candidate masks ({found[0].name}, {found[1].name}) in {gt_dir}; keep one"
+        )
+    if not found:
+        if fmt == "mvtec":
+            expected = str(gt_dir / f"{stem}_mask.png")
+        else:
+            expected = f"{gt_dir / stem}_mask.<ext> or {gt_dir / stem}.<ext>"
+        raise DatasetError(f"anomalous image {image} has no mask; expected {expected} ({LAYOUTS[fmt]})")
+    return found[0]
+
+
+def _tree_table(
+    fmt: str, root: Path, splits: tuple[str, ...], categories: tuple[str, ...] | None, max_pixels: int
+) -> list[Sample]:
+    available = _tree_categories(fmt, root)
+    if categories is not None:
+        unknown = [c for c in categories if c not in available]
+        if unknown:
+            raise DatasetError(
+                f"unknown categor{'y' if len(unknown) == 1 else 'ies'} {unknown} requested under {root}; "
+                f"available: {', '.join(available)}"
+            )
+        available = [c for c in available if c in categories]
+    normal_dirs = _NORMAL_DIRS[fmt]
+    samples: list[Sample] = []
+    for cat in available:
+        cat_dir = root / cat
+        gt_root = cat_dir / "ground_truth"
+        claimed: set[Path] = set()
+        test_defects: set[str] = set()
+        for split in splits:
+            split_dir = cat_dir / split
+            if not split_dir.is_dir():
+                raise DatasetError(
+                    f"missing folder {split_dir} (split {split!r} requested); expected the {LAYOUTS[fmt]}"
+                )
+            n_before = len(samples)
+            for defect_dir in _visible(split_dir.iterdir()):
+                if not defect_dir.is_dir():
+                    raise DatasetError(
+                        f"unexpected file {defect_dir}: images belong in {split_dir}/<defect>/; "
+                        f"expected the {LAYOUTS[fmt]}"
+                    )
+                normal = defect_dir.name in normal_dirs
+                if split == "train" and not normal:
+                    raise DatasetError(
+                        f"unexpected folder {defect_dir}: the train split holds only normal images "
+                        f"({' or '.join(f'train/{d}' for d in normal_dirs)}); expected the {LAYOUTS[fmt]}"
+                    )
+                defect = "good" if normal else defect_dir.name
+                if split == "test" and not normal:
+                    test_defects.add(defect_dir.name)
+                gt_dir = gt_root / defect_dir.name
+                index = _mask_index(fmt, gt_dir) if not normal and gt_dir.is_dir() else {}
+                for image in _list_images(fmt, defect_dir):
+                    mask = None
+                    if normal:
+                        _header_size(image, max_pixels)
+                    else:
+                        mask = _find_mask(fmt, image, gt_dir, index)
+                        claimed.add(mask)
+                        _check_pair(image, mask, max_pixels)
+                    samples.append(
+                        Sample(
+                            image=image,
+                            mask=mask,
+                            label=0 if normal else 1,
+                            category=cat,
+                            defect=defect,
+                            split=split,
+                            relpath=image.relative_to(root).as_posix(),
+                        )
+                    )
+            if len(samples) == n_before:
+                raise DatasetError(f"no images found in {split_dir}; expected the {LAYOUTS[fmt]}")
+        if "test" in splits and gt_root.is_dir():
+            _check_ground_truth(fmt, gt_root, test_defects, claimed)
+    return samples
+
+
+def _check_ground_truth(fmt: str, gt_root: Path, test_defects: set[str], claimed: set[Path]) -> None:
+    """Every file under ``ground_truth/`` must be the mask of a test image (no orphans)."""
+    normal_dirs = _NORMAL_DIRS[fmt]
+    orphans: list[Path] = []
+    for d in _visible(gt_root.iterdir()):
+        if not d.is_dir():
+            raise DatasetError(
+                f"unexpected file {d}: masks belong in {gt_root}/<defect>/; expected the {LAYOUTS[fmt]}"
+            )
+        if d.name in normal_dirs:
+            raise DatasetError(
+                f"unexpected folder {d}: normal images take no mask (their mask is all zeros); "
+                f"remove it. Expected the {LAYOUTS[fmt]}"
+            )
+        if d.name in test_defects:
+            index = _mask_index(fmt, d)
+            orphans += [p for p in index.values() if p not in claimed]
+        else:
+            orphans += _visible(d.iterdir())
+    if orphans:
+        shown = ", ".join(str(p) for p in orphans[:5])
+        if len(orphans) > 5:
+            shown += f" and {len(orphans) - 5} more"
+        raise DatasetError(
+            f"{len(orphans)} orphan mask(s) without a test image: {shown}; each mask "
+            f"ground_truth/<defect>/<stem>_mask.<ext> needs test/<defect>/<stem>.<ext> ({LAYOUTS[fmt]})"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# VisA (split_csv/1cls.csv)
+
+
+def _safe_relpath(value: str, csv_path: Path, line: int, column: str) -> str:
+    """Normalise a CSV path to POSIX and refuse anything that could leave the dataset root.
+
+    The check is lexical on purpose: files inside the root may be symlinks into a DVC cache, so
+    resolving them would wrongly look like an escape.
+    """
+    text = value.replace("\\", "/")
+    p = PurePosixPath(text)
+    drive = len(text) >= 2 and text[1] == ":"
+    if p.is_absolute() or drive or ".." in p.parts or not p.parts:
+        raise DatasetError(
+            f"{csv_path}, line {line}: {column} path {value!r} is absolute or escapes the dataset root; "
+            "expected a path relative to the root, without '..'"
+        )
+    return PurePosixPath(*[part for part in p.parts if part != "."]).as_posix()
+
+
+def _visa_table(
+    root: Path, splits: tuple[str, ...], categories: tuple[str, ...] | None, max_pixels: int
+) -> list[Sample]:
+    csv_path = root / VISA_CSV
+    if not csv_path.is_file():
+        raise DatasetError(f"missing {csv_path}; expected the {LAYOUTS['visa']}")
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        missing = [c for c in VISA_COLUMNS if c not in header]
+        if missing:
+            raise DatasetError(
+                f"{csv_path}: missing column(s) {missing} (header {header}); expected the {LAYOUTS['visa']}"
+            )
+        reader.fieldnames = header
+        rows = []
+        for row in reader:
+            line = reader.line_num
+            if None in row:
+                raise DatasetError(
+                    f"{csv_path}, line {line}: more fields than the header {header} "
+                    "(quote paths that contain commas)"
+                )
+            rows.append((line, {k: (v or "").strip() for k, v in row.items()}))
+
+    available = sorted({r["object"] for _, r in rows})
+    if categories is not None:
+        unknown = [c for c in categories if c not in available]
+        if unknown:
+            raise DatasetError(
+                f"unknown categor{'y' if len(unknown) == 1 else 'ies'} {unknown} requested in {csv_path}; "
+                f"available: {', '.join(available)}"
+            )
+    wanted = set(categories) if categories is not None else set(available)
+
+    samples: list[Sample] = []
+    seen: dict[str, int] = {}
+    for line, r in rows:
+        where = f"{csv_path}, line {line}"
+        if not r["object"]:
+            raise DatasetError(f"{where}: empty object (category); expected the {LAYOUTS['visa']}")
+        if r["split"] not in SPLITS:
+            raise DatasetError(f"{where}: unknown split {r['split']!r}; expected one of {', '.join(SPLITS)}")
+        if r["label"] not in VISA_LABELS:
+            raise DatasetError(
+                f"{where}: unknown label {r['label']!r}; expected one of {', '.join(VISA_LABELS)}"
+            )
+        if r["split"] not in splits or r["object"] not in wanted:
+            continue
+        if not r["image"]:
+            raise DatasetError(f"{where}: empty image path; expected the {LAYOUTS['visa']}")
+        rel = _safe_relpath(r["image"], csv_path, line, "image")
+        if rel in seen:
+            raise DatasetError(f"{where}: image {rel} is listed twice (first on line {seen[rel]})")
+        seen[rel] = line
+        image = root / rel
+        if not image.is_file():
+            raise DatasetError(f"{where}: image {image} does not exist; expected the {LAYOUTS['visa']}")
+        label = VISA_LABELS[r["label"]]
+        mask = None
+        if label == 1:
+            if not r["mask"]:
+                raise DatasetError(
+                    f"{where}: anomalous image {image} has no mask (empty mask column); "
+                    "expected a mask path relative to the root"
+                )
+            mask = root / _safe_relpath(r["mask"], csv_path, line, "mask")
+            if not mask.is_file():
+                raise DatasetError(f"{where}: mask {mask} of image {image} does not exist")
+            _check_pair(image, mask, max_pixels)
+        else:
+            if r["mask"]:
+                raise DatasetError(
+                    f"{where}: normal image {image} has a mask {r['mask']!r}; "
+                    "normal rows must leave the mask column empty"
+                )
+            _header_size(image, max_pixels)
+        samples.append(
+            Sample(
+                image=image,
+                mask=mask,
+                label=label,
+                category=r["object"],
+                defect=VISA_DEFECT if label else "good",
+                split=r["split"],
+                relpath=rel,
+            )
+        )
+    present = {(s.category, s.split) for s in samples}
+    for cat in sorted(wanted):
+        for split in splits:
+            if (cat, split) not in present:
+                raise DatasetError(f"{csv_path}: no rows for object {cat!r} in split {split!r}")
+    return samples
