@@ -58,9 +58,9 @@ class SyntheticConfig:
     """Side of the generated square images, in pixels."""
     train_good: int = 4
     """Normal training images per category (MVTec layout completeness; the method does not use them)."""
-    test_good: int = 8
+    test_good: int = 10
     """Normal test images per category."""
-    test_anomalous: int = 12
+    test_anomalous: int = 15
     """Anomalous test images per category, spread over the dataset's defect styles."""
 
     def __post_init__(self) -> None:

@@ -190,6 +190,8 @@ def write_chunk(group: zarr.Group, layout: StoreLayout, chunk: int, arrays: Mapp
 
 def finalize(group: zarr.Group, path: str | Path) -> None:
     """Check every chunk is written, drop the progress array and set ``complete: true`` (last)."""
+    if group.attrs.get("complete") is True:
+        return  # already final: rewriting the metadata would change files DVC has cached
     pending = pending_chunks(group)
     if pending:
         raise StoreError(f"{path}: chunks {pending[:10]} were never written; cannot mark complete")

@@ -1,0 +1,242 @@
+"""Patch-token extraction into the feature store: decode, forward, write, overlapped.
+
+DataLoader workers decode images and masks while the model runs; a writer thread puts finished chunks
+into Zarr while the next batches are computed. Under ``torchrun`` each rank takes whole chunks
+(chunk ``c`` belongs to rank ``c % world_size``), so no two processes write one chunk file, and the
+result equals a single-process run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import queue
+import sys
+import threading
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from pipeline import store
+from pipeline.datasets import Sample, load_image, load_mask
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands in a ``torchrun`` job (rank 0 of 1 when run plainly)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> "DistInfo":
+        return cls(
+            rank=int(os.environ.get("RANK", 0)),
+            world_size=int(os.environ.get("WORLD_SIZE", 1)),
+            local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        )
+
+
+def resolve_device(name: str, dist_info: DistInfo = DistInfo()) -> torch.device:
+    """``auto`` -> this rank's CUDA device when there is one, else CPU."""
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("extract.device is 'cuda' but torch sees no CUDA device")
+    return torch.device("cuda", dist_info.local_rank)
+
+
+def fingerprint(samples: Sequence[Sample]) -> str:
+    """sha256 over every image's and mask's relative path and bytes.
+
+    Stored in the attrs so that a resumed or re-used store is never one made from other pixels under
+    the same file names (e.g. a synthetic dataset regenerated with another seed).
+    """
+    h = hashlib.sha256()
+    for s in samples:
+        for path in (s.image, s.mask):
+            if path is None:
+                continue
+            h.update(str(path.name).encode() + b"\0")
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()
+
+
+class _Images(Dataset):
+    """Decoded, normalised images (3, S, S) and masks (S, S) uint8 of the given sample indices."""
+
+    def __init__(self, samples: Sequence[Sample], indices: Sequence[int], transform: Callable, mask_size: int, max_pixels: int):
+        self.samples = samples
+        self.indices = list(indices)
+        self.transform = transform
+        self.mask_size = mask_size
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+        index = self.indices[i]
+        sample = self.samples[index]
+        image = load_image(sample.image, self.max_pixels)
+        mask = load_mask(sample.mask, image.size, resize_to=self.mask_size)
+        return index, self.transform(image), torch.from_numpy(np.ascontiguousarray(mask))
+
+
+class _ChunkWriter:
+    """A background thread writing finished chunks; the bounded queue caps memory at ``depth`` chunks."""
+
+    def __init__(self, group, layout: store.StoreLayout, depth: int = 2, after_write: Callable[[int], None] | None = None):
+        self.group, self.layout, self.after_write = group, layout, after_write
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="zarr-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is not None:
+                continue  # drain: the main thread raises at its next put or at close
+            chunk, arrays = item
+            try:
+                store.write_chunk(self.group, self.layout, chunk, arrays)
+                if self.after_write is not None:
+                    self.after_write(chunk)
+            except BaseException as err:  # re-raised in the main thread
+                self.error = err
+
+    def put(self, chunk: int, arrays: Mapping[str, np.ndarray]) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((chunk, arrays))
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def extract(
+    samples: Sequence[Sample],
+    backbone: torch.nn.Module,
+    transform: Callable,
+    out: str | Path,
+    attrs: Mapping[str, Any],
+    *,
+    categories: Sequence[str],
+    defects: Sequence[str],
+    batch_size: int = 16,
+    chunk_images: int = 32,
+    num_workers: int = 1,
+    max_pixels: int = 50_000_000,
+    device: torch.device = torch.device("cpu"),
+    dist_info: DistInfo = DistInfo(),
+    after_write: Callable[[int], None] | None = None,
+) -> None:
+    """Write the tokens, CLS, masks and labels of ``samples`` into the store at ``out``.
+
+    ``backbone(images (B,3,S,S)) -> (tokens (B,L,d), cls (B,d))`` with attributes ``grid``,
+    ``embed_dim`` and ``image_size``. Resumes a store made with the same ``attrs`` and layout; writes
+    ``complete: true`` last. Under torch.distributed (already initialised), rank 0 prepares and
+    finalises the store and every rank writes its own chunks. ``after_write`` is a test hook.
+    """
+    if not samples:
+        raise ValueError("no samples to extract")
+    gh, gw = backbone.grid
+    size = backbone.image_size
+    layout = store.StoreLayout(len(samples), gh * gw, backbone.embed_dim, size, chunk_images)
+    category_ix = {c: i for i, c in enumerate(categories)}
+    defect_ix = {d: i for i, d in enumerate(defects)}
+    distributed = dist_info.world_size > 1
+    if distributed:
+        if dist_info.rank == 0:
+            group, _ = store.prepare(out, layout, attrs)
+        dist.barrier()
+        if dist_info.rank != 0:
+            group = store.open_for_writing(out)
+        pending = store.pending_chunks(group)
+        dist.barrier()  # every rank has read the progress before anyone writes
+    else:
+        group, pending = store.prepare(out, layout, attrs)
+    mine = [c for c in pending if c % dist_info.world_size == dist_info.rank]
+    indices = [i for c in mine for i in range(*layout.chunk_range(c))]
+
+    if indices:
+        _run(samples, backbone, transform, group, layout, mine, indices, category_ix, defect_ix,
+             batch_size, num_workers, max_pixels, device, dist_info, after_write)
+    if distributed:
+        dist.barrier()
+    if dist_info.rank == 0:
+        store.finalize(group, out)
+    if distributed:
+        dist.barrier()  # nobody reads the store before it is complete
+
+
+def _run(samples, backbone, transform, group, layout, chunks, indices, category_ix, defect_ix,
+         batch_size, num_workers, max_pixels, device, dist_info, after_write) -> None:
+    loader = DataLoader(
+        _Images(samples, indices, transform, layout.mask_size, max_pixels),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        # a worker per rank would oversubscribe small machines; one decoding worker keeps up with a ViT.
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
+    backbone = backbone.to(device).eval()
+    # fp16 is what the store keeps; bf16 autocast on GPU keeps fp32 range through the blocks.
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    chunk_of = {i: c for c in chunks for i in range(*layout.chunk_range(c))}
+    buffers: dict[int, dict[str, np.ndarray]] = {}
+    filled: dict[int, int] = {}
+    writer = _ChunkWriter(group, layout, after_write=after_write)
+    bar = tqdm(total=len(indices), unit="img", desc=f"extract[{dist_info.rank}]" if dist_info.world_size > 1 else "extract",
+               file=sys.stderr, mininterval=1.0)  # on under DVC too (not a TTY): a person waits for it
+    try:
+        with torch.inference_mode(), autocast:
+            for index, images, masks in loader:
+                tokens, cls = backbone(images.to(device, non_blocking=True))
+                tokens = tokens.to(torch.float16).cpu().numpy()
+                cls = cls.to(torch.float16).cpu().numpy()
+                if not (np.isfinite(tokens).all() and np.isfinite(cls).all()):
+                    bad = [samples[i].relpath for i, t in zip(index.tolist(), tokens) if not np.isfinite(t).all()]
+                    raise FloatingPointError(f"non-finite tokens in float16 for {bad[:5] or 'a CLS token'} "
+                                             "(overflow beyond 65504?)")
+                masks = masks.numpy()
+                for row, i in enumerate(index.tolist()):
+                    c = chunk_of[i]
+                    start, stop = layout.chunk_range(c)
+                    if c not in buffers:
+                        n = stop - start
+                        buffers[c] = {name: np.zeros((n,) + shape[1:], dtype) for name, (shape, dtype) in layout.shapes().items()}
+                        filled[c] = 0
+                    buf, r = buffers[c], i - start
+                    s = samples[i]
+                    buf["tokens"][r] = tokens[row]
+                    buf["cls"][r] = cls[row]
+                    buf["masks"][r] = masks[row]
+                    buf["labels"][r] = s.label
+                    buf["category"][r] = category_ix[s.category]
+                    buf["defect"][r] = defect_ix[s.defect]
+                    filled[c] += 1
+                    if filled[c] == stop - start:
+                        writer.put(c, buffers.pop(c))
+                bar.update(len(index))
+    finally:
+        bar.close()
+    writer.close()
+    if buffers:  # every index belongs to a chunk that is written once full
+        raise RuntimeError(f"chunks {sorted(buffers)} were left unfilled")

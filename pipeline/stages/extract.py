@@ -1,0 +1,106 @@
+"""Stage extract@D: patch tokens of dataset D into the Zarr feature store features/<D>/.
+
+    python -m pipeline.stages.extract --dataset synth_a \
+        --weights models/backbones/dinov2_vits14.safetensors --out features/synth_a
+
+On several GPUs (or CPU processes, with gloo):
+
+    torchrun --nproc_per_node 4 -m pipeline.stages.extract --dataset ... (same arguments)
+
+A killed run re-run with the same config resumes from the last complete chunk (the DVC output is
+``persist: true`` so that ``dvc repro`` does not delete the partial store first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from pipeline import backbones, datasets
+from pipeline.config import load_params
+from pipeline.extract import DistInfo, extract, fingerprint, resolve_device
+from pipeline.stages import setup_logging
+
+log = logging.getLogger("pipeline.stages.extract")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", required=True, help="a key of the datasets section of params.yaml")
+    parser.add_argument("--weights", required=True, type=Path, help="<name>.safetensors written by the weights stage")
+    parser.add_argument("--out", required=True, type=Path, help="the store to write, features/<dataset>")
+    parser.add_argument("--params", default="params.yaml", type=Path)
+    args = parser.parse_args(argv)
+    setup_logging()
+    params = load_params(args.params, ["datasets", "data", "backbone", "extract"])
+    if args.dataset not in params.datasets:
+        raise SystemExit(f"--dataset {args.dataset!r} is not a key of params.yaml's datasets section "
+                         f"(known: {', '.join(params.datasets) or 'none'})")
+    ds, data, bcfg, ecfg = params.datasets[args.dataset], params.data, params.backbone, params.extract
+
+    record_path = args.weights.with_suffix(".json")
+    record = json.loads(record_path.read_text())
+    if record.get("backbone") != bcfg.name:
+        raise SystemExit(f"{record_path}: weights are for {record.get('backbone')!r} but backbone.name is {bcfg.name!r}")
+    digest = sha256_file(args.weights)
+    if digest != record["sha256"]:
+        raise SystemExit(f"{args.weights}: sha256 {digest} differs from {record_path} ({record['sha256']}); "
+                         "re-run the weights stage")
+
+    samples = datasets.load_table(ds.format, Path(ds.root), splits=data.splits, categories=ds.categories,
+                                  max_pixels=data.max_pixels)
+    categories = sorted({s.category for s in samples})
+    defects = sorted({s.defect for s in samples})
+    log.info("%s: %d images, %d categories, backbone %s (weights from %s)",
+             args.dataset, len(samples), len(categories), bcfg.name, record["source"])
+
+    dist_info = DistInfo.from_env()
+    device = resolve_device(ecfg.device, dist_info)
+    if dist_info.world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        backbone = backbones.create_backbone(bcfg.name, layer=bcfg.layer, image_size=bcfg.image_size,
+                                             weights=args.weights)
+        attrs = {
+            "dataset": args.dataset,
+            "format": ds.format,
+            "splits": list(data.splits),
+            "backbone": bcfg.name,
+            "weights_sha256": digest,
+            "weights_source": record["source"],
+            "layer": backbone.layer,
+            "image_size": bcfg.image_size,
+            "grid": list(backbone.grid),
+            "dim": backbone.embed_dim,
+            "paths": [s.relpath for s in samples],
+            "categories": categories,
+            "defects": defects,
+            "inputs_sha256": fingerprint(samples),
+        }
+        extract(samples, backbone, backbones.image_transform(backbone), args.out, attrs,
+                categories=categories, defects=defects, batch_size=ecfg.batch_size,
+                chunk_images=ecfg.chunk_images, num_workers=ecfg.num_workers, max_pixels=data.max_pixels,
+                device=device, dist_info=dist_info)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    log.info("%s: store complete at %s", args.dataset, args.out)
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()

@@ -1,0 +1,187 @@
+"""The extract stage end to end on a tiny tree with random weights: contract, resume after a hard
+kill at several points, and torchrun with 2 gloo processes equal to one process."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from pipeline import backbones, store
+from pipeline.datasets import load_image, load_mask, load_table
+from pipeline.stages import extract as extract_stage
+
+ROOT = Path(__file__).resolve().parents[1]
+ARRAYS = ("tokens", "cls", "masks", "labels", "category", "defect")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tree of 14 test images, random DINOv2-S/14 weights (as the weights stage writes them), params."""
+    from tests.conftest import make_mvtec_tree
+
+    tmp = tmp_path_factory.mktemp("extract")
+    tree = make_mvtec_tree(tmp / "tree", n_good=3, n_bad=4)
+    torch.manual_seed(0)
+    native = timm.create_model("vit_small_patch14_dinov2", pretrained=False)
+    save_file(native.state_dict(), tmp / "random.safetensors")
+    record = backbones.materialize_weights("dinov2_vits14", str(tmp / "random.safetensors"), tmp / "weights")
+    params = {
+        "datasets": {"tiny": {"format": "mvtec", "root": str(tree)}},
+        "data": {"splits": ["test"]},
+        "backbone": {"name": "dinov2_vits14", "layer": -1, "image_size": 28},
+        "extract": {"batch_size": 2, "chunk_images": 3, "num_workers": 1, "device": "cpu"},
+    }
+    (tmp / "params.yaml").write_text(yaml.safe_dump(params))
+    return tmp, tree, record
+
+
+def stage_args(tmp, out):
+    return ["--dataset", "tiny", "--weights", str(tmp / "weights" / "dinov2_vits14.safetensors"),
+            "--out", str(out), "--params", str(tmp / "params.yaml")]
+
+
+def run_child(tmp, out, crash="none", wait=True):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "tests" / "extract_worker.py"), crash, "--", *stage_args(tmp, out)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if wait:
+        output, _ = proc.communicate(timeout=300)
+        return proc.returncode, output
+    return proc
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    tmp, _, _ = setup
+    out = tmp / "reference"
+    extract_stage.main(stage_args(tmp, out))
+    return store.open_store(out)
+
+
+def assert_same_store(path, reference):
+    got = store.open_store(path)
+    for name in ARRAYS:
+        np.testing.assert_array_equal(got.group[name][:], reference.group[name][:], err_msg=name)
+    assert got.attrs == reference.attrs
+
+
+def test_store_follows_the_contract(setup, reference):
+    tmp, tree, record = setup
+    samples = load_table("mvtec", tree)
+    attrs = reference.attrs
+    assert attrs["complete"] is True and attrs["schema"] == store.SCHEMA
+    assert attrs["backbone"] == "dinov2_vits14" and attrs["layer"] == 12 and attrs["image_size"] == 28
+    assert attrs["grid"] == [2, 2] and attrs["weights_sha256"] == record["sha256"]
+    assert attrs["paths"] == [s.relpath for s in samples] and attrs["categories"] == ["alpha", "beta"]
+    n = len(samples)
+    assert reference.tokens.shape == (n, 4, 384) and reference.tokens.dtype == np.float16
+    assert reference.tokens.chunks == (3, 4, 384) and reference.cls.shape == (n, 384)
+    assert reference.masks.shape == (n, 28, 28) and reference.masks.dtype == np.uint8
+    np.testing.assert_array_equal(reference.labels[:], [s.label for s in samples])
+    np.testing.assert_array_equal(reference.category[:], [attrs["categories"].index(s.category) for s in samples])
+    # masks: nearest-resized ground truth; normal images all zero
+    for i, s in enumerate(samples):
+        expected = load_mask(s.mask, load_image(s.image).size, resize_to=28)
+        np.testing.assert_array_equal(reference.masks[i], expected)
+    # tokens are the backbone's output on the preprocessed image, stored in fp16
+    bb = backbones.create_backbone("dinov2_vits14", image_size=28, weights=tmp / "weights" / "dinov2_vits14.safetensors")
+    x = torch.stack([backbones.image_transform(bb)(load_image(s.image)) for s in samples[:2]])
+    with torch.inference_mode():
+        tokens, cls = bb(x)
+    np.testing.assert_allclose(reference.tokens[:2].astype(np.float32), tokens.numpy(), rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(reference.cls[:2].astype(np.float32), cls.numpy(), rtol=2e-3, atol=2e-3)
+
+
+def test_reader_refuses_other_config(setup, reference):
+    with pytest.raises(store.StoreError, match="attr 'image_size'"):
+        store.open_store(reference.path, expect={"backbone": "dinov2_vits14", "image_size": 56})
+
+
+def test_rerun_of_complete_store_writes_nothing(setup, reference):
+    tmp, _, _ = setup
+    before = {p: p.stat().st_mtime_ns for p in reference.path.rglob("*") if p.is_file()}
+    extract_stage.main(stage_args(tmp, reference.path))
+    after = {p: p.stat().st_mtime_ns for p in reference.path.rglob("*") if p.is_file()}
+    assert before == after
+
+
+@pytest.mark.parametrize("crash", ["after:1", "inside:2", "after:4"])
+def test_killed_run_resumes_to_the_same_store(setup, reference, crash):
+    tmp, _, _ = setup
+    out = tmp / f"crash-{crash.replace(':', '-')}"
+    code, output = run_child(tmp, out, crash)
+    assert code == 137, output
+    with pytest.raises(store.StoreError, match="incomplete"):
+        store.open_store(out)
+    code, output = run_child(tmp, out)
+    assert code == 0, output
+    done_before = int(crash.split(":")[1])
+    assert f"resuming, {done_before} of 5 chunks already written" in output
+    assert_same_store(out, reference)
+
+
+def test_sigkill_at_a_random_moment_resumes(setup, reference):
+    tmp, _, _ = setup
+    out = tmp / "sigkill"
+    proc = run_child(tmp, out, wait=False)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list((out / "_done" / "c").glob("*")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    code, output = run_child(tmp, out)
+    assert code == 0, output
+    assert_same_store(out, reference)
+
+
+def test_changed_images_restart_the_store(setup, reference, tmp_path):
+    tmp, tree, _ = setup
+    out = tmp_path / "store"
+    extract_stage.main(stage_args(tmp, out))
+    victim = tree / "alpha" / "test" / "good" / "000.png"
+    original = victim.read_bytes()
+    try:
+        img = np.asarray(load_image(victim)).copy()
+        img[0, 0] ^= 255
+        from PIL import Image
+
+        Image.fromarray(img).save(victim)
+        extract_stage.main(stage_args(tmp, out))
+        changed = store.open_store(out)
+        assert changed.attrs["inputs_sha256"] != reference.attrs["inputs_sha256"]
+    finally:
+        victim.write_bytes(original)
+
+
+def test_torchrun_two_ranks_equal_one_process(setup, reference):
+    tmp, _, _ = setup
+    out = tmp / "ddp"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "pipeline.stages.extract", *stage_args(tmp, out)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[rank 1]" in result.stderr  # both ranks really ran
+    assert_same_store(out, reference)
+
+
+def test_weights_record_mismatch_is_refused(setup, tmp_path):
+    tmp, _, _ = setup
+    weights = tmp_path / "dinov2_vits14.safetensors"
+    weights.write_bytes((tmp / "weights" / "dinov2_vits14.safetensors").read_bytes())
+    record = json.loads((tmp / "weights" / "dinov2_vits14.json").read_text())
+    (tmp_path / "dinov2_vits14.json").write_text(json.dumps({**record, "sha256": "0" * 64}))
+    args = stage_args(tmp, tmp_path / "out")
+    args[args.index("--weights") + 1] = str(weights)
+    with pytest.raises(SystemExit, match="sha256"):
+        extract_stage.main(args)
