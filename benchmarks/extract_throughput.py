@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from pipeline import backbones, datasets, synthetic
-from pipeline.extract import extract, resolve_device
+from pipeline.extract import extract
+from pipeline.runtime import resolve_device
 
 
 def main() -> None:

@@ -136,11 +136,67 @@ class ExtractConfig:
             _fail("device", f"{self.device!r} is not one of auto, cpu, cuda")
 
 
+@dataclass(frozen=True)
+class SAEConfig:
+    """Stage 1: the TopK sparse autoencoder (DESIGN §5). Paper values in brackets; the defaults are
+    sized for the embedded benchmark on 2 CPU cores."""
+
+    n_latents: int = 2048
+    """Dictionary size [4096; sweep 2048-8192]."""
+    k: int = 32
+    """Active latents per token [32; sweep 8-128]."""
+    k_aux: int = 512
+    """Dead latents that reconstruct the residual in the AuxK loss [512]."""
+    auxk_coef: float = 0.03125
+    """Weight of the AuxK loss [1/32]."""
+    dead_tokens: int = 200_000
+    """A latent is dead after this many tokens without firing [10M; the embedded sets hold ~25k tokens,
+    so 10M would never be reached in a CPU run]."""
+    lr: float = 1e-3
+    """Adam learning rate [1e-3]."""
+    betas: tuple[float, ...] = (0.5, 0.999)
+    """Adam betas [(0.5, 0.999)]."""
+    batch_images: int = 16
+    """A batch is the tokens of this many images [16]."""
+    epochs: int = 20
+    """Passes over the auxiliary tokens [50]."""
+    buffer_tokens: int = 65_536
+    """Rows of the shuffle buffer that mixes tokens across chunks (memory: rows x d x 4 bytes)."""
+    decoder_bias: bool = False
+    """Learn a decoder bias initialised to the data mean (ablation; the method has none)."""
+    seed: int = 0
+    """Seed of the dictionary init and of the chunk and token order."""
+    device: str = "auto"
+    """``auto`` (CUDA when present), ``cpu`` or ``cuda``."""
+
+    def __post_init__(self) -> None:
+        if self.n_latents < 1:
+            _fail("n_latents", f"must be >= 1, got {self.n_latents}")
+        if not 1 <= self.k <= self.n_latents:
+            _fail("k", f"must be in [1, n_latents={self.n_latents}], got {self.k}")
+        if self.k_aux < 1:
+            _fail("k_aux", f"must be >= 1, got {self.k_aux}")
+        if self.auxk_coef < 0:
+            _fail("auxk_coef", f"must be >= 0, got {self.auxk_coef}")
+        if self.dead_tokens < 1:
+            _fail("dead_tokens", f"must be >= 1, got {self.dead_tokens}")
+        if not self.lr > 0:
+            _fail("lr", f"must be > 0, got {self.lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            _fail("betas", f"must be two numbers in [0, 1), got {list(self.betas)}")
+        for name in ("batch_images", "epochs", "buffer_tokens"):
+            if getattr(self, name) < 1:
+                _fail(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            _fail("device", f"{self.device!r} is not one of auto, cpu, cuda")
+
+
 SECTIONS: dict[str, type] = {
     "synthetic": SyntheticConfig,
     "data": DataConfig,
     "backbone": BackboneConfig,
     "extract": ExtractConfig,
+    "sae": SAEConfig,
 }
 """Section name in params.yaml -> its dataclass. ``datasets`` is a mapping name -> DatasetConfig."""
 
@@ -154,6 +210,7 @@ class Params:
     data: DataConfig | None = None
     backbone: BackboneConfig | None = None
     extract: ExtractConfig | None = None
+    sae: SAEConfig | None = None
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:

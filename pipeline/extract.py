@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import queue
 import sys
 import threading
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -27,34 +25,9 @@ from tqdm import tqdm
 
 from pipeline import store
 from pipeline.datasets import Sample, load_image, load_mask
+from pipeline.runtime import DistInfo
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    """Where this process stands in a ``torchrun`` job (rank 0 of 1 when run plainly)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_env(cls) -> "DistInfo":
-        return cls(
-            rank=int(os.environ.get("RANK", 0)),
-            world_size=int(os.environ.get("WORLD_SIZE", 1)),
-            local_rank=int(os.environ.get("LOCAL_RANK", 0)),
-        )
-
-
-def resolve_device(name: str, dist_info: DistInfo = DistInfo()) -> torch.device:
-    """``auto`` -> this rank's CUDA device when there is one, else CPU."""
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise RuntimeError("extract.device is 'cuda' but torch sees no CUDA device")
-    return torch.device("cuda", dist_info.local_rank)
 
 
 def fingerprint(samples: Sequence[Sample]) -> str:

@@ -24,7 +24,8 @@ import torch.distributed as dist
 
 from pipeline import backbones, datasets
 from pipeline.config import load_params
-from pipeline.extract import DistInfo, extract, fingerprint, resolve_device
+from pipeline.extract import extract, fingerprint
+from pipeline.runtime import DistInfo, resolve_device
 from pipeline.stages import setup_logging
 
 log = logging.getLogger("pipeline.stages.extract")

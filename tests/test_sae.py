@@ -1,0 +1,162 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline import sae
+from pipeline.sae import TopKSAE
+
+
+def chunked(tokens: np.ndarray, chunk: int):
+    """A read(chunk) closure and chunk count over an in-memory (N, L, d) array, as a store gives."""
+    return (lambda c: tokens[c * chunk : (c + 1) * chunk]), -(-len(tokens) // chunk)
+
+
+def planted(n_atoms=48, d=24, k_true=3, n=16384, seed=0):
+    """Tokens that are sparse non-negative combinations of a known unit-norm dictionary."""
+    g = np.random.default_rng(seed)
+    atoms = g.standard_normal((n_atoms, d))
+    atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
+    idx = np.stack([g.choice(n_atoms, k_true, replace=False) for _ in range(n)])
+    coef = g.uniform(0.5, 2.0, (n, k_true))
+    x = np.einsum("nk,nkd->nd", coef, atoms[idx])
+    return atoms, x.astype(np.float16).reshape(-1, 16, d)
+
+
+TRAIN = dict(tokens_per_image=16, batch_images=16, betas=(0.5, 0.999), k_aux=32, auxk_coef=1 / 32,
+             dead_tokens=20_000, buffer_tokens=8192)
+
+
+def test_codes_have_at_most_k_nonnegative_entries():
+    torch.manual_seed(0)
+    model = TopKSAE(16, 64, 5, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(200, 16)
+    with torch.no_grad():
+        z = model.dense_codes(x)
+        pre = F.relu(x @ model.encoder.T)
+    assert ((z != 0).sum(dim=1) <= 5).all() and (z >= 0).all()
+    # the selected entries are the k largest ReLU pre-activations
+    np.testing.assert_allclose(z.sort(dim=1).values[:, -5:], pre.sort(dim=1).values[:, -5:], rtol=1e-6)
+
+
+def test_sparse_decode_equals_dense_product():
+    model = TopKSAE(16, 64, 5, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(50, 16)
+    values, indices = model.encode(x)
+    dense = model.dense_codes(x) @ model.dictionary
+    torch.testing.assert_close(model.decode(values, indices), dense, rtol=1e-5, atol=1e-5)
+
+
+def test_tied_init_and_unit_rows():
+    model = TopKSAE(8, 32, 4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(model.encoder, model.dictionary)
+    torch.testing.assert_close(model.dictionary.norm(dim=1), torch.ones(32))
+    assert not model.bias.requires_grad and not model.bias.any()
+
+
+def test_rows_stay_unit_norm_and_parallel_gradient_is_removed():
+    _, tokens = planted(n=512)
+    read, n = chunked(tokens, 8)
+    model = TopKSAE(24, 64, 3, generator=torch.Generator().manual_seed(0))
+    sae.train(model, read, n, epochs=1, lr=1e-2, seed=0, **TRAIN)
+    torch.testing.assert_close(model.dictionary.norm(dim=1), torch.ones(64))
+    x = torch.from_numpy(tokens[:4].astype(np.float32).reshape(-1, 24))
+    recon, *_ = model(x)
+    sae.fvu(x, recon).backward()
+    model.remove_parallel_grad_()
+    parallel = (model.dictionary.grad * model.dictionary).sum(dim=1)
+    assert parallel.abs().max() < 1e-6
+
+
+def test_auxk_is_zero_without_dead_latents_and_positive_with_some():
+    model = TopKSAE(16, 64, 4, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(32, 16)
+    recon, _, _, pre = model(x)
+    residual = (x - recon).detach()
+    none = torch.zeros(64, dtype=torch.bool)
+    assert sae.auxk_loss(model, pre, residual, none, 8).item() == 0.0
+    some = torch.zeros(64, dtype=torch.bool)
+    some[:40] = True
+    loss = sae.auxk_loss(model, pre, residual, some, 8)
+    assert loss.item() > 0
+    loss.backward()
+    # only dead latents receive a gradient through the AuxK path
+    assert model.dictionary.grad[40:].abs().sum() == 0 and model.dictionary.grad[:40].abs().sum() > 0
+
+
+def test_fvu_hand_worked():
+    target = torch.tensor([[1.0, 0.0], [3.0, 0.0]])  # mean (2, 0); total variance 1 + 1 = 2
+    recon = torch.tensor([[1.0, 1.0], [3.0, 0.0]])  # squared error 1
+    assert sae.fvu(target, recon).item() == pytest.approx(0.5)
+
+
+def test_planted_dictionary_is_recovered():
+    atoms, tokens = planted()
+    read, n = chunked(tokens, 64)
+    model = TopKSAE(24, 96, 3, generator=torch.Generator().manual_seed(0))
+    sae.train(model, read, n, epochs=5, lr=3e-3, seed=0, **TRAIN)
+    final_fvu, _ = sae.evaluate(model, read, n)
+    cos = atoms @ model.dictionary.detach().numpy().T
+    assert (cos.max(axis=1) > 0.9).mean() >= 0.9
+    assert final_fvu < 0.2
+
+
+def test_same_seed_same_weights():
+    _, tokens = planted(n=1024)
+    read, n = chunked(tokens, 8)
+    runs = []
+    for _ in range(2):
+        model = TopKSAE(24, 64, 3, generator=torch.Generator().manual_seed(3))
+        sae.train(model, read, n, epochs=2, lr=1e-3, seed=3, **TRAIN)
+        runs.append(model.state_dict())
+    for key in runs[0]:
+        assert torch.equal(runs[0][key], runs[1][key]), key
+
+
+def test_one_epoch_yields_every_token_exactly_once():
+    n_images, length, d = 37, 5, 3
+    ids = np.arange(n_images * length, dtype=np.float16).reshape(n_images, length, 1)
+    tokens = np.concatenate([ids, np.zeros((n_images, length, d - 1), np.float16)], axis=2)
+    read, n = chunked(tokens, 4)
+    batches = list(sae.token_batches(read, n, batch_tokens=12, buffer_tokens=16, rng=np.random.default_rng(0)))
+    seen = np.concatenate([b[:, 0] for b in batches])
+    assert sorted(seen.tolist()) == list(range(n_images * length))
+    assert all(len(b) == 12 for b in batches[:-1]) and 0 < len(batches[-1]) <= 12
+    assert not np.array_equal(seen, np.sort(seen))  # shuffled, not in store order
+
+
+def test_non_finite_tokens_name_the_chunk():
+    tokens = np.zeros((8, 2, 3), np.float16)
+    tokens[5, 1, 2] = np.inf
+    read, n = chunked(tokens, 2)
+    with pytest.raises(FloatingPointError, match="chunk 2"):
+        list(sae.token_batches(read, n, 4, 8, np.random.default_rng(0)))
+
+
+def test_dead_mask_marks_latents_that_never_fire():
+    model = TopKSAE(4, 8, 1, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # latent j is the j-th basis direction (j < 4), the rest point away from data
+        model.encoder.copy_(torch.cat([torch.eye(4), -torch.ones(4, 4)]))
+        model.dictionary.copy_(model.encoder / model.encoder.norm(dim=1, keepdim=True))
+    tokens = np.zeros((4, 1, 4), np.float16)
+    tokens[:, 0, :3] = np.eye(4, dtype=np.float16)[:, :3] * 2 + 0.1 * np.eye(4, dtype=np.float16)[:, :3]
+    tokens[3, 0] = [0, 1, 0, 0]
+    read, n = chunked(tokens, 2)
+    _, dead = sae.evaluate(model, read, n)
+    assert dead.tolist() == [False, False, False, True, True, True, True, True]
+
+
+def test_save_load_round_trip_is_exact(tmp_path):
+    model = TopKSAE(8, 32, 4, decoder_bias=True, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model.encoder.add_(0.1)
+        model.bias.fill_(0.5)
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[3] = True
+    sae.save(model, tmp_path / "sae", dead, extra={"features": {"backbone": "b"}})
+    loaded, loaded_dead, config = sae.load(tmp_path / "sae")
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    assert torch.equal(loaded_dead, dead) and config["k"] == 4 and config["features"]["backbone"] == "b"
+    x = torch.randn(5, 8)
+    assert torch.equal(loaded(x)[0], model(x)[0])
