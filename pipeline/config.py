@@ -191,14 +191,132 @@ class SAEConfig:
             _fail("device", f"{self.device!r} is not one of auto, cpu, cuda")
 
 
+@dataclass(frozen=True)
+class GuidesConfig:
+    """Stage 2: the four guide codes (DESIGN §5). Paper values in brackets."""
+
+    variant: str = "l1"
+    """``l1`` (ReLU codes, dead latents zeroed, L1 penalty) or ``topk`` (straight-through hard top-k)."""
+    guide_topk: int = 32
+    """Non-zeros kept per guide by the ``topk`` variant."""
+    l1_coef: float = 1e-3
+    """λ of the λ · mean|c| term [1e-3]."""
+    init_mean: float = 0.1
+    """Codes start as N(init_mean, init_std²) [0.1]."""
+    init_std: float = 0.01
+    """[0.01]"""
+    temperature: float = 0.07
+    """Softmax temperature of the local cosines [0.07]."""
+    focal_gamma: float = 2.0
+    """γ of the focal loss [2]."""
+    lr: float = 1e-2
+    """Adam learning rate [1e-2]."""
+    betas: tuple[float, ...] = (0.5, 0.999)
+    """Adam betas [(0.5, 0.999)]."""
+    batch_images: int = 8
+    """Images per batch [8]."""
+    epochs: int = 15
+    """Passes over the auxiliary set [15]."""
+    ema_decay: float = 0.999
+    """Decay of the EMA of the codes that is saved and evaluated [0.999]. The EMA starts at the
+    initial codes, so it needs many more than 1 / (1 − decay) steps to forget them."""
+    seeds: tuple[int, ...] = (0, 1, 2)
+    """One guide set per seed; evaluation reports their mean and standard deviation."""
+    device: str = "auto"
+    """``auto`` (CUDA when present), ``cpu`` or ``cuda``."""
+
+    def __post_init__(self) -> None:
+        if self.variant not in ("l1", "topk"):
+            _fail("variant", f"{self.variant!r} is not one of l1, topk")
+        if self.guide_topk < 1:
+            _fail("guide_topk", f"must be >= 1, got {self.guide_topk}")
+        for name in ("l1_coef", "init_std"):
+            if getattr(self, name) < 0:
+                _fail(name, f"must be >= 0, got {getattr(self, name)}")
+        for name in ("temperature", "lr"):
+            if not getattr(self, name) > 0:
+                _fail(name, f"must be > 0, got {getattr(self, name)}")
+        if self.focal_gamma < 0:
+            _fail("focal_gamma", f"must be >= 0, got {self.focal_gamma}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            _fail("betas", f"must be two numbers in [0, 1), got {list(self.betas)}")
+        for name in ("batch_images", "epochs"):
+            if getattr(self, name) < 1:
+                _fail(name, f"must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.ema_decay < 1:
+            _fail("ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            _fail("seeds", f"must be a non-empty list of distinct seeds, got {list(self.seeds)}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            _fail("device", f"{self.device!r} is not one of auto, cpu, cuda")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One cross-dataset run (a key of the ``runs`` section): fit on ``aux``, score ``target``."""
+
+    aux: str
+    """The auxiliary dataset (a key of ``datasets``): SAE and guides are fitted on its test split."""
+    target: str
+    """The unseen target dataset (a key of ``datasets``), scored with no adaptation."""
+
+    def __post_init__(self) -> None:
+        if self.aux == self.target:
+            _fail("target", f"must differ from aux ({self.aux!r}): the protocol is cross-dataset")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Scoring the target set and writing the reports."""
+
+    image_score: str = "max"
+    """Image score from the map: ``max``, ``lse``, ``top_mean``, or ``global`` (global-guide probability)."""
+    lse_temperature: float = 0.01
+    """Temperature of the ``lse`` image score."""
+    top_fraction: float = 0.01
+    """Fraction of the highest pixels averaged by ``top_mean``."""
+    blur_sigma: float = 4.0
+    """σ in pixels of the Gaussian blur applied to each anomaly map on its own [4]."""
+    batch_images: int = 16
+    """Images scored per batch."""
+    curve_points: int = 200
+    """ROC/PR curves are thinned to at most this many points for ``dvc plots``."""
+    overlays_per_category: int = 6
+    """Images per category in the overlay PNGs (half anomalous where possible)."""
+    device: str = "auto"
+    """``auto`` (CUDA when present), ``cpu`` or ``cuda``."""
+
+    def __post_init__(self) -> None:
+        if self.image_score not in ("max", "lse", "top_mean", "global"):
+            _fail("image_score", f"{self.image_score!r} is not one of max, lse, top_mean, global")
+        if not self.lse_temperature > 0:
+            _fail("lse_temperature", f"must be > 0, got {self.lse_temperature}")
+        if not 0 < self.top_fraction <= 1:
+            _fail("top_fraction", f"must be in (0, 1], got {self.top_fraction}")
+        if self.blur_sigma < 0:
+            _fail("blur_sigma", f"must be >= 0, got {self.blur_sigma}")
+        if self.batch_images < 1:
+            _fail("batch_images", f"must be >= 1, got {self.batch_images}")
+        if self.curve_points < 2:
+            _fail("curve_points", f"must be >= 2, got {self.curve_points}")
+        if self.overlays_per_category < 0:
+            _fail("overlays_per_category", f"must be >= 0, got {self.overlays_per_category}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            _fail("device", f"{self.device!r} is not one of auto, cpu, cuda")
+
+
 SECTIONS: dict[str, type] = {
     "synthetic": SyntheticConfig,
     "data": DataConfig,
     "backbone": BackboneConfig,
     "extract": ExtractConfig,
     "sae": SAEConfig,
+    "guides": GuidesConfig,
+    "evaluate": EvaluateConfig,
 }
-"""Section name in params.yaml -> its dataclass. ``datasets`` is a mapping name -> DatasetConfig."""
+"""Section name in params.yaml -> its dataclass. ``datasets`` (name -> DatasetConfig) and ``runs``
+(name -> RunConfig) are mappings of entries instead."""
+_MAPPINGS: dict[str, type] = {"datasets": DatasetConfig, "runs": RunConfig}
 
 
 @dataclass(frozen=True)
@@ -211,6 +329,9 @@ class Params:
     backbone: BackboneConfig | None = None
     extract: ExtractConfig | None = None
     sae: SAEConfig | None = None
+    guides: GuidesConfig | None = None
+    evaluate: EvaluateConfig | None = None
+    runs: Mapping[str, RunConfig] = field(default_factory=dict)
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -271,7 +392,7 @@ def build(cls: type, data: Mapping[str, Any] | None, prefix: str) -> Any:
 
 def parse(raw: Mapping[str, Any], sections: typing.Iterable[str] | None = None) -> Params:
     """Build :class:`Params` from a params.yaml mapping, parsing only ``sections`` (all when None)."""
-    known = set(SECTIONS) | {"datasets"}
+    known = set(SECTIONS) | set(_MAPPINGS)
     wanted = set(known if sections is None else sections)
     bad = sorted(wanted - known)
     if bad:
@@ -281,16 +402,21 @@ def parse(raw: Mapping[str, Any], sections: typing.Iterable[str] | None = None) 
         _fail(stray[0], f"unknown section; known: {', '.join(sorted(known))}")
     out: dict[str, Any] = {}
     for name in wanted:
-        if name == "datasets":
-            entries = raw.get("datasets") or {}
+        if name in _MAPPINGS:
+            entries = raw.get(name) or {}
             if not isinstance(entries, Mapping):
-                _fail("datasets", "expected a mapping of dataset name -> {format, root}")
-            out["datasets"] = {
-                str(k): build(DatasetConfig, v, f"datasets.{k}") for k, v in entries.items()
-            }
+                _fail(name, f"expected a mapping of name -> {_MAPPINGS[name].__name__} fields")
+            out[name] = {str(k): build(_MAPPINGS[name], v, f"{name}.{k}") for k, v in entries.items()}
         else:
             out[name] = build(SECTIONS[name], raw.get(name), name)
-    return Params(**out)
+    params = Params(**out)
+    if "runs" in wanted and "datasets" in wanted:  # cross-section check: runs name known datasets
+        for run, rc in params.runs.items():
+            for role in ("aux", "target"):
+                if getattr(rc, role) not in params.datasets:
+                    _fail(f"runs.{run}.{role}", f"{getattr(rc, role)!r} is not a key of datasets "
+                                                 f"({', '.join(params.datasets)})")
+    return params
 
 
 def load_params(path: str | Path = "params.yaml", sections: typing.Iterable[str] | None = None) -> Params:

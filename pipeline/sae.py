@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
+
+from pipeline.store import ChunkReader
 
 log = logging.getLogger(__name__)
 
@@ -125,45 +125,6 @@ def auxk_loss(sae: TopKSAE, pre: torch.Tensor, residual: torch.Tensor, dead: tor
 
 # ----------------------------------------------------------------------------------------------------
 # Streaming tokens from the feature store
-
-
-class ChunkReader:
-    """Reads chunks of a token array in a given order on a background thread, ``depth`` ahead.
-
-    ``read(chunk) -> np.ndarray (n, L, d)``; iterating yields (chunk, tokens) in ``order``.
-    """
-
-    def __init__(self, read: Callable[[int], np.ndarray], order: Sequence[int], depth: int = 2) -> None:
-        self.read, self.order = read, list(order)
-        self.queue: queue.Queue = queue.Queue(maxsize=depth)
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="chunk-reader", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            for chunk in self.order:
-                item = (chunk, self.read(chunk))
-                while not self.stop.is_set():
-                    try:
-                        self.queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self.stop.is_set():
-                    return
-            self.queue.put(None)
-        except BaseException as err:  # handed to the consumer
-            self.queue.put(err)
-
-    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
-        try:
-            while (item := self.queue.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            self.stop.set()
 
 
 def token_batches(read: Callable[[int], np.ndarray], n_chunks: int, batch_tokens: int, buffer_tokens: int,

@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import zarr
@@ -227,12 +229,56 @@ class FeatureStore:
     def n_chunks(self) -> int:
         return -(-self.n_images // self.chunk_images)
 
+    def read(self, chunk: int, names: Sequence[str] = ("tokens",)) -> dict[str, np.ndarray]:
+        """The rows of chunk ``chunk`` of each array in ``names``, e.g. {"tokens": (n, L, d) float16}."""
+        c = self.chunk_images
+        return {name: self.group[name][chunk * c : (chunk + 1) * c] for name in names}
+
     def iter_chunks(self, order: Sequence[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (first image index, tokens (n, L, d) float16) chunk by chunk, in ``order`` if given."""
         c = self.chunk_images
         for chunk in range(self.n_chunks) if order is None else order:
             start = chunk * c
             yield start, self.tokens[start : start + c]
+
+
+class ChunkReader:
+    """Reads chunks of a token array in a given order on a background thread, ``depth`` ahead.
+
+    ``read(chunk) -> np.ndarray (n, L, d)``; iterating yields (chunk, tokens) in ``order``.
+    """
+
+    def __init__(self, read: Callable[[int], np.ndarray], order: Sequence[int], depth: int = 2) -> None:
+        self.read, self.order = read, list(order)
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="chunk-reader", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            for chunk in self.order:
+                item = (chunk, self.read(chunk))
+                while not self.stop.is_set():
+                    try:
+                        self.queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self.stop.is_set():
+                    return
+            self.queue.put(None)
+        except BaseException as err:  # handed to the consumer
+            self.queue.put(err)
+
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
+        try:
+            while (item := self.queue.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.stop.set()
 
 
 def open_store(path: str | Path, expect: Mapping[str, Any] | None = None) -> FeatureStore:

@@ -36,10 +36,9 @@ def main(argv: list[str] | None = None) -> None:
     features = store.open_store(args.features)
     device = resolve_device(cfg.device)
     n, tokens_per_image, d = features.tokens.shape
-    c = features.chunk_images
 
     def read(chunk: int):
-        return features.tokens[chunk * c : (chunk + 1) * c]
+        return features.read(chunk)["tokens"]
 
     log.info("%s: %d images x %d tokens of width %d; n_latents %d, k %d, %d epochs on %s",
              args.features, n, tokens_per_image, d, cfg.n_latents, cfg.k, cfg.epochs, device)

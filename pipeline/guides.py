@@ -1,0 +1,293 @@
+"""Stage 2 of SPG: four sparse guide codes fitted against the auxiliary masks (DESIGN §5).
+
+Codes ``C`` (4, n_latents), rows in :data:`ROWS` order, are the only trainable tensor; the backbone
+tokens and the SAE dictionary ``D`` (n_latents, d) are frozen. The effective codes are
+
+    l1:   c = ReLU(C) ⊙ alive                       (+ λ · mean|c| in the loss)
+    topk: c = top-``guide_topk`` per row of ReLU(C) ⊙ alive, straight-through (forward hard,
+          backward as if no selection happened)
+
+and the guide vectors ``g = c D`` (4, d). Local scores: per patch token, cosines to the normal and
+anomaly local guides, softmax at temperature τ over the two → (normal, anomaly) probabilities on the
+patch grid, bilinearly upsampled to S x S. Global: cosines of the CLS token to the two global guides,
+used as logits as they are (no temperature).
+
+Loss = focal(probabilities, mask; γ) + dice(anomaly, mask) + dice(normal, 1 − mask)
+       + CE(global cosines, image label) + λ · mean|c|
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from pipeline.store import ChunkReader
+
+log = logging.getLogger(__name__)
+
+ROWS = ("normal_global", "anomaly_global", "normal_local", "anomaly_local")
+"""Row order of the codes and of the guide vectors (DESIGN §4)."""
+NORMAL_GLOBAL, ANOMALY_GLOBAL, NORMAL_LOCAL, ANOMALY_LOCAL = range(4)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Codes
+
+
+class GuideCodes(nn.Module):
+    """The trainable codes ``C`` (4, n_latents) and their effective, sparse, non-negative form."""
+
+    def __init__(self, n_latents: int, dead_mask: torch.Tensor | None = None, *, variant: str = "l1",
+                 guide_topk: int | None = None, init_mean: float = 0.1, init_std: float = 0.01,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        if variant not in ("l1", "topk"):
+            raise ValueError(f"guides.variant must be 'l1' or 'topk', got {variant!r}")
+        if variant == "topk" and not (guide_topk and 0 < guide_topk <= n_latents):
+            raise ValueError(f"guides.guide_topk must be in [1, {n_latents}] for variant topk, got {guide_topk}")
+        self.variant, self.guide_topk = variant, guide_topk
+        self.codes = nn.Parameter(torch.randn(len(ROWS), n_latents, generator=generator) * init_std + init_mean)
+        alive = torch.ones(n_latents, dtype=torch.bool) if dead_mask is None else ~dead_mask.to(torch.bool)
+        self.register_buffer("alive", alive)
+
+    def effective(self, codes: torch.Tensor | None = None) -> torch.Tensor:
+        """c (4, n_latents) >= 0 from ``codes`` (default: the trained ones); dead latents are 0."""
+        raw = self.codes if codes is None else codes
+        c = F.relu(raw) * self.alive
+        if self.variant == "topk":
+            keep = torch.zeros_like(c, dtype=torch.bool).scatter_(1, c.topk(self.guide_topk, dim=1).indices, True)
+            c = c + (c * keep - c).detach()  # straight-through: forward hard top-k, identity backward
+        return c
+
+
+def guide_vectors(codes: torch.Tensor, dictionary: torch.Tensor) -> torch.Tensor:
+    """Effective codes (G, n_latents) through the dictionary (n_latents, d) -> guide vectors (G, d)."""
+    return codes @ dictionary
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scores (also used by evaluation)
+
+
+def local_probabilities(tokens: torch.Tensor, normal: torch.Tensor, anomaly: torch.Tensor,
+                        grid: tuple[int, int], size: int, temperature: float = 0.07) -> torch.Tensor:
+    """tokens (B, L, d), guide vectors normal/anomaly (d,) -> probabilities (B, 2, S, S).
+
+    Channel 0 is normal, 1 anomalous: softmax over the two cosines / temperature on the patch grid
+    (gh, gw) with L = gh * gw, then bilinear upsampling to S x S.
+    """
+    b, length, _ = tokens.shape
+    gh, gw = grid
+    if length != gh * gw:
+        raise ValueError(f"tokens have {length} patches but the grid is {gh}x{gw}")
+    guides = F.normalize(torch.stack([normal, anomaly]), dim=-1)  # (2, d)
+    cos = F.normalize(tokens, dim=-1) @ guides.T  # (B, L, 2)
+    probs = (cos / temperature).softmax(dim=-1).permute(0, 2, 1).reshape(b, 2, gh, gw)
+    return F.interpolate(probs, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def global_logits(cls: torch.Tensor, normal: torch.Tensor, anomaly: torch.Tensor) -> torch.Tensor:
+    """cls (B, d), guide vectors (d,) -> cosines (B, 2) [normal, anomaly], used as logits unscaled."""
+    return F.normalize(cls, dim=-1) @ F.normalize(torch.stack([normal, anomaly]), dim=-1).T
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loss terms: pure functions
+
+
+def focal_loss(probs: torch.Tensor, mask: torch.Tensor, gamma: float = 2.0, eps: float = 1e-8) -> torch.Tensor:
+    """Mean over pixels of −(1 − p_t)^γ log p_t; probs (B, 2, S, S) [normal, anomaly], mask (B, S, S) {0,1}."""
+    p_t = probs.gather(1, mask.long().unsqueeze(1)).squeeze(1)
+    return (-(1 - p_t).pow(gamma) * p_t.clamp_min(eps).log()).mean()
+
+
+def dice_loss(pred: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """Mean over images of 1 − (2 Σ p·t + s) / (Σ p + Σ t + s); pred, target (B, S, S)."""
+    dims = tuple(range(1, pred.ndim))
+    inter = (pred * target).sum(dims)
+    return (1 - (2 * inter + smooth) / (pred.sum(dims) + target.sum(dims) + smooth)).mean()
+
+
+def global_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the (B, 2) global cosines against image labels (B,) {0 normal, 1 anomalous}."""
+    return F.cross_entropy(logits, labels.long())
+
+
+def l1_penalty(codes: torch.Tensor) -> torch.Tensor:
+    """mean |c| over the effective codes (4, n_latents)."""
+    return codes.abs().mean()
+
+
+def guide_loss(codes: torch.Tensor, dictionary: torch.Tensor, tokens: torch.Tensor, cls: torch.Tensor,
+               masks: torch.Tensor, labels: torch.Tensor, grid: tuple[int, int], *, temperature: float,
+               gamma: float, l1_coef: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """Total loss and its terms for one batch. codes (4, n) effective; tokens (B, L, d); cls (B, d);
+    masks (B, S, S) {0,1}; labels (B,)."""
+    g = guide_vectors(codes, dictionary)
+    probs = local_probabilities(tokens, g[NORMAL_LOCAL], g[ANOMALY_LOCAL], grid, masks.shape[-1], temperature)
+    m = masks.float()
+    terms = {
+        "focal": focal_loss(probs, masks, gamma),
+        "dice_anomaly": dice_loss(probs[:, 1], m),
+        "dice_normal": dice_loss(probs[:, 0], 1 - m),
+        "global_ce": global_ce(global_logits(cls, g[NORMAL_GLOBAL], g[ANOMALY_GLOBAL]), labels),
+        "l1": l1_coef * l1_penalty(codes),
+    }
+    total = sum(terms.values())
+    return total, {k: v.item() for k, v in terms.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+
+
+def ema_update_(ema: torch.Tensor, value: torch.Tensor, decay: float) -> None:
+    """ema ← decay · ema + (1 − decay) · value, in place."""
+    ema.mul_(decay).add_(value, alpha=1 - decay)
+
+
+@dataclass
+class Batch:
+    tokens: torch.Tensor  # (B, L, d) float32
+    cls: torch.Tensor  # (B, d) float32
+    masks: torch.Tensor  # (B, S, S) uint8
+    labels: torch.Tensor  # (B,) int64
+
+
+def image_batches(read: Callable[[int], Mapping[str, np.ndarray]], n_chunks: int, batch_images: int,
+                  rng: np.random.Generator) -> Iterator[dict[str, np.ndarray]]:
+    """One epoch of image batches: chunks in a seeded random order, images shuffled within each chunk,
+    every image exactly once. ``read(chunk)`` returns tokens, cls, masks, labels of that chunk."""
+    carry: dict[str, np.ndarray] | None = None
+    for _, arrays in ChunkReader(read, rng.permutation(n_chunks)):
+        order = rng.permutation(len(arrays["labels"]))
+        arrays = {k: v[order] for k, v in arrays.items()}
+        if carry is not None:
+            arrays = {k: np.concatenate([carry[k], v]) for k, v in arrays.items()}
+        n_full = len(arrays["labels"]) // batch_images * batch_images
+        for i in range(0, n_full, batch_images):
+            yield {k: v[i : i + batch_images] for k, v in arrays.items()}
+        carry = {k: v[n_full:] for k, v in arrays.items()}
+    if carry is not None and len(carry["labels"]):
+        yield carry
+
+
+@dataclass
+class FitResult:
+    codes: torch.Tensor
+    """EMA codes, effective form (4, n_latents): what is saved and evaluated."""
+    final_terms: dict[str, float]
+    """Loss terms of the EMA codes over the whole auxiliary set."""
+    curve: list[dict] = field(default_factory=list)
+
+
+def fit(read: Callable[[int], Mapping[str, np.ndarray]], n_chunks: int, dictionary: torch.Tensor,
+        dead_mask: torch.Tensor | None, grid: tuple[int, int], *, variant: str = "l1",
+        guide_topk: int | None = None, init_mean: float = 0.1, init_std: float = 0.01,
+        temperature: float = 0.07, gamma: float = 2.0, l1_coef: float = 1e-3, lr: float = 1e-2,
+        betas: tuple[float, float] = (0.5, 0.999), batch_images: int = 8, epochs: int = 15,
+        ema_decay: float = 0.999, seed: int = 0, device: torch.device = torch.device("cpu"),
+        desc: str = "fit_guides") -> FitResult:
+    """Fit one guide set. ``dictionary`` (n_latents, d) is frozen; only the codes get gradients."""
+    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    dictionary = dictionary.detach().to(device)
+    model = GuideCodes(dictionary.shape[0], dead_mask, variant=variant, guide_topk=guide_topk,
+                       init_mean=init_mean, init_std=init_std, generator=gen).to(device)
+    ema = model.codes.detach().clone()
+    opt = torch.optim.Adam([model.codes], lr=lr, betas=betas)
+    kw = dict(temperature=temperature, gamma=gamma, l1_coef=l1_coef)
+    curve, step = [], 0
+    for epoch in tqdm(range(epochs), desc=desc, unit="epoch", mininterval=1.0):
+        sums: dict[str, float] = {}
+        n = 0
+        for arrays in image_batches(read, n_chunks, batch_images, rng):
+            b = _to_batch(arrays, device)
+            loss, terms = guide_loss(model.effective(), dictionary, b.tokens, b.cls, b.masks, b.labels, grid, **kw)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                ema_update_(ema, model.codes, ema_decay)
+            step += 1
+            n += 1
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v
+        curve.append({"epoch": epoch, "step": step, **{k: v / n for k, v in sums.items()},
+                      "loss": sum(sums.values()) / n})
+    with torch.no_grad():
+        codes = model.effective(ema)
+        final = evaluate_terms(read, n_chunks, codes, dictionary, grid, device=device, **kw)
+    return FitResult(codes=codes.cpu(), final_terms=final, curve=curve)
+
+
+def _to_batch(arrays: Mapping[str, np.ndarray], device: torch.device) -> Batch:
+    return Batch(
+        tokens=torch.from_numpy(np.asarray(arrays["tokens"], np.float32)).to(device),
+        cls=torch.from_numpy(np.asarray(arrays["cls"], np.float32)).to(device),
+        masks=torch.from_numpy(np.asarray(arrays["masks"])).to(device),
+        labels=torch.from_numpy(np.asarray(arrays["labels"]).astype(np.int64)).to(device),
+    )
+
+
+@torch.no_grad()
+def evaluate_terms(read, n_chunks: int, codes: torch.Tensor, dictionary: torch.Tensor, grid, *,
+                   temperature: float, gamma: float, l1_coef: float, batch_images: int = 32,
+                   device: torch.device = torch.device("cpu")) -> dict[str, float]:
+    """Image-weighted mean of each loss term of fixed ``codes`` over the whole set."""
+    sums: dict[str, float] = {}
+    count = 0
+    for _, arrays in ChunkReader(read, range(n_chunks)):
+        for i in range(0, len(arrays["labels"]), batch_images):
+            b = _to_batch({k: v[i : i + batch_images] for k, v in arrays.items()}, device)
+            _, terms = guide_loss(codes, dictionary, b.tokens, b.cls, b.masks, b.labels, grid,
+                                  temperature=temperature, gamma=gamma, l1_coef=l1_coef)
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v * len(b.labels)
+            count += len(b.labels)
+    return {k: v / count for k, v in sums.items()}
+
+
+def summarize(codes: torch.Tensor, top: int = 10) -> dict:
+    """Per guide: non-zero count and the ``top`` atoms with their coefficients. codes (4, n_latents)."""
+    out = {}
+    for name, row in zip(ROWS, codes):
+        values, atoms = row.topk(min(top, int((row > 0).sum()) or 1))
+        out[name] = {
+            "nonzero": int((row > 0).sum()),
+            "top_atoms": [{"atom": int(a), "coef": float(v)} for a, v in zip(atoms, values) if v > 0],
+        }
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoint: config.json + guides.safetensors (DESIGN §4)
+
+
+def save(folder: str | Path, codes_per_seed: torch.Tensor, config: Mapping) -> None:
+    """``codes`` (4, n_latents) = the first seed's; ``codes_per_seed`` (n_seeds, 4, n_latents)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    codes_per_seed = codes_per_seed.detach().cpu().float().contiguous()
+    save_file({"codes": codes_per_seed[0].clone(), "codes_per_seed": codes_per_seed}, str(folder / "guides.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"rows": list(ROWS), **config}, indent=2) + "\n")
+
+
+def load(folder: str | Path) -> tuple[torch.Tensor, dict]:
+    """(codes_per_seed (n_seeds, 4, n_latents), config dict)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    tensors = load_file(str(folder / "guides.safetensors"))
+    return tensors["codes_per_seed"], json.loads((folder / "config.json").read_text())

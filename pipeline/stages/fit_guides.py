@@ -1,0 +1,80 @@
+"""Stage fit_guides@A: the four guide codes on the auxiliary dataset, one set per seed.
+
+    python -m pipeline.stages.fit_guides --features features/synth_a --sae models/synth_a/sae \
+        --out models/synth_a/guides --report reports/synth_a
+
+Writes ``<out>/config.json`` + ``<out>/guides.safetensors`` (``codes`` (4, n_latents) of the first
+seed, ``codes_per_seed``), ``<report>/guides.json`` (final loss terms, non-zeros per guide, top-10
+atoms per guide), ``<report>/guides_curve.csv`` and its PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from pipeline import guides, report, sae, store
+from pipeline.config import load_params
+from pipeline.runtime import resolve_device
+from pipeline.stages import setup_logging
+
+log = logging.getLogger("pipeline.stages.fit_guides")
+
+ARRAYS = ("tokens", "cls", "masks", "labels")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--features", required=True, type=Path, help="the auxiliary dataset's feature store")
+    parser.add_argument("--sae", required=True, type=Path, help="the SAE checkpoint folder, models/<A>/sae")
+    parser.add_argument("--out", required=True, type=Path, help="checkpoint folder, models/<A>/guides")
+    parser.add_argument("--report", required=True, type=Path, help="report folder, reports/<A>")
+    parser.add_argument("--params", default="params.yaml", type=Path)
+    args = parser.parse_args(argv)
+    setup_logging()
+    cfg = load_params(args.params, ["guides"]).guides
+    model, dead_mask, sae_config = sae.load(args.sae)
+    provenance = sae_config["features"]
+    # The SAE was trained on this store's tokens: refuse a store re-extracted differently since.
+    features = store.open_store(args.features, expect={k: provenance[k] for k in
+                                                       ("backbone", "weights_sha256", "layer", "image_size")})
+    device = resolve_device(cfg.device)
+    grid = tuple(features.attrs["grid"])
+
+    def read(chunk: int):
+        return features.read(chunk, ARRAYS)
+
+    results = []
+    for seed in cfg.seeds:
+        result = guides.fit(read, features.n_chunks, model.dictionary.detach(), dead_mask, grid,
+                            variant=cfg.variant, guide_topk=cfg.guide_topk, init_mean=cfg.init_mean,
+                            init_std=cfg.init_std, temperature=cfg.temperature, gamma=cfg.focal_gamma,
+                            l1_coef=cfg.l1_coef, lr=cfg.lr, betas=tuple(cfg.betas), batch_images=cfg.batch_images,
+                            epochs=cfg.epochs, ema_decay=cfg.ema_decay, seed=seed, device=device,
+                            desc=f"fit_guides seed {seed}")
+        log.info("seed %d: final terms %s", seed, {k: round(v, 4) for k, v in result.final_terms.items()})
+        results.append(result)
+    codes = torch.stack([r.codes for r in results])
+    guides.save(args.out, codes, {"training": asdict(cfg), "features": provenance,
+                                  "sae": {k: sae_config[k] for k in ("d_in", "n_latents", "k")}})
+    summary = {
+        "seeds": list(cfg.seeds),
+        "final_terms": {f"seed_{s}": r.final_terms for s, r in zip(cfg.seeds, results)},
+        "nonzero_mean": {name: float((codes[:, i] > 0).sum(dim=1).float().mean()) for i, name in enumerate(guides.ROWS)},
+        f"guides_seed_{cfg.seeds[0]}": guides.summarize(codes[0]),
+    }
+    report.write_json(args.report / "guides.json", summary)
+    curve = [{"seed": s, **row} for s, r in zip(cfg.seeds, results) for row in r.curve]
+    report.write_csv(args.report / "guides_curve.csv", curve)
+    first = [row for row in curve if row["seed"] == cfg.seeds[0]]
+    report.plot_curves(args.report / "guides_curve.png", first, "epoch",
+                       ["focal", "dice_anomaly", "dice_normal", "global_ce", "loss"],
+                       f"Guides on {provenance['dataset']} (seed {cfg.seeds[0]})")
+
+
+if __name__ == "__main__":
+    main()
