@@ -92,10 +92,11 @@ def plot_per_category(path: str | Path, by_category: Mapping[str, Mapping], titl
     _save(fig, path)
 
 
-def plot_overlays(path: str | Path, rows: Sequence[tuple], title: str) -> None:
+def plot_overlays(path: str | Path, rows: Sequence[tuple], title: str, vmin: float = 0.0, vmax: float = 1.0) -> None:
     """A grid, one column per image: the image, its ground truth, and the anomaly map over the image.
 
-    ``rows``: (image (S, S, 3) uint8, mask (S, S), map (S, S), caption) per image.
+    ``rows``: (image (S, S, 3) uint8, mask (S, S), map (S, S), caption) per image. The maps share one
+    colour scale [vmin, vmax] so that columns compare.
     """
     n = len(rows)
     if n == 0:
@@ -106,7 +107,7 @@ def plot_overlays(path: str | Path, rows: Sequence[tuple], title: str) -> None:
         axes[0, j].set_title(caption, fontsize=8)
         axes[1, j].imshow(mask, cmap="gray", vmin=0, vmax=1)
         axes[2, j].imshow(image)
-        axes[2, j].imshow(amap, cmap="jet", alpha=0.5, vmin=0, vmax=1)
+        axes[2, j].imshow(amap, cmap="jet", alpha=0.5, vmin=vmin, vmax=vmax)
         for ax in axes[:, j]:
             ax.set_axis_off()
     fig.suptitle(title)

@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         attrs = {
             "dataset": args.dataset,
             "format": ds.format,
+            "root": ds.root,
             "splits": list(data.splits),
             "backbone": bcfg.name,
             "weights_sha256": digest,

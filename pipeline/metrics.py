@@ -1,0 +1,344 @@
+"""Evaluation metrics, image and pixel level (DESIGN §4-§5): numpy in, Python floats out.
+
+    image_auroc, image_ap, f1_max   labels (N,) {0, 1}, scores (N,)          1 = anomalous
+    pixel_auroc, pixel_ap, aupro    masks (N, H, W) {0, 1}, maps (N, H, W)   1 = anomalous pixel
+
+AUROC, AP and the PR curve are scikit-learn's. AUPRO follows MVTec AD's definition: the ground-truth
+regions are the 8-connected components of each image's mask (a region never spans two images);
+for a threshold t
+
+    PRO(t) = 1/R Σ_r |{p ∈ r : s_p ≥ t}| / |r|     (R regions over all images)
+    FPR(t) = |{p normal : s_p ≥ t}| / N_normal      (normal = mask 0, over all images)
+
+and AUPRO = ∫_0^L PRO d(FPR) / L (L = ``fpr_limit``, 0.3 by default) by the trapezoid rule on the curve
+that starts at (0, 0) and has one point per distinct score, PRO at FPR = L linearly interpolated.
+
+Every function validates its inputs and raises a ValueError that names the argument and its shape;
+a metric that is undefined (a single class) raises too. :func:`compute_all` is the one entry point
+that returns ``None`` for an undefined metric, with the reason in ``null_reasons``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+
+METRIC_KEYS = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_aupro")
+"""The keys of :func:`compute_all` and of ``metrics.json`` (DESIGN §4)."""
+
+_IMAGE_KEYS = METRIC_KEYS[:3]
+_PIXEL_KEYS = METRIC_KEYS[3:]
+
+# 3x3 all-ones in the image plane, nothing across the image axis: ndimage.label on a (N, H, W) stack
+# then finds each image's 8-connected components and never joins two images.
+_REGIONS_8 = np.zeros((3, 3, 3), dtype=bool)
+_REGIONS_8[1] = True
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation
+
+
+def _binary(name: str, a: Any) -> np.ndarray:
+    """``a`` as a bool array; it must hold only 0 and 1 (or be bool)."""
+    a = np.asarray(a)
+    if a.dtype == bool:
+        return a
+    if a.dtype.kind not in "uif":
+        raise ValueError(f"{name}: expected a numeric or bool array of 0/1, got dtype {a.dtype} (shape {a.shape})")
+    bad = (a != 0) & (a != 1)
+    if bad.any():
+        examples = np.unique(a[bad])[:5].tolist()
+        raise ValueError(f"{name}: must be binary {{0, 1}} (1 = anomalous); shape {a.shape} has "
+                         f"{int(bad.sum())} other values, e.g. {examples}")
+    return a != 0
+
+
+def _finite(name: str, a: Any) -> np.ndarray:
+    """``a`` as a real numeric array without NaN or inf."""
+    a = np.asarray(a)
+    if a.dtype.kind not in "uifb":
+        raise ValueError(f"{name}: expected a real numeric array, got dtype {a.dtype} (shape {a.shape})")
+    if a.dtype.kind == "f":
+        bad = ~np.isfinite(a)
+        if bad.any():
+            raise ValueError(f"{name}: shape {a.shape} contains {int(np.isnan(a).sum())} NaN and "
+                             f"{int(np.isinf(a).sum())} inf values")
+    return a
+
+
+def _image_inputs(labels: Any, scores: Any, scores_name: str = "scores") -> tuple[np.ndarray, np.ndarray]:
+    labels, scores = np.asarray(labels), np.asarray(scores)
+    if labels.ndim != 1 or labels.shape != scores.shape or labels.size == 0:
+        raise ValueError(f"labels {labels.shape} and {scores_name} {scores.shape}: expected two non-empty "
+                         "arrays of the same shape (N,)")
+    return _binary("labels", labels), _finite(scores_name, scores)
+
+
+def _pixel_inputs(masks: Any, maps: Any) -> tuple[np.ndarray, np.ndarray]:
+    masks, maps = np.asarray(masks), np.asarray(maps)
+    if masks.ndim != 3 or masks.size == 0:
+        raise ValueError(f"masks: expected a non-empty (N, H, W) array, got shape {masks.shape}")
+    if maps.shape != masks.shape:
+        raise ValueError(f"maps {maps.shape} and masks {masks.shape}: shapes differ; expected both (N, H, W)")
+    return _binary("masks", masks), _finite("maps", maps)
+
+
+def _two_classes(name: str, positive: np.ndarray, unit: str) -> None:
+    """Raise when the bool array ``positive`` is all True or all False (the metric is undefined)."""
+    n_pos = int(np.count_nonzero(positive))
+    if n_pos == 0 or n_pos == positive.size:
+        raise ValueError(f"{name} {positive.shape}: only one class ({n_pos} anomalous, {positive.size - n_pos} "
+                         f"normal {unit}); the metric is undefined")
+
+
+# --------------------------------------------------------------------------------------------------
+# Image level
+
+
+def image_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve. labels (N,) {0, 1}, scores (N,) higher = more anomalous."""
+    labels, scores = _image_inputs(labels, scores)
+    _two_classes("labels", labels, "images")
+    return float(roc_auc_score(labels, scores))
+
+
+def image_ap(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Average precision (scikit-learn's step-wise area under the PR curve). labels (N,), scores (N,)."""
+    labels, scores = _image_inputs(labels, scores)
+    _two_classes("labels", labels, "images")
+    return float(average_precision_score(labels, scores))
+
+
+def f1_max(labels: np.ndarray, scores: np.ndarray) -> float:
+    """max over thresholds t of 2 P R / (P + R), predicting anomalous where score ≥ t (0 where P + R = 0).
+
+    labels (N,) {0, 1}, scores (N,). The thresholds are every distinct score (scikit-learn's PR curve).
+    """
+    labels, scores = _image_inputs(labels, scores)
+    _two_classes("labels", labels, "images")
+    precision, recall, _ = precision_recall_curve(labels, scores)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
+    return float(f1.max())
+
+
+def _thin(n: int, max_points: int) -> np.ndarray:
+    """At most ``max_points`` evenly spaced indices of range(n), first and last included."""
+    return np.unique(np.linspace(0, n - 1, min(n, max_points)).round().astype(np.int64))
+
+
+def _threshold(t: float) -> float | None:
+    return float(t) if math.isfinite(t) else None
+
+
+def curves(labels: np.ndarray, scores: np.ndarray, max_points: int = 200) -> dict[str, list[dict[str, float | None]]]:
+    """ROC and PR curves as row lists for ``dvc plots``, thinned to at most ``max_points`` rows each.
+
+    labels (N,) {0, 1}, scores (N,). Returns ``{"roc": [{fpr, tpr, threshold}], "pr": [{recall,
+    precision, threshold}]}``, both ordered from the highest threshold to the lowest; the first and
+    last point of each curve are always kept. The curves' end points that no score realises (ROC's
+    (0, 0), PR's (recall 0, precision 1)) have ``threshold`` None, as JSON has no infinity.
+    """
+    labels, scores = _image_inputs(labels, scores)
+    _two_classes("labels", labels, "images")
+    if max_points < 2:
+        raise ValueError(f"max_points: must be >= 2 to keep both end points, got {max_points}")
+    fpr, tpr, roc_t = roc_curve(labels, scores, drop_intermediate=False)
+    precision, recall, pr_t = precision_recall_curve(labels, scores)
+    # scikit-learn orders the PR curve by increasing threshold; flip it to match the ROC curve. Its
+    # last point (recall 0, precision 1) has no threshold.
+    precision, recall, pr_t = precision[::-1], recall[::-1], np.concatenate(([np.inf], pr_t[::-1]))
+    roc = [{"fpr": float(fpr[i]), "tpr": float(tpr[i]), "threshold": _threshold(roc_t[i])}
+           for i in _thin(len(fpr), max_points)]
+    pr = [{"recall": float(recall[i]), "precision": float(precision[i]), "threshold": _threshold(pr_t[i])}
+          for i in _thin(len(recall), max_points)]
+    return {"roc": roc, "pr": pr}
+
+
+# --------------------------------------------------------------------------------------------------
+# Pixel level
+
+
+def pixel_auroc(masks: np.ndarray, maps: np.ndarray) -> float:
+    """AUROC over all pixels of all images. masks (N, H, W) {0, 1}, maps (N, H, W)."""
+    masks, maps = _pixel_inputs(masks, maps)
+    _two_classes("masks", masks, "pixels")
+    return float(roc_auc_score(masks.reshape(-1), maps.reshape(-1)))
+
+
+def pixel_ap(masks: np.ndarray, maps: np.ndarray) -> float:
+    """Average precision over all pixels of all images. masks (N, H, W) {0, 1}, maps (N, H, W)."""
+    masks, maps = _pixel_inputs(masks, maps)
+    _two_classes("masks", masks, "pixels")
+    return float(average_precision_score(masks.reshape(-1), maps.reshape(-1)))
+
+
+def partial_area(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
+    """∫_{x[0]}^{x_max} y dx by the trapezoid rule on the points (x, y), y at x_max linearly interpolated.
+
+    x (M,) non-decreasing with x[0] < x_max <= x[-1]; y (M,). A run of equal x (a vertical step) adds no
+    area; at a step exactly at x_max the interpolation takes its first (lowest-x-index) point.
+    """
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.ndim != 1 or x.shape != y.shape or len(x) < 2:
+        raise ValueError(f"x {x.shape} and y {y.shape}: expected two arrays of the same shape (M,), M >= 2")
+    if not x[0] < x_max <= x[-1]:
+        raise ValueError(f"x_max {x_max}: must lie in (x[0], x[-1]] = ({x[0]}, {x[-1]}]")
+    i = int(np.searchsorted(x, x_max, side="left"))  # first point with x >= x_max; x[i - 1] < x_max
+    x0, x1, y0, y1 = x[i - 1], x[i], y[i - 1], y[i]
+    y_at = y0 + (y1 - y0) * (x_max - x0) / (x1 - x0)
+    return float(np.trapezoid(y[:i], x[:i]) + (x_max - x0) * (y0 + y_at) / 2)
+
+
+def _regions(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Ground-truth regions: (pixel index, region id) of every anomalous pixel, and the region count R.
+
+    masks (N, H, W) bool. Pixel indices index ``masks.reshape(-1)``, ascending; region ids are 1..R, the
+    8-connected components of each image's mask, numbered over all images.
+    """
+    pixels = np.flatnonzero(masks)
+    with_regions = masks.any(axis=(1, 2))  # label only those images: normal ones hold half the pixels
+    labelled, n_regions = ndimage.label(masks[with_regions], structure=_REGIONS_8)
+    # Same C order as ``pixels``: dropping all-zero images removes no anomalous pixel.
+    region_ids = labelled[labelled != 0]
+    return pixels, region_ids, int(n_regions)
+
+
+def _sorted_descending(maps: np.ndarray, pixels: np.ndarray, region_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """All pixels sorted by score, highest first: (score keys, region ids) in that order.
+
+    Equal score keys ⇔ equal scores (all that the caller compares); region id 0 = normal pixel.
+
+    Fast path (scores that float32 holds exactly): one ``np.sort`` of uint64 words whose high half is
+    the score's float32 bit pattern mapped to an unsigned key that decreases with the score and whose
+    low half is the region id. It is several times faster than an argsort of the scores plus the gather
+    it needs. Other scores (float64 that float32 would round): an argsort.
+    """
+    scores = maps.reshape(-1)
+    if scores.dtype != np.float32:
+        as_f32 = scores.astype(np.float32)
+        if not np.array_equal(as_f32, scores):
+            order = np.argsort(scores)[::-1]
+            region_of = np.zeros(scores.size, dtype=np.uint32)
+            region_of[pixels] = region_ids
+            return scores[order], region_of[order]
+        scores = as_f32
+    n = scores.size
+    # ``+ 0`` turns -0.0 into +0.0, so equal scores have equal bits (NaN was rejected by validation).
+    bits = np.add(scores, np.float32(0)).view(np.uint32)
+    # Non-negative floats order as their bits; x ^ 0x7FFFFFFF reverses that and stays below 2^31.
+    # Negative floats' bits grow as the value falls and are all >= 2^31: already descending.
+    np.bitwise_xor(bits, np.uint32(0x7FFFFFFF), out=bits, where=bits < np.uint32(0x80000000))
+    words = np.empty(n, dtype="<u8")
+    halves = words.view("<u4").reshape(n, 2)  # [:, 0] low half, [:, 1] high half, on any platform
+    halves[:, 1] = bits
+    del bits
+    halves[:, 0] = 0
+    halves[pixels, 0] = region_ids
+    words.sort()
+    return halves[:, 1], halves[:, 0]
+
+
+def pro_curve(masks: np.ndarray, maps: np.ndarray, fpr_stop: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """The PRO curve, (fpr (M,), pro (M,)) float64, from (0, 0), one point per distinct score, descending.
+
+    masks (N, H, W) {0, 1}, maps (N, H, W). The curve stops at the first point with fpr >= ``fpr_stop``
+    (points beyond cannot change an area up to it). Needs at least one region and one normal pixel.
+
+    One sort of all pixels by score replaces a loop over thresholds: walking the sorted pixels, each
+    normal pixel adds 1/N_normal to FPR and each pixel of region r adds 1/(R |r|) to PRO; the curve is
+    read at the last position of each run of equal scores, so every distinct score is one threshold.
+    Cumulative sums run over the R-region pixels only (the normal count at a position is the position
+    minus the region pixels before it), so no float array of all pixels is ever made.
+    """
+    masks, maps = _pixel_inputs(masks, maps)
+    _two_classes("masks", masks, "pixels")
+    if not 0 < fpr_stop <= 1:
+        raise ValueError(f"fpr_stop: must be in (0, 1], got {fpr_stop}")
+    pixels, region_ids, n_regions = _regions(masks)
+    n = masks.size
+    n_normal = n - pixels.size
+    weight = np.zeros(n_regions + 1)
+    weight[1:] = 1.0 / (n_regions * np.bincount(region_ids, minlength=n_regions + 1)[1:])
+
+    keys, regions = _sorted_descending(maps, pixels, region_ids)
+    region_at = np.flatnonzero(regions)  # sorted positions of region pixels, ascending
+    pro_cum = np.concatenate(([0.0], np.cumsum(weight[regions[region_at]])))  # PRO after j region pixels
+
+    # Stop at the end of the run that holds the k-th normal pixel, k the least count with k/N > fpr_stop.
+    k = min(n_normal, math.floor(fpr_stop * n_normal) + 1)
+    normals_before = region_at - np.arange(region_at.size)  # normal pixels ahead of each region pixel
+    stop = k - 1 + int(np.searchsorted(normals_before, k, side="left"))
+    if stop < n - 1:
+        later = keys[stop + 1:] != keys[stop]
+        stop = stop + int(np.argmax(later)) if later.any() else n - 1
+
+    head = keys[: stop + 1]
+    ends = np.append(np.flatnonzero(head[1:] != head[:-1]), stop)  # last position of each distinct score
+    region_upto = np.searchsorted(region_at, ends, side="right")  # region pixels at positions <= end
+    fpr = (ends + 1 - region_upto) / n_normal
+    pro = pro_cum[region_upto]
+    return np.concatenate(([0.0], fpr)), np.concatenate(([0.0], pro))
+
+
+def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float:
+    """Normalised area under the PRO curve up to FPR = ``fpr_limit`` (MVTec AD), in [0, 1].
+
+    masks (N, H, W) {0, 1}, maps (N, H, W). AUPRO = ∫_0^L PRO d(FPR) / L, trapezoid rule, PRO at L
+    interpolated between the two curve points around it (see the module docstring for PRO and FPR).
+    A constant map scores L / 2 (0.15 at L = 0.3): its one threshold jumps from (0, 0) to (1, 1), so
+    PRO = FPR along the curve.
+    """
+    if not 0 < fpr_limit <= 1:
+        raise ValueError(f"fpr_limit: must be in (0, 1], got {fpr_limit}")
+    fpr, pro = pro_curve(masks, maps, fpr_stop=fpr_limit)
+    return partial_area(fpr, pro, fpr_limit) / fpr_limit
+
+
+# --------------------------------------------------------------------------------------------------
+# Everything for one category
+
+
+def compute_all(labels: np.ndarray, image_scores: np.ndarray, masks: np.ndarray,
+                maps: np.ndarray) -> dict[str, Any]:
+    """The six metrics of :data:`METRIC_KEYS` for one category, and ``null_reasons``.
+
+    labels (N,) {0, 1}, image_scores (N,), masks (N, H, W) {0, 1}, maps (N, H, W). A metric that the
+    data leave undefined (a category without normal or without anomalous images; masks without
+    anomalous or without normal pixels) is None, and ``null_reasons[key]`` says why. Invalid inputs
+    raise a ValueError.
+    """
+    labels, image_scores = _image_inputs(labels, image_scores, "image_scores")
+    masks, maps = _pixel_inputs(masks, maps)
+    if masks.shape[0] != labels.shape[0]:
+        raise ValueError(f"labels {labels.shape} and masks {masks.shape}: expected one mask per image")
+    out: dict[str, Any] = dict.fromkeys(METRIC_KEYS)
+    reasons: dict[str, str] = {}
+
+    n_bad = int(np.count_nonzero(labels))
+    if n_bad == 0 or n_bad == labels.size:
+        reason = (f"no {'anomalous' if n_bad == 0 else 'normal'} images in this category "
+                  f"({labels.size} images, all {'normal' if n_bad == 0 else 'anomalous'})")
+        reasons.update(dict.fromkeys(_IMAGE_KEYS, reason))
+    else:
+        out["image_auroc"] = image_auroc(labels, image_scores)
+        out["image_ap"] = image_ap(labels, image_scores)
+        out["image_f1_max"] = f1_max(labels, image_scores)
+
+    n_bad_px = int(np.count_nonzero(masks))
+    if n_bad_px == 0 or n_bad_px == masks.size:
+        reason = (f"no {'anomalous' if n_bad_px == 0 else 'normal'} pixels in the masks of this category "
+                  f"({masks.shape[0]} masks)")
+        reasons.update(dict.fromkeys(_PIXEL_KEYS, reason))
+    else:
+        out["pixel_auroc"] = pixel_auroc(masks, maps)
+        out["pixel_ap"] = pixel_ap(masks, maps)
+        out["pixel_aupro"] = aupro(masks, maps)
+
+    out["null_reasons"] = reasons
+    return out

@@ -1,0 +1,244 @@
+"""Stage evaluate@<run>: score the target store with the guides fitted on the auxiliary set.
+
+    python -m pipeline.stages.evaluate --target features/synth_b --aux features/synth_a \
+        --sae models/synth_a/sae --guides models/synth_a/guides --out reports/synth_a_to_synth_b
+
+Writes into ``--out``: ``metrics.json`` (means over categories; with several guide seeds the mean
+over seeds and ``<key>_std``; the two controls under ``controls``), ``per_category.json``, plot data
+under ``plots/`` (image and pixel ROC/PR, thinned) and PNGs (``roc_pr.png``, ``per_category.png``,
+``overlays/<category>.png``).
+
+Controls, scored exactly like the result:
+- ``untrained_init``: the guide codes as initialised, before any training (what the learned
+  coefficients add);
+- ``no_sae``: local guides = mean normal and mean anomalous auxiliary patch tokens, global guides =
+  mean normal and mean anomalous auxiliary CLS tokens (what the SAE dictionary adds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from pipeline import guides, metrics, report, sae, scoring, store
+from pipeline.config import load_params
+from pipeline.datasets import load_image
+from pipeline.runtime import resolve_device
+from pipeline.stages import setup_logging
+
+log = logging.getLogger("pipeline.stages.evaluate")
+
+KEYS = metrics.METRIC_KEYS
+CHECKED = ("backbone", "weights_sha256", "layer", "image_size")
+
+
+def no_sae_guides(aux: store.FeatureStore, device: torch.device) -> torch.Tensor:
+    """(4, d) guide vectors from auxiliary means, in guides.ROWS order (the no-SAE control).
+
+    A patch is normal when none of its pixels is anomalous and anomalous when more than half are.
+    """
+    grid = tuple(aux.attrs["grid"])
+    d = aux.tokens.shape[-1]
+    sums = {name: torch.zeros(d, dtype=torch.float64) for name in ("pn", "pa", "cn", "ca")}
+    counts = dict.fromkeys(sums, 0)
+    for chunk in range(aux.n_chunks):
+        a = aux.read(chunk, ("tokens", "cls", "masks", "labels"))
+        tokens = torch.from_numpy(a["tokens"].astype(np.float32)).reshape(-1, d)
+        cover = F.adaptive_avg_pool2d(torch.from_numpy(a["masks"]).float()[:, None], grid).reshape(-1)
+        cls = torch.from_numpy(a["cls"].astype(np.float32))
+        labels = torch.from_numpy(a["labels"].astype(bool))
+        for key, rows in (("pn", tokens[cover == 0]), ("pa", tokens[cover > 0.5]), ("cn", cls[~labels]), ("ca", cls[labels])):
+            sums[key] += rows.sum(0, dtype=torch.float64)
+            counts[key] += len(rows)
+    empty = [k for k, n in counts.items() if n == 0]
+    if empty:
+        raise ValueError(f"{aux.path}: no {', '.join(empty)} samples for the no-SAE control "
+                         "(pn/pa: normal/anomalous patches, cn/ca: normal/anomalous images)")
+    mean = {k: (sums[k] / counts[k]).float() for k in sums}
+    return torch.stack([mean["cn"], mean["ca"], mean["pn"], mean["pa"]]).to(device)
+
+
+def category_ranges(target: store.FeatureStore) -> dict[str, tuple[int, int]]:
+    """Category name -> [start, stop) rows; the extract stage writes each category contiguously."""
+    category = target.category[:]
+    out = {}
+    for i, name in enumerate(target.attrs["categories"]):
+        rows = np.flatnonzero(category == i)
+        if len(rows) == 0:
+            continue
+        if rows[-1] - rows[0] + 1 != len(rows):
+            raise ValueError(f"{target.path}: category {name!r} is not contiguous in the store")
+        out[name] = (int(rows[0]), int(rows[-1]) + 1)
+    return out
+
+
+def score_rows(target, start, stop, vectors: dict[str, torch.Tensor], cfg, temperature, device):
+    """Maps (n, S, S) and image scores (n,) of rows [start, stop) for every named guide set."""
+    grid, size = tuple(target.attrs["grid"]), target.masks.shape[-1]
+    maps = {name: [] for name in vectors}
+    probs = {name: [] for name in vectors}
+    for i in range(start, stop, cfg.batch_images):
+        j = min(i + cfg.batch_images, stop)
+        tokens = torch.from_numpy(target.tokens[i:j].astype(np.float32)).to(device)
+        cls = torch.from_numpy(target.cls[i:j].astype(np.float32)).to(device)
+        for name, g in vectors.items():
+            maps[name].append(scoring.anomaly_maps(tokens, g, grid, size, temperature=temperature, sigma=cfg.blur_sigma))
+            probs[name].append(scoring.global_probability(cls, g))
+    out = {}
+    for name in vectors:
+        m = np.concatenate(maps[name])
+        s = scoring.image_scores(m, cfg.image_score, lse_temperature=cfg.lse_temperature,
+                                 top_fraction=cfg.top_fraction, global_probs=np.concatenate(probs[name]))
+        out[name] = (m, s)
+    return out
+
+
+def overlay_rows(target: store.FeatureStore, start: int, labels, masks, maps, n: int) -> list[tuple]:
+    """Up to ``n`` images of one category (half anomalous where possible) with mask, map and caption.
+
+    Images are read from the dataset root recorded in the store (attr ``root``) and resized to S.
+    """
+    anomalous, normal = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    n_anomalous = min(len(anomalous), n - min(len(normal), n // 2))
+    pick = sorted([*anomalous[:n_anomalous], *normal[: n - n_anomalous]])
+    size = masks.shape[-1]
+    rows = []
+    for i in pick:
+        relpath = target.attrs["paths"][start + i]
+        image = load_image(Path(target.attrs["root"]) / relpath).resize((size, size))
+        rows.append((np.asarray(image), masks[i], maps[i], f"{relpath.split('/')[-2]} {maps[i].max():.2f}"))
+    return rows
+
+
+def mean_over_categories(per_category: dict[str, dict]) -> dict[str, float | None]:
+    """Mean of each key over the categories where it is defined (None where no category has it)."""
+    out = {}
+    for key in KEYS:
+        values = [m[key] for m in per_category.values() if m.get(key) is not None]
+        out[key] = float(np.mean(values)) if values else None
+    return out
+
+
+def seed_summary(per_seed: list[dict[str, float | None]]) -> dict[str, float | None]:
+    """Mean over seeds, plus ``<key>_std`` (sample std, ddof=1) when there are several."""
+    out: dict[str, float | None] = {}
+    for key in KEYS:
+        values = [m[key] for m in per_seed if m[key] is not None]
+        out[key] = float(np.mean(values)) if values else None
+        if len(per_seed) > 1:
+            out[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", required=True, type=Path, help="the target dataset's feature store")
+    parser.add_argument("--aux", required=True, type=Path, help="the auxiliary feature store (no-SAE control)")
+    parser.add_argument("--sae", required=True, type=Path)
+    parser.add_argument("--guides", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path, help="report folder, reports/<A>_to_<T>")
+    parser.add_argument("--params", default="params.yaml", type=Path)
+    args = parser.parse_args(argv)
+    setup_logging()
+    cfg = load_params(args.params, ["evaluate"]).evaluate
+    device = resolve_device(cfg.device)
+    model, dead_mask, sae_config = sae.load(args.sae, device)
+    codes_per_seed, guides_config = guides.load(args.guides)
+    provenance = guides_config["features"]
+    expect = {k: provenance[k] for k in CHECKED}
+    # A target extracted with another backbone, layer, image size or weights lives in another space.
+    target = store.open_store(args.target, expect=expect)
+    aux = store.open_store(args.aux, expect=expect)
+    training = guides_config["training"]
+    dictionary = model.dictionary.detach()
+
+    vectors: dict[str, torch.Tensor] = {}
+    seeds = training["seeds"]
+    for s, codes in zip(seeds, codes_per_seed):
+        vectors[f"learned/{s}"] = guides.guide_vectors(codes.to(device), dictionary)
+        init = guides.GuideCodes(dictionary.shape[0], dead_mask, variant=training["variant"],
+                                 guide_topk=training["guide_topk"], init_mean=training["init_mean"],
+                                 init_std=training["init_std"], generator=torch.Generator().manual_seed(s))
+        vectors[f"untrained_init/{s}"] = guides.guide_vectors(init.effective().detach().to(device), dictionary)
+    vectors["no_sae/0"] = no_sae_guides(aux, device)
+
+    per_category: dict[str, dict[str, dict]] = {name: {} for name in vectors}
+    pooled_labels, pooled_scores, pixel_sample = [], [], ([], [])
+    rng = np.random.default_rng(0)
+    overlays: dict[str, tuple] = {}
+    ranges = category_ranges(target)
+    for category, (start, stop) in tqdm(ranges.items(), desc="evaluate", unit="category"):
+        labels = target.labels[start:stop].astype(np.int64)
+        masks = target.masks[start:stop]
+        scored = score_rows(target, start, stop, vectors, cfg, training["temperature"], device)
+        for name, (maps, scores) in scored.items():
+            per_category[name][category] = metrics.compute_all(labels, scores, masks, maps)
+        maps, scores = scored[f"learned/{seeds[0]}"]
+        pooled_labels.append(labels)
+        pooled_scores.append(scores)
+        take = rng.random(masks.shape) < min(1.0, 2_000_000 / max(1, target.masks.shape[0] * masks[0].size))
+        pixel_sample[0].append(masks[take])
+        pixel_sample[1].append(maps[take])
+        overlays[category] = (start, labels, masks, maps)
+
+    def summary(prefix: str) -> dict:
+        names = [n for n in vectors if n.startswith(prefix + "/")]
+        return seed_summary([mean_over_categories(per_category[n]) for n in names])
+
+    learned = summary("learned")
+    result = {
+        **learned,
+        "n_images": int(target.n_images),
+        "n_categories": len(ranges),
+        "backbone": target.attrs["backbone"],
+        "weights_sha256": target.attrs["weights_sha256"],
+        "aux": provenance["dataset"],
+        "target": target.attrs["dataset"],
+        "image_score": cfg.image_score,
+        "seeds": seeds,
+        "controls": {"untrained_init": summary("untrained_init"), "no_sae": summary("no_sae")},
+    }
+    report.write_json(args.out / "metrics.json", result)
+    by_category = {}
+    for category in ranges:
+        runs = [per_category[n][category] for n in vectors if n.startswith("learned/")]
+        entry = seed_summary(runs)
+        reasons = {k: v for r in runs for k, v in r.get("null_reasons", {}).items()}
+        if reasons:
+            entry["null_reasons"] = reasons
+        entry["controls"] = {c: seed_summary([per_category[n][category] for n in vectors if n.startswith(c + "/")])
+                             for c in ("untrained_init", "no_sae")}
+        by_category[category] = entry
+    report.write_json(args.out / "per_category.json", by_category)
+
+    labels, scores = np.concatenate(pooled_labels), np.concatenate(pooled_scores)
+    pix_masks, pix_maps = np.concatenate(pixel_sample[0]), np.concatenate(pixel_sample[1])
+    curves = {"image": metrics.curves(labels, scores, cfg.curve_points),
+              "pixel": metrics.curves(pix_masks, pix_maps, cfg.curve_points)}
+    for level, c in curves.items():
+        for kind in ("roc", "pr"):
+            report.write_csv(args.out / "plots" / f"{level}_{kind}.csv", c[kind])
+    report.plot_roc_pr(args.out / "roc_pr.png", curves, title=f"{result['aux']} → {result['target']}")
+    report.plot_per_category(args.out / "per_category.png", by_category, title=f"{result['aux']} → {result['target']}")
+    for category, (start, labels_c, masks_c, maps_c) in overlays.items():
+        rows = overlay_rows(target, start, labels_c, masks_c, maps_c, cfg.overlays_per_category)
+        # one colour scale per category, from its own maps: raw probabilities can all sit near 0
+        lo, hi = float(maps_c.min()), float(maps_c.max())
+        report.plot_overlays(args.out / "overlays" / f"{category}.png", rows, vmin=lo, vmax=max(hi, lo + 1e-6),
+                             title=f"{category}: image, ground truth, anomaly map (seed {seeds[0]}, "
+                                   f"colours span {lo:.3f}-{hi:.3f})")
+    log.info("%s -> %s: %s", result["aux"], result["target"],
+             ", ".join(f"{k} {learned[k]:.3f}" for k in KEYS if learned[k] is not None))
+    log.info("controls: %s", {c: {k: round(v, 3) for k, v in m.items() if v is not None and not k.endswith("_std")}
+                              for c, m in result["controls"].items()})
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()
