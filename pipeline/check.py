@@ -1,0 +1,64 @@
+"""Verify dataset layouts before a long extraction: counts per category and defect type.
+
+    python -m pipeline.check                 # every dataset in params.yaml
+    python -m pipeline.check mvtec visa      # only these keys of the datasets section
+    python -m pipeline.check --decode mvtec  # also decode every image and mask (finds truncated files)
+
+Stops at the first problem with an error naming the file and the convention expected (the same
+checks the extract stage makes), and exits non-zero. Generated datasets (``synthetic.datasets``)
+must have been generated first (``dvc repro data@synth_a``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from pipeline.config import ConfigError, load_params
+from pipeline.datasets import DatasetError, load_image, load_mask, load_table, summarize
+
+
+def format_summary(name: str, fmt: str, root: str, summary: dict) -> str:
+    """A plain-text table: one line per category with its counts per split and defect type."""
+    lines = [f"{name} ({fmt}, {root}): {summary['n_images']} images, {summary['n_normal']} normal, "
+             f"{summary['n_anomalous']} anomalous, {len(summary['categories'])} categories"]
+    for category in summary["categories"]:
+        entry = summary["per_category"][category]
+        splits = "; ".join(f"{split}: " + ", ".join(f"{d} {n}" for d, n in sorted(defects.items()))
+                           for split, defects in sorted(entry["splits"].items()))
+        lines.append(f"  {category:<16} {entry['n_images']:>5}  {splits}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("datasets", nargs="*", help="keys of the datasets section (default: all)")
+    parser.add_argument("--params", default="params.yaml", type=Path)
+    parser.add_argument("--decode", action="store_true", help="fully decode every image and mask")
+    args = parser.parse_args(argv)
+    try:
+        params = load_params(args.params, ["datasets", "data"])
+        names = args.datasets or list(params.datasets)
+        unknown = [n for n in names if n not in params.datasets]
+        if unknown:
+            raise ConfigError(f"datasets.{unknown[0]}: not in {args.params} (known: {', '.join(params.datasets)})")
+        for name in names:
+            ds = params.datasets[name]
+            samples = load_table(ds.format, Path(ds.root), splits=params.data.splits, categories=ds.categories,
+                                 max_pixels=params.data.max_pixels)
+            if args.decode:
+                for s in tqdm(samples, desc=f"decode {name}", unit="img"):
+                    image = load_image(s.image, params.data.max_pixels)
+                    load_mask(s.mask, image.size)
+            print(format_summary(name, ds.format, ds.root, summarize(samples)), flush=True)
+    except (ConfigError, DatasetError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
