@@ -41,21 +41,24 @@ CHECKED = ("backbone", "weights_sha256", "layer", "image_size")
 def no_sae_guides(aux: store.FeatureStore, device: torch.device) -> torch.Tensor:
     """(4, d) guide vectors from auxiliary means, in guides.ROWS order (the no-SAE control).
 
-    A patch is normal when none of its pixels is anomalous and anomalous when more than half are.
+    Normal patches are those with no anomalous pixel; the anomalous mean weights every patch by the
+    fraction of its pixels that are anomalous (small defects rarely cover half a patch, and a hard
+    threshold would leave the mean undefined on sets of small defects).
     """
     grid = tuple(aux.attrs["grid"])
     d = aux.tokens.shape[-1]
     sums = {name: torch.zeros(d, dtype=torch.float64) for name in ("pn", "pa", "cn", "ca")}
-    counts = dict.fromkeys(sums, 0)
+    counts = dict.fromkeys(sums, 0.0)
     for chunk in range(aux.n_chunks):
         a = aux.read(chunk, ("tokens", "cls", "masks", "labels"))
         tokens = torch.from_numpy(a["tokens"].astype(np.float32)).reshape(-1, d)
         cover = F.adaptive_avg_pool2d(torch.from_numpy(a["masks"]).float()[:, None], grid).reshape(-1)
         cls = torch.from_numpy(a["cls"].astype(np.float32))
         labels = torch.from_numpy(a["labels"].astype(bool))
-        for key, rows in (("pn", tokens[cover == 0]), ("pa", tokens[cover > 0.5]), ("cn", cls[~labels]), ("ca", cls[labels])):
-            sums[key] += rows.sum(0, dtype=torch.float64)
-            counts[key] += len(rows)
+        weights = {"pn": (cover == 0).float(), "pa": cover, "cn": (~labels).float(), "ca": labels.float()}
+        for key, rows in (("pn", tokens), ("pa", tokens), ("cn", cls), ("ca", cls)):
+            sums[key] += (weights[key][:, None].double() * rows.double()).sum(0)
+            counts[key] += float(weights[key].sum())
     empty = [k for k, n in counts.items() if n == 0]
     if empty:
         raise ValueError(f"{aux.path}: no {', '.join(empty)} samples for the no-SAE control "
