@@ -48,7 +48,7 @@ def plot_curves(path: str | Path, rows: Sequence[Mapping], x: str, ys: Sequence[
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_roc_pr(path: str | Path, curves: Mapping[str, Mapping[str, Sequence[Mapping]]], title: str) -> None:
@@ -65,7 +65,7 @@ def plot_roc_pr(path: str | Path, curves: Mapping[str, Mapping[str, Sequence[Map
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_per_category(path: str | Path, by_category: Mapping[str, Mapping], title: str,
@@ -89,7 +89,7 @@ def plot_per_category(path: str | Path, by_category: Mapping[str, Mapping], titl
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize="small", loc="lower right")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_overlays(path: str | Path, rows: Sequence[tuple], title: str, vmin: float = 0.0, vmax: float = 1.0) -> None:
@@ -112,10 +112,11 @@ def plot_overlays(path: str | Path, rows: Sequence[tuple], title: str, vmin: flo
             ax.set_axis_off()
     fig.suptitle(title)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
-def _save(fig, path: str | Path) -> None:
+def save_figure(fig, path: str | Path) -> None:
+    """Write a matplotlib figure as PNG (making its folder) and free it."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)

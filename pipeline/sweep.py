@@ -1,0 +1,137 @@
+"""Sensitivity heatmaps of a sweep: `dvc exp show --json` -> CSV + PNG per run.
+
+    dvc exp run --queue -S 'sae.n_latents=2048,4096' -S 'sae.k=16,32'   # 4 cells
+    dvc queue start -j 2 && dvc queue status                             # wait until all are done
+    python -m pipeline.sweep --out reports/sweep                         # runs `dvc exp show --json`
+    python -m pipeline.sweep --json exp.json --out reports/sweep          # or from a saved file
+
+For every run (``reports/<run>/metrics.json``) it writes ``<out>/<run>.csv`` (one row per
+experiment: its name, the two swept params, image and pixel AUROC) and ``<out>/<run>.png`` (two
+heatmaps, cells annotated). Several experiments in one cell (a repeated run) are averaged and
+counted in the CSV.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from pipeline import report
+
+METRICS = ("image_auroc", "pixel_auroc")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def experiments(states: list[dict]) -> Iterator[dict]:
+    """Flatten `dvc exp show --json` (ExpState trees) into {name, rev, params, metrics} per experiment.
+
+    ``params`` are dotted keys of params.yaml; ``metrics`` maps a metrics file path to its content.
+    The baseline (workspace and commits) is included; states that failed or hold no data are skipped.
+    """
+    for state in states:
+        data = state.get("data")
+        if data and not state.get("error"):
+            params = (data.get("params") or {}).get("params.yaml", {}).get("data") or {}
+            metrics = {path: r.get("data") for path, r in (data.get("metrics") or {}).items() if r.get("data")}
+            yield {"name": state.get("name") or state["rev"][:7], "rev": state["rev"],
+                   "params": _flatten(params), "metrics": metrics}
+        for exp_range in state.get("experiments") or []:
+            yield from experiments(exp_range.get("revs") or [])
+
+
+def table(exps: list[dict], x: str, y: str) -> dict[str, list[dict]]:
+    """run name -> rows {experiment, x, y, image_auroc, pixel_auroc} (one per experiment having both)."""
+    runs: dict[str, list[dict]] = defaultdict(list)
+    seen = set()
+    for e in exps:
+        if e["rev"] in seen or x not in e["params"] or y not in e["params"]:
+            continue
+        seen.add(e["rev"])
+        for path, m in e["metrics"].items():
+            parts = Path(path).parts
+            if len(parts) == 3 and parts[0] == "reports" and parts[2] == "metrics.json":
+                runs[parts[1]].append({"experiment": e["name"], x: e["params"][x], y: e["params"][y],
+                                       **{k: m.get(k) for k in METRICS}})
+    return dict(runs)
+
+
+def heatmap_grid(rows: list[dict], x: str, y: str, metric: str) -> tuple[list, list, np.ndarray, np.ndarray]:
+    """(x values, y values, mean (len y, len x) with NaN where empty, count per cell)."""
+    xs = sorted({r[x] for r in rows})
+    ys = sorted({r[y] for r in rows})
+    total = np.zeros((len(ys), len(xs)))
+    count = np.zeros((len(ys), len(xs)), dtype=int)
+    for r in rows:
+        if r[metric] is not None:
+            i, j = ys.index(r[y]), xs.index(r[x])
+            total[i, j] += r[metric]
+            count[i, j] += 1
+    with np.errstate(invalid="ignore"):
+        return xs, ys, np.where(count > 0, total / np.maximum(count, 1), np.nan), count
+
+
+def plot(path: Path, rows: list[dict], x: str, y: str, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(5.2 * len(METRICS), 4.2), dpi=110, squeeze=False)
+    for ax, metric in zip(axes[0], METRICS):
+        xs, ys, grid, _ = heatmap_grid(rows, x, y, metric)
+        im = ax.imshow(grid, cmap="viridis", origin="lower", aspect="auto")
+        ax.set_xticks(range(len(xs)), xs)
+        ax.set_yticks(range(len(ys)), ys)
+        ax.set(xlabel=x, ylabel=y, title=metric)
+        for i in range(len(ys)):
+            for j in range(len(xs)):
+                if not np.isnan(grid[i, j]):
+                    ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", color="white", fontsize=9)
+        fig.colorbar(im, ax=ax)
+    fig.suptitle(title)
+    fig.tight_layout()
+    report.save_figure(fig, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", type=Path, help="saved `dvc exp show --json` output (default: run it)")
+    parser.add_argument("--out", type=Path, default=Path("reports/sweep"))
+    parser.add_argument("--x", default="sae.k", help="param on the x axis")
+    parser.add_argument("--y", default="sae.n_latents", help="param on the y axis")
+    args = parser.parse_args(argv)
+    if args.json:
+        states = json.loads(args.json.read_text())
+    else:
+        shown = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], capture_output=True, text=True)
+        if shown.returncode != 0:
+            print(f"error: dvc exp show failed: {shown.stderr.strip()}", file=sys.stderr)
+            return 1
+        states = json.loads(shown.stdout)
+    runs = table(list(experiments(states)), args.x, args.y)
+    if not runs:
+        print(f"error: no experiment has {args.x}, {args.y} and a reports/<run>/metrics.json", file=sys.stderr)
+        return 1
+    for run, rows in sorted(runs.items()):
+        report.write_csv(args.out / f"{run}.csv", rows)
+        plot(args.out / f"{run}.png", rows, args.x, args.y, f"{run}: sensitivity to {args.y} x {args.x}")
+        print(f"{run}: {len(rows)} experiments -> {args.out / run}.csv, .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+import json
+
+import numpy as np
+
+from pipeline import sweep
+
+
+def state(rev, name, n_latents, k, image, pixel, experiments=None):
+    return {
+        "rev": rev, "name": name, "error": None, "experiments": experiments,
+        "data": {"rev": rev, "params": {"params.yaml": {"data": {"sae": {"n_latents": n_latents, "k": k}}}},
+                 "metrics": {"reports/a_to_b/metrics.json": {"data": {"image_auroc": image, "pixel_auroc": pixel}},
+                             "reports/a/sae.json": {"data": {"fvu": 0.1}}}},
+    }
+
+
+EXP_SHOW = [
+    state("workspace", None, 2048, 32, 0.70, 0.90),
+    state("abc1234", "main", 2048, 32, 0.70, 0.90, experiments=[
+        {"executor": None, "name": None, "revs": [state("e1", "exp-1", 2048, 16, 0.60, 0.80)]},
+        {"executor": None, "name": None, "revs": [state("e2", "exp-2", 4096, 16, 0.50, 0.70)]},
+        {"executor": None, "name": None, "revs": [state("e3", "exp-3", 4096, 32, 0.40, 0.60)]},
+        {"executor": None, "name": None, "revs": [state("e4", "exp-4", 4096, 32, 0.60, 0.80)]},
+    ]),
+]
+
+
+def test_grid_from_exp_show(tmp_path):
+    rows = sweep.table(list(sweep.experiments(EXP_SHOW)), "sae.k", "sae.n_latents")["a_to_b"]
+    assert len(rows) == 6  # workspace, baseline commit and four experiments
+    xs, ys, grid, count = sweep.heatmap_grid(rows, "sae.k", "sae.n_latents", "pixel_auroc")
+    assert xs == [16, 32] and ys == [2048, 4096]
+    # (2048, 32): workspace and main agree at 0.90; (4096, 32): mean of 0.60 and 0.80
+    np.testing.assert_allclose(grid, [[0.80, 0.90], [0.70, 0.70]])
+    assert count.tolist() == [[1, 2], [1, 2]]
+
+
+def test_command_writes_csv_and_png(tmp_path, capsys):
+    (tmp_path / "exp.json").write_text(json.dumps(EXP_SHOW))
+    assert sweep.main(["--json", str(tmp_path / "exp.json"), "--out", str(tmp_path / "sweep")]) == 0
+    csv_rows = (tmp_path / "sweep" / "a_to_b.csv").read_text().splitlines()
+    assert csv_rows[0] == "experiment,sae.k,sae.n_latents,image_auroc,pixel_auroc" and len(csv_rows) == 7
+    assert (tmp_path / "sweep" / "a_to_b.png").stat().st_size > 1000
+
+
+def test_no_matching_experiment_is_an_error(tmp_path, capsys):
+    (tmp_path / "exp.json").write_text(json.dumps(EXP_SHOW))
+    assert sweep.main(["--json", str(tmp_path / "exp.json"), "--x", "guides.lr"]) == 1
+    assert "guides.lr" in capsys.readouterr().err
