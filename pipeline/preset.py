@@ -1,0 +1,67 @@
+"""Apply a preset (a partial params file) to params.yaml, keeping its comments.
+
+    python -m pipeline.preset configs/paper.yaml        # then: dvc repro, or dvc exp run -n paper
+    python -m pipeline.preset configs/paper.yaml --dry-run
+
+The mapping sections ``datasets`` and ``runs`` and the list ``synthetic.datasets`` are replaced
+whole (they define which stages exist); every other section is merged key by key. The result is
+validated with :mod:`pipeline.config` before anything is written, so a bad preset changes nothing.
+Undo with ``git checkout params.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+from ruamel.yaml import YAML  # round-trip YAML: params.yaml keeps its comments (ruamel comes with dvc)
+
+from pipeline.config import ConfigError, parse
+
+REPLACED = ("datasets", "runs")
+
+
+def merge(base: Any, preset: Mapping[str, Any]) -> Any:
+    """``base`` (a round-trip mapping) updated in place by ``preset`` per the rules above."""
+    for section, value in preset.items():
+        if section in REPLACED or not isinstance(value, Mapping) or section not in base:
+            base[section] = value
+            continue
+        for key, item in value.items():
+            base[section][key] = item
+    return base
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("preset", type=Path, help="a partial params file, e.g. configs/paper.yaml")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--dry-run", action="store_true", help="print the result instead of writing it")
+    args = parser.parse_args(argv)
+    rt = YAML()
+    rt.preserve_quotes = True
+    rt.width = 110
+    base = rt.load(args.params.read_text())
+    preset = yaml.safe_load(args.preset.read_text()) or {}
+    merged = merge(base, preset)
+    out = io.StringIO()
+    rt.dump(merged, out)
+    try:
+        parse(yaml.safe_load(out.getvalue()))
+    except ConfigError as err:
+        print(f"error: {args.preset} would make {args.params} invalid: {err}", file=sys.stderr)
+        return 1
+    if args.dry_run:
+        print(out.getvalue(), end="")
+    else:
+        args.params.write_text(out.getvalue())
+        print(f"{args.params}: applied {args.preset} ({', '.join(preset)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+import shutil
+from pathlib import Path
+
+from pipeline import preset
+from pipeline.config import load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_paper_preset_replaces_datasets_and_merges_sections(tmp_path):
+    params = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params)
+    assert preset.main([str(ROOT / "configs" / "paper.yaml"), "--params", str(params)]) == 0
+    p = load_params(params)
+    assert set(p.datasets) == {"mvtec_ad", "visa"} and p.datasets["visa"].format == "visa"
+    assert set(p.runs) == {"visa_to_mvtec_ad", "mvtec_ad_to_visa"} and p.synthetic.datasets == ()
+    assert (p.backbone.name, p.backbone.layer, p.backbone.image_size) == ("dinov3_vitl16", 24, 448)
+    assert (p.sae.n_latents, p.sae.k, p.sae.epochs, p.sae.dead_tokens) == (4096, 32, 50, 10_000_000)
+    assert (p.guides.epochs, p.guides.ema_decay) == (15, 0.999)
+    assert p.sae.lr == 1e-3 and p.evaluate.blur_sigma == 4.0  # untouched keys are kept
+    assert "# Parameters of every stage" in params.read_text()  # comments survive
+
+
+def test_bad_preset_changes_nothing(tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params)
+    before = params.read_text()
+    (tmp_path / "bad.yaml").write_text("sae:\n  n_latent: 4096\n")
+    assert preset.main([str(tmp_path / "bad.yaml"), "--params", str(params)]) == 1
+    assert "sae.n_latent" in capsys.readouterr().err and params.read_text() == before
+
+
+def test_mvtec_visa_preset_is_valid(tmp_path):
+    params = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params)
+    assert preset.main([str(ROOT / "configs" / "mvtec_visa.yaml"), "--params", str(params)]) == 0
+    assert load_params(params).backbone.name == "dinov2_vits14"
