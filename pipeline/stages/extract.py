@@ -14,7 +14,6 @@ A killed run re-run with the same config resumes from the last complete chunk (t
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -29,14 +28,6 @@ from pipeline.runtime import DistInfo, resolve_device
 from pipeline.stages import setup_logging
 
 log = logging.getLogger("pipeline.stages.extract")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -57,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     record = json.loads(record_path.read_text())
     if record.get("backbone") != bcfg.name:
         raise SystemExit(f"{record_path}: weights are for {record.get('backbone')!r} but backbone.name is {bcfg.name!r}")
-    digest = sha256_file(args.weights)
+    digest = backbones.sha256_file(args.weights)
     if digest != record["sha256"]:
         raise SystemExit(f"{args.weights}: sha256 {digest} differs from {record_path} ({record['sha256']}); "
                          "re-run the weights stage")
