@@ -50,7 +50,8 @@ def experiments(states: list[dict]) -> Iterator[dict]:
         if data and not state.get("error"):
             params = (data.get("params") or {}).get("params.yaml", {}).get("data") or {}
             metrics = {path: r.get("data") for path, r in (data.get("metrics") or {}).items() if r.get("data")}
-            yield {"name": state.get("name") or state["rev"][:7], "rev": state["rev"],
+            name = state.get("name") or (state["rev"] if state["rev"] == "workspace" else state["rev"][:7])
+            yield {"name": name, "rev": state["rev"],
                    "params": _flatten(params), "metrics": metrics}
         for exp_range in state.get("experiments") or []:
             yield from experiments(exp_range.get("revs") or [])
