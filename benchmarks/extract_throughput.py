@@ -42,8 +42,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         per_cat = max(1, args.images // 3)
+        good = max(1, per_cat // 3)
         synthetic.generate(tmp / "data", "synth_a", seed=0, image_size=256, train_good=1,
-                           test_good=per_cat // 3, test_anomalous=per_cat - per_cat // 3)
+                           test_good=good, test_anomalous=max(1, per_cat - good))
         samples = datasets.load_table("mvtec", tmp / "data")[: args.images]
         n = len(samples)
         batch = torch.stack([transform(datasets.load_image(s.image)) for s in samples])
