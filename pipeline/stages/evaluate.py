@@ -174,7 +174,6 @@ def main(argv: list[str] | None = None) -> None:
     per_category: dict[str, dict[str, dict]] = {name: {} for name in vectors}
     pooled_labels, pooled_scores, pixel_sample = [], [], ([], [])
     rng = np.random.default_rng(0)
-    overlays: dict[str, tuple] = {}
     ranges = category_ranges(target)
     for category, (start, stop) in tqdm(ranges.items(), desc="evaluate", unit="category"):
         labels = target.labels[start:stop].astype(np.int64)
@@ -188,7 +187,13 @@ def main(argv: list[str] | None = None) -> None:
         take = rng.random(masks.shape) < min(1.0, 2_000_000 / max(1, target.masks.shape[0] * masks[0].size))
         pixel_sample[0].append(masks[take])
         pixel_sample[1].append(maps[take])
-        overlays[category] = (start, labels, masks, maps)
+        # plotted here so that no category's maps outlive its turn (all of them would not fit on MVTec at 448 px)
+        rows = overlay_rows(target, start, labels, masks, maps, cfg.overlays_per_category)
+        # one colour scale per category, from its own maps: raw probabilities can all sit near 0
+        lo, hi = float(maps.min()), float(maps.max())
+        report.plot_overlays(args.out / "overlays" / f"{category}.png", rows, vmin=lo, vmax=max(hi, lo + 1e-6),
+                             title=f"{category}: image, ground truth, anomaly map (seed {seeds[0]}, "
+                                   f"colours span {lo:.3f}-{hi:.3f})")
 
     def summary(prefix: str) -> dict:
         names = [n for n in vectors if n.startswith(prefix + "/")]
@@ -229,13 +234,6 @@ def main(argv: list[str] | None = None) -> None:
             report.write_csv(args.out / "plots" / f"{level}_{kind}.csv", c[kind])
     report.plot_roc_pr(args.out / "roc_pr.png", curves, title=f"{result['aux']} → {result['target']}")
     report.plot_per_category(args.out / "per_category.png", by_category, title=f"{result['aux']} → {result['target']}")
-    for category, (start, labels_c, masks_c, maps_c) in overlays.items():
-        rows = overlay_rows(target, start, labels_c, masks_c, maps_c, cfg.overlays_per_category)
-        # one colour scale per category, from its own maps: raw probabilities can all sit near 0
-        lo, hi = float(maps_c.min()), float(maps_c.max())
-        report.plot_overlays(args.out / "overlays" / f"{category}.png", rows, vmin=lo, vmax=max(hi, lo + 1e-6),
-                             title=f"{category}: image, ground truth, anomaly map (seed {seeds[0]}, "
-                                   f"colours span {lo:.3f}-{hi:.3f})")
     log.info("%s -> %s: %s", result["aux"], result["target"],
              ", ".join(f"{k} {learned[k]:.3f}" for k in KEYS if learned[k] is not None))
     log.info("controls: %s", {c: {k: round(v, 3) for k, v in m.items() if v is not None and not k.endswith("_std")}
