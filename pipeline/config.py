@@ -28,6 +28,16 @@ def _fail(key: str, message: str) -> typing.NoReturn:
     raise ConfigError(f"{key}: {message}")
 
 
+def _check_device(device: str) -> None:
+    if device not in ("auto", "cpu", "cuda"):
+        _fail("device", f"{device!r} is not one of auto, cpu, cuda")
+
+
+def _check_betas(betas: tuple[float, ...]) -> None:
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        _fail("betas", f"must be two numbers in [0, 1), got {list(betas)}")
+
+
 @dataclass(frozen=True)
 class DatasetConfig:
     """One dataset the pipeline can extract features from (a key of the ``datasets`` section)."""
@@ -132,8 +142,7 @@ class ExtractConfig:
             _fail("chunk_images", f"must be >= 1, got {self.chunk_images}")
         if self.num_workers < 0:
             _fail("num_workers", f"must be >= 0, got {self.num_workers}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            _fail("device", f"{self.device!r} is not one of auto, cpu, cuda")
+        _check_device(self.device)
 
 
 @dataclass(frozen=True)
@@ -182,13 +191,11 @@ class SAEConfig:
             _fail("dead_tokens", f"must be >= 1, got {self.dead_tokens}")
         if not self.lr > 0:
             _fail("lr", f"must be > 0, got {self.lr}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            _fail("betas", f"must be two numbers in [0, 1), got {list(self.betas)}")
+        _check_betas(self.betas)
         for name in ("batch_images", "epochs", "buffer_tokens"):
             if getattr(self, name) < 1:
                 _fail(name, f"must be >= 1, got {getattr(self, name)}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            _fail("device", f"{self.device!r} is not one of auto, cpu, cuda")
+        _check_device(self.device)
 
 
 @dataclass(frozen=True)
@@ -238,8 +245,7 @@ class GuidesConfig:
                 _fail(name, f"must be > 0, got {getattr(self, name)}")
         if self.focal_gamma < 0:
             _fail("focal_gamma", f"must be >= 0, got {self.focal_gamma}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            _fail("betas", f"must be two numbers in [0, 1), got {list(self.betas)}")
+        _check_betas(self.betas)
         for name in ("batch_images", "epochs"):
             if getattr(self, name) < 1:
                 _fail(name, f"must be >= 1, got {getattr(self, name)}")
@@ -247,8 +253,7 @@ class GuidesConfig:
             _fail("ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             _fail("seeds", f"must be a non-empty list of distinct seeds, got {list(self.seeds)}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            _fail("device", f"{self.device!r} is not one of auto, cpu, cuda")
+        _check_device(self.device)
 
 
 @dataclass(frozen=True)
@@ -301,8 +306,7 @@ class EvaluateConfig:
             _fail("curve_points", f"must be >= 2, got {self.curve_points}")
         if self.overlays_per_category < 0:
             _fail("overlays_per_category", f"must be >= 0, got {self.overlays_per_category}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            _fail("device", f"{self.device!r} is not one of auto, cpu, cuda")
+        _check_device(self.device)
 
 
 SECTIONS: dict[str, type] = {
