@@ -4,8 +4,11 @@
     dvc queue start -j 2 && dvc queue status                             # wait until all are done
     python -m pipeline.sweep --out reports/sweep                         # runs `dvc exp show --json`
     python -m pipeline.sweep --json exp.json --out reports/sweep          # or from a saved file
+    python -m pipeline.sweep --x backbone.layer --y backbone.image_size   # any two params
 
-For every run (``reports/<run>/metrics.json``) it writes ``<out>/<run>.csv`` (one row per
+Only experiments whose params other than the two swept ones equal the workspace's are used (``--all``
+keeps every one), so another sweep or an unrelated experiment never lands in a cell. For every run
+(``reports/<run>/metrics.json``) it writes ``<out>/<run>.csv`` (one row per
 experiment: its name, the two swept params, image and pixel AUROC) and ``<out>/<run>.png`` (two
 heatmaps, cells annotated). Several experiments in one cell (a repeated run) are averaged and
 counted in the CSV.
@@ -57,20 +60,34 @@ def experiments(states: list[dict]) -> Iterator[dict]:
             yield from experiments(exp_range.get("revs") or [])
 
 
-def table(exps: list[dict], x: str, y: str) -> dict[str, list[dict]]:
-    """run name -> rows {experiment, x, y, image_auroc, pixel_auroc} (one per experiment having both)."""
+def table(exps: list[dict], x: str, y: str, baseline: dict[str, Any] | None = None
+          ) -> tuple[dict[str, list[dict]], list[tuple[str, str]]]:
+    """(run name -> rows {experiment, x, y, image_auroc, pixel_auroc}, left out).
+
+    One row per experiment having both params. With ``baseline`` (flattened params), an experiment
+    whose params other than ``x`` and ``y`` differ from it is left out, so a cell never mixes in an
+    unrelated experiment (another sweep, another backbone); ``left out`` lists (name, first differing
+    key) of those.
+    """
     runs: dict[str, list[dict]] = defaultdict(list)
+    left_out: list[tuple[str, str]] = []
     seen = set()
     for e in exps:
         if e["rev"] in seen or x not in e["params"] or y not in e["params"]:
             continue
         seen.add(e["rev"])
+        if baseline is not None:
+            differing = sorted(k for k in set(baseline) | set(e["params"])
+                               if k not in (x, y) and e["params"].get(k) != baseline.get(k))
+            if differing:
+                left_out.append((e["name"], differing[0]))
+                continue
         for path, m in e["metrics"].items():
             parts = Path(path).parts
             if len(parts) == 3 and parts[0] == "reports" and parts[2] == "metrics.json":
                 runs[parts[1]].append({"experiment": e["name"], x: e["params"][x], y: e["params"][y],
                                        **{k: m.get(k) for k in METRICS}})
-    return dict(runs)
+    return dict(runs), left_out
 
 
 def heatmap_grid(rows: list[dict], x: str, y: str, metric: str) -> tuple[list, list, np.ndarray, np.ndarray]:
@@ -114,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("reports/sweep"))
     parser.add_argument("--x", default="sae.k", help="param on the x axis")
     parser.add_argument("--y", default="sae.n_latents", help="param on the y axis")
+    parser.add_argument("--all", action="store_true",
+                        help="keep experiments whose other params differ from the workspace's (default: leave them out)")
     args = parser.parse_args(argv)
     if args.json:
         states = json.loads(args.json.read_text())
@@ -123,7 +142,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: dvc exp show failed: {shown.stderr.strip()}", file=sys.stderr)
             return 1
         states = json.loads(shown.stdout)
-    runs = table(list(experiments(states)), args.x, args.y)
+    exps = list(experiments(states))
+    workspace = next((e["params"] for e in exps if e["rev"] == "workspace"), None)
+    runs, left_out = table(exps, args.x, args.y, None if args.all else workspace)
+    if left_out:
+        print(f"left out {len(left_out)} experiment(s) whose other params differ from the workspace's "
+              f"(--all keeps them): " + ", ".join(f"{n} ({k})" for n, k in left_out))
     if not runs:
         print(f"error: no experiment has {args.x}, {args.y} and a reports/<run>/metrics.json", file=sys.stderr)
         return 1
