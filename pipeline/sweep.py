@@ -5,13 +5,14 @@
     python -m pipeline.sweep --out reports/sweep                         # runs `dvc exp show --json`
     python -m pipeline.sweep --json exp.json --out reports/sweep          # or from a saved file
     python -m pipeline.sweep --x backbone.layer --y backbone.image_size   # any two params
+    python -m pipeline.sweep -A ...                                       # experiments of older commits too
 
 Only experiments whose params other than the two swept ones equal the workspace's are used (``--all``
 keeps every one), so another sweep or an unrelated experiment never lands in a cell. For every run
 (``reports/<run>/metrics.json``) it writes ``<out>/<run>.csv`` (one row per
 experiment: its name, the two swept params, image and pixel AUROC) and ``<out>/<run>.png`` (two
-heatmaps, cells annotated). Several experiments in one cell (a repeated run) are averaged and
-counted in the CSV.
+heatmaps, cells annotated). Several experiments with different results in one cell are averaged and
+listed in the CSV; one result seen under several revisions counts once.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def experiments(states: list[dict]) -> Iterator[dict]:
     """Flatten `dvc exp show --json` (ExpState trees) into {name, rev, params, metrics} per experiment.
 
     ``params`` are dotted keys of params.yaml; ``metrics`` maps a metrics file path to its content.
-    The baseline (workspace and commits) is included; states that failed or hold no data are skipped.
+    The baseline (workspace and commits) is included; states that failed or hold no data, and
+    experiments still queued or running, are skipped.
     """
     for state in states:
         data = state.get("data")
@@ -57,6 +59,9 @@ def experiments(states: list[dict]) -> Iterator[dict]:
             yield {"name": name, "rev": state["rev"],
                    "params": _flatten(params), "metrics": metrics}
         for exp_range in state.get("experiments") or []:
+            executor = exp_range.get("executor") or {}
+            if executor.get("state") in ("queued", "running", "failed"):
+                continue  # a running experiment shows its base commit's metrics until it finishes
             yield from experiments(exp_range.get("revs") or [])
 
 
@@ -64,7 +69,8 @@ def table(exps: list[dict], x: str, y: str, baseline: dict[str, Any] | None = No
           ) -> tuple[dict[str, list[dict]], list[tuple[str, str]]]:
     """(run name -> rows {experiment, x, y, image_auroc, pixel_auroc}, left out).
 
-    One row per experiment having both params. With ``baseline`` (flattened params), an experiment
+    One row per experiment having both params; a result seen again (same run, cell and metrics: the
+    workspace and its commit, or every commit of ``dvc exp show -A`` that carries it) counts once. With ``baseline`` (flattened params), an experiment
     whose params other than ``x`` and ``y`` differ from it is left out, so a cell never mixes in an
     unrelated experiment (another sweep, another backbone); ``left out`` lists (name, first differing
     key) of those.
@@ -85,8 +91,11 @@ def table(exps: list[dict], x: str, y: str, baseline: dict[str, Any] | None = No
         for path, m in e["metrics"].items():
             parts = Path(path).parts
             if len(parts) == 3 and parts[0] == "reports" and parts[2] == "metrics.json":
-                runs[parts[1]].append({"experiment": e["name"], x: e["params"][x], y: e["params"][y],
-                                       **{k: m.get(k) for k in METRICS}})
+                row = {"experiment": e["name"], x: e["params"][x], y: e["params"][y], **{k: m.get(k) for k in METRICS}}
+                key = (parts[1], *(repr(v) for k, v in row.items() if k != "experiment"))
+                if key not in seen:  # the same result seen again (workspace, its commit, an applied experiment)
+                    seen.add(key)
+                    runs[parts[1]].append(row)
     return dict(runs), left_out
 
 
@@ -131,13 +140,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("reports/sweep"))
     parser.add_argument("--x", default="sae.k", help="param on the x axis")
     parser.add_argument("--y", default="sae.n_latents", help="param on the y axis")
+    parser.add_argument("--all-commits", "-A", action="store_true",
+                        help="experiments of every commit (`dvc exp show -A`), not only those based on HEAD")
     parser.add_argument("--all", action="store_true",
                         help="keep experiments whose other params differ from the workspace's (default: leave them out)")
     args = parser.parse_args(argv)
     if args.json:
         states = json.loads(args.json.read_text())
     else:
-        shown = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], capture_output=True, text=True)
+        cmd = [sys.executable, "-m", "dvc", "exp", "show", "--json"] + (["-A"] if args.all_commits else [])
+        shown = subprocess.run(cmd, capture_output=True, text=True)
         if shown.returncode != 0:
             print(f"error: dvc exp show failed: {shown.stderr.strip()}", file=sys.stderr)
             return 1

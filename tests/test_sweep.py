@@ -24,6 +24,8 @@ EXP_SHOW = [
         {"executor": None, "name": None, "revs": [state("e4", "exp-4", 4096, 32, 0.60, 0.80)]},
         # another experiment on another layer: not part of the sae grid
         {"executor": None, "name": None, "revs": [state("e5", "layer-9", 4096, 16, 0.99, 0.99, layer=9)]},
+        # still running: dvc shows the base commit's metrics for it, which must not count
+        {"executor": {"state": "running"}, "name": "busy", "revs": [state("e6", "busy", 2048, 16, 0.70, 0.90)]},
     ]),
 ]
 
@@ -32,16 +34,16 @@ def test_grid_from_exp_show(tmp_path):
     exps = list(sweep.experiments(EXP_SHOW))
     runs, left_out = sweep.table(exps, "sae.k", "sae.n_latents", baseline=exps[0]["params"])
     rows = runs["a_to_b"]
-    assert len(rows) == 6  # workspace, baseline commit and four experiments
+    assert len(rows) == 5  # workspace (its commit, main, has the same result: once) and four experiments
     assert left_out == [("layer-9", "backbone.layer")]
     xs, ys, grid, count = sweep.heatmap_grid(rows, "sae.k", "sae.n_latents", "pixel_auroc")
     assert xs == [16, 32] and ys == [2048, 4096]
-    # (2048, 32): workspace and main agree at 0.90; (4096, 32): mean of 0.60 and 0.80
+    # (2048, 32): workspace = main, 0.90; (4096, 32): mean of 0.60 and 0.80
     np.testing.assert_allclose(grid, [[0.80, 0.90], [0.70, 0.70]])
-    assert count.tolist() == [[1, 2], [1, 2]]
+    assert count.tolist() == [[1, 1], [1, 2]]
     # without a baseline every experiment counts: (4096, 16) becomes the mean of 0.70 and 0.99
     everything, none_left = sweep.table(exps, "sae.k", "sae.n_latents")
-    assert none_left == [] and len(everything["a_to_b"]) == 7
+    assert none_left == [] and len(everything["a_to_b"]) == 6
     np.testing.assert_allclose(sweep.heatmap_grid(everything["a_to_b"], "sae.k", "sae.n_latents", "pixel_auroc")[2][1, 0],
                                (0.70 + 0.99) / 2)
 
@@ -50,11 +52,11 @@ def test_command_writes_csv_and_png(tmp_path, capsys):
     (tmp_path / "exp.json").write_text(json.dumps(EXP_SHOW))
     assert sweep.main(["--json", str(tmp_path / "exp.json"), "--out", str(tmp_path / "sweep")]) == 0
     csv_rows = (tmp_path / "sweep" / "a_to_b.csv").read_text().splitlines()
-    assert csv_rows[0] == "experiment,sae.k,sae.n_latents,image_auroc,pixel_auroc" and len(csv_rows) == 7
+    assert csv_rows[0] == "experiment,sae.k,sae.n_latents,image_auroc,pixel_auroc" and len(csv_rows) == 6
     assert (tmp_path / "sweep" / "a_to_b.png").stat().st_size > 1000
     assert "left out 1 experiment(s)" in capsys.readouterr().out
     assert sweep.main(["--json", str(tmp_path / "exp.json"), "--out", str(tmp_path / "all"), "--all"]) == 0
-    assert len((tmp_path / "all" / "a_to_b.csv").read_text().splitlines()) == 8
+    assert len((tmp_path / "all" / "a_to_b.csv").read_text().splitlines()) == 7
 
 
 def test_no_matching_experiment_is_an_error(tmp_path, capsys):
