@@ -1,4 +1,4 @@
-"""Synthetic feature stores shared by the SAE benchmarks (imported from the benchmark scripts' folder)."""
+"""Synthetic feature stores shared by the benchmarks (imported from the benchmark scripts' folder)."""
 
 from __future__ import annotations
 
@@ -9,19 +9,31 @@ import numpy as np
 from pipeline import store
 
 
-def build_store(path: Path, n_images: int, n_tokens: int, dim: int, chunk_images: int, seed: int) -> None:
-    """A complete synthetic store: tokens (n_images, n_tokens, dim) float16 ~ N(mu, 1)."""
+def build_store(path: Path, n_images: int, n_tokens: int, dim: int, chunk_images: int, seed: int,
+                mask_size: int = 8, anomalous_fraction: float = 0.0) -> None:
+    """A complete synthetic store: tokens (n_images, n_tokens, dim) float16 ~ N(mu, 1).
+
+    ``anomalous_fraction`` of the images are labelled anomalous, each with one random rectangle
+    (1/16 to 1/4 of the side) set in its ``mask_size`` x ``mask_size`` mask, as the guide loss needs.
+    """
     rng = np.random.default_rng(seed)
     mu = rng.normal(0.0, 2.0, size=dim).astype(np.float32)
-    layout = store.StoreLayout(n_images, n_tokens, dim, mask_size=8, chunk_images=chunk_images)
+    layout = store.StoreLayout(n_images, n_tokens, dim, mask_size=mask_size, chunk_images=chunk_images)
+    side = int(round(np.sqrt(n_tokens)))
     attrs = {"dataset": "bench", "backbone": "none", "weights_sha256": "none", "layer": -1,
-             "image_size": 0, "grid": [16, n_tokens // 16]}
+             "image_size": mask_size, "grid": [side, n_tokens // side]}
     group, pending = store.prepare(path, layout, attrs)
     for chunk in pending:
         start, stop = layout.chunk_range(chunk)
         n = stop - start
         tokens = (mu + rng.standard_normal((n, n_tokens, dim), dtype=np.float32)).astype(np.float16)
+        labels = (rng.random(n) < anomalous_fraction).astype(np.uint8)
+        masks = np.zeros((n, mask_size, mask_size), np.uint8)
+        for i in np.flatnonzero(labels):
+            h, w = rng.integers(max(1, mask_size // 16), max(2, mask_size // 4) + 1, size=2)
+            y, x = rng.integers(0, mask_size - h + 1), rng.integers(0, mask_size - w + 1)
+            masks[i, y : y + h, x : x + w] = 1
         store.write_chunk(group, layout, chunk, {
-            "tokens": tokens, "cls": tokens.mean(axis=1), "masks": np.zeros((n, 8, 8), np.uint8),
-            "labels": np.zeros(n, np.uint8), "category": np.zeros(n, np.int16), "defect": np.zeros(n, np.int16)})
+            "tokens": tokens, "cls": tokens.mean(axis=1), "masks": masks,
+            "labels": labels, "category": np.zeros(n, np.int16), "defect": np.zeros(n, np.int16)})
     store.finalize(group, path)

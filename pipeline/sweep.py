@@ -10,7 +10,8 @@
 Only experiments whose params other than the two swept ones equal the workspace's are used (``--all``
 keeps every one), so another sweep or an unrelated experiment never lands in a cell. For every run
 (``reports/<run>/metrics.json``) it writes ``<out>/<run>.csv`` (one row per
-experiment: its name, the two swept params, image and pixel AUROC) and ``<out>/<run>.png`` (two
+experiment: its name, the two swept params, image and pixel AUROC, and the same two of the ``no_sae``
+control) and ``<out>/<run>.png`` (two
 heatmaps, cells annotated). Several experiments with different results in one cell are averaged and
 listed in the CSV; one result seen under several revisions counts once.
 """
@@ -30,6 +31,8 @@ import numpy as np
 from pipeline import report
 
 METRICS = ("image_auroc", "pixel_auroc")
+CONTROL = "no_sae"
+"""The control whose metrics the CSV lists beside each result (mean auxiliary tokens as guides)."""
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -91,8 +94,10 @@ def table(exps: list[dict], x: str, y: str, baseline: dict[str, Any] | None = No
         for path, m in e["metrics"].items():
             parts = Path(path).parts
             if len(parts) == 3 and parts[0] == "reports" and parts[2] == "metrics.json":
-                row = {"experiment": e["name"], x: e["params"][x], y: e["params"][y], **{k: m.get(k) for k in METRICS}}
-                key = (parts[1], *(repr(v) for k, v in row.items() if k != "experiment"))
+                control = (m.get("controls") or {}).get(CONTROL) or {}
+                row = {"experiment": e["name"], x: e["params"][x], y: e["params"][y],
+                       **{k: m.get(k) for k in METRICS}, **{f"{CONTROL}_{k}": control.get(k) for k in METRICS}}
+                key = (parts[1], repr(row[x]), repr(row[y]), *(repr(row[k]) for k in METRICS))
                 if key not in seen:  # the same result seen again (workspace, its commit, an applied experiment)
                     seen.add(key)
                     runs[parts[1]].append(row)
@@ -127,7 +132,9 @@ def plot(path: Path, rows: list[dict], x: str, y: str, title: str) -> None:
         for i in range(len(ys)):
             for j in range(len(xs)):
                 if not np.isnan(grid[i, j]):
-                    ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", color="white", fontsize=9)
+                    bright = im.norm(grid[i, j]) > 0.6  # viridis is light at the top: dark text there
+                    ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", fontsize=9,
+                            color="black" if bright else "white")
         fig.colorbar(im, ax=ax)
     fig.suptitle(title)
     fig.tight_layout()
@@ -141,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--x", default="sae.k", help="param on the x axis")
     parser.add_argument("--y", default="sae.n_latents", help="param on the y axis")
     parser.add_argument("--all-commits", "-A", action="store_true",
-                        help="experiments of every commit (`dvc exp show -A`), not only those based on HEAD")
+                        help="experiments of every commit (`dvc exp show -A`), not only those based on HEAD; "
+                             "results of older code count too")
     parser.add_argument("--all", action="store_true",
                         help="keep experiments whose other params differ from the workspace's (default: leave them out)")
     args = parser.parse_args(argv)

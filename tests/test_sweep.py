@@ -10,7 +10,9 @@ def state(rev, name, n_latents, k, image, pixel, experiments=None, layer=12):
         "rev": rev, "name": name, "error": None, "experiments": experiments,
         "data": {"rev": rev, "params": {"params.yaml": {"data": {"sae": {"n_latents": n_latents, "k": k},
                                                                  "backbone": {"layer": layer}}}},
-                 "metrics": {"reports/a_to_b/metrics.json": {"data": {"image_auroc": image, "pixel_auroc": pixel}},
+                 "metrics": {"reports/a_to_b/metrics.json": {"data": {
+                     "image_auroc": image, "pixel_auroc": pixel,
+                     "controls": {"no_sae": {"image_auroc": image / 2, "pixel_auroc": pixel / 2}}}},
                              "reports/a/sae.json": {"data": {"fvu": 0.1}}}},
     }
 
@@ -52,7 +54,9 @@ def test_command_writes_csv_and_png(tmp_path, capsys):
     (tmp_path / "exp.json").write_text(json.dumps(EXP_SHOW))
     assert sweep.main(["--json", str(tmp_path / "exp.json"), "--out", str(tmp_path / "sweep")]) == 0
     csv_rows = (tmp_path / "sweep" / "a_to_b.csv").read_text().splitlines()
-    assert csv_rows[0] == "experiment,sae.k,sae.n_latents,image_auroc,pixel_auroc" and len(csv_rows) == 6
+    assert csv_rows[0] == ("experiment,sae.k,sae.n_latents,image_auroc,pixel_auroc,"
+                           "no_sae_image_auroc,no_sae_pixel_auroc") and len(csv_rows) == 6
+    assert csv_rows[1] == "workspace,32,2048,0.7,0.9,0.35,0.45"
     assert (tmp_path / "sweep" / "a_to_b.png").stat().st_size > 1000
     assert "left out 1 experiment(s)" in capsys.readouterr().out
     assert sweep.main(["--json", str(tmp_path / "exp.json"), "--out", str(tmp_path / "all"), "--all"]) == 0
