@@ -71,14 +71,8 @@ class TopKSAE(nn.Module):
         return self.pre_acts(x).topk(self.k, dim=-1, sorted=False)
 
     def decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """(values (B, k), indices (B, k)) -> x̂ (B, d_in) = Σ_j values_j D[indices_j] + b.
-
-        Sparse: embedding_bag gathers the k rows instead of multiplying a (B, n_latents) matrix that
-        is almost all zeros by D. Measured with ``benchmarks/sae_decode.py`` (CPU, 2 threads, batch 4096,
-        n_latents 4096, k 32), forward + backward: 38.7 ms vs 231.7 ms dense at d 384 (6.2x), 64.7 ms
-        vs 476.2 ms at d 1024 (7.4x); the dense product never won.
-        """
-        return F.embedding_bag(indices, self.dictionary, per_sample_weights=values, mode="sum") + self.bias
+        """(values (B, k), indices (B, k)) -> x̂ (B, d_in) = Σ_j values_j D[indices_j] + b (see :func:`decode_rows`)."""
+        return decode_rows(values, indices, self.dictionary) + self.bias
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, d_in) -> (x̂ (B, d_in), values (B, k), indices (B, k), pre-activations (B, n_latents))."""
@@ -104,6 +98,30 @@ class TopKSAE(nn.Module):
             g -= (g * d).sum(dim=1, keepdim=True) * d
 
 
+DENSE_DECODE_DENSITY = 0.1
+"""k / n_latents at and above which :func:`decode_rows` multiplies a dense code matrix instead of
+gathering rows. ``benchmarks/sae_decode.py`` (CPU, 2 threads, batch 4096, forward + backward), dense
+time / sparse time: k 32 of 4096 (density 1/128) 6.2x at d 384, 7.4x at d 1024; k 64 of 2048 and
+128 of 4096 (1/32) 2.0x and 1.5x; k 128 of 2048 and 256 of 4096 (1/16) 1.2x; k 512 of 4096 (1/8)
+0.52x; k 512 of 2048 (1/4) 0.23x. So the TopK codes (k 32) gather rows and the AuxK codes (k_aux
+512 of 2048 or 4096) use the dense product."""
+
+
+def decode_rows(values: torch.Tensor, indices: torch.Tensor, dictionary: torch.Tensor) -> torch.Tensor:
+    """Σ_j values_j D[indices_j] per row: values, indices (B, k), D (n, d) -> (B, d); indices distinct per row.
+
+    Sparse (embedding_bag gathers the k rows) when k / n < :data:`DENSE_DECODE_DENSITY`; otherwise the
+    codes are scattered into a dense (B, n) matrix and multiplied by D, whose backward is two matrix
+    products where embedding_bag's is a scatter-add of B x k rows. Same value and gradients either way
+    (up to float rounding).
+    """
+    n = dictionary.shape[0]
+    if indices.shape[-1] < DENSE_DECODE_DENSITY * n:
+        return F.embedding_bag(indices, dictionary, per_sample_weights=values, mode="sum")
+    codes = torch.zeros(values.shape[0], n, dtype=values.dtype, device=values.device).scatter(1, indices, values)
+    return codes @ dictionary
+
+
 def fvu(target: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
     """Fraction of variance unexplained: ‖target − recon‖² / ‖target − mean(target)‖², both (B, d)."""
     total = (target - target.mean(dim=0, keepdim=True)).pow(2).sum()
@@ -120,8 +138,7 @@ def auxk_loss(sae: TopKSAE, pre: torch.Tensor, residual: torch.Tensor, dead: tor
         return pre.sum() * 0.0
     values, indices = pre.masked_fill(~dead, -1.0).topk(min(k_aux, n_dead), dim=-1, sorted=False)
     values = values.clamp_min(0.0)  # a live latent's -1 can never be chosen over a dead one's >= 0
-    recon = F.embedding_bag(indices, sae.dictionary, per_sample_weights=values, mode="sum")
-    return fvu(residual, recon)
+    return fvu(residual, decode_rows(values, indices, sae.dictionary))
 
 
 # ----------------------------------------------------------------------------------------------------

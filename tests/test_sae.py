@@ -47,6 +47,25 @@ def test_sparse_decode_equals_dense_product():
     torch.testing.assert_close(model.decode(values, indices), dense, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("k", [3, 40])  # below and above the density at which decode goes dense
+def test_decode_rows_gives_the_same_value_and_gradients_sparse_or_dense(k, monkeypatch):
+    gen = torch.Generator().manual_seed(2)
+    dictionary = torch.randn(64, 16, generator=gen, requires_grad=True)
+    values = torch.rand(30, k, generator=gen, requires_grad=True)
+    indices = torch.stack([torch.randperm(64, generator=gen)[:k] for _ in range(30)])
+    upstream = torch.randn(30, 16, generator=gen)
+    # slow reference: the sum over each row's k atoms, one by one
+    reference = torch.stack([sum(values[b, j] * dictionary[indices[b, j]] for j in range(k)) for b in range(30)])
+    ref_grads = torch.autograd.grad((reference * upstream).sum(), [values, dictionary])
+    for density in (0.0, 2.0):  # 0: always dense; 2: always sparse
+        monkeypatch.setattr(sae, "DENSE_DECODE_DENSITY", density)
+        out = sae.decode_rows(values, indices, dictionary)
+        grads = torch.autograd.grad((out * upstream).sum(), [values, dictionary])
+        torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
 def test_tied_init_and_unit_rows():
     model = TopKSAE(8, 32, 4, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(model.encoder, model.dictionary)
