@@ -3,7 +3,9 @@
     image_auroc, image_ap, f1_max   labels (N,) {0, 1}, scores (N,)          1 = anomalous
     pixel_auroc, pixel_ap, aupro    masks (N, H, W) {0, 1}, maps (N, H, W)   1 = anomalous pixel
 
-AUROC, AP and the PR curve are scikit-learn's. AUPRO follows MVTec AD's definition: the ground-truth
+Image AUROC and AP and the curves are scikit-learn's; pixel AUROC, AP and AUPRO share one sort of all
+pixels (:func:`pixel_metrics`; see :func:`_roc_pr_from_ranking` for why not scikit-learn), and the
+tests compare them with scikit-learn and a slow AUPRO. AUPRO follows MVTec AD's definition: the ground-truth
 regions are the 8-connected components of each image's mask (a region never spans two images);
 for a threshold t
 
@@ -168,14 +170,55 @@ def pixel_auroc(masks: np.ndarray, maps: np.ndarray) -> float:
     """AUROC over all pixels of all images. masks (N, H, W) {0, 1}, maps (N, H, W)."""
     masks, maps = _pixel_inputs(masks, maps)
     _two_classes("masks", masks, "pixels")
-    return float(roc_auc_score(masks.reshape(-1), maps.reshape(-1)))
+    return _roc_pr_from_ranking(*_ranking(masks, maps, regions=False)[:2])[0]
 
 
 def pixel_ap(masks: np.ndarray, maps: np.ndarray) -> float:
     """Average precision over all pixels of all images. masks (N, H, W) {0, 1}, maps (N, H, W)."""
     masks, maps = _pixel_inputs(masks, maps)
     _two_classes("masks", masks, "pixels")
-    return float(average_precision_score(masks.reshape(-1), maps.reshape(-1)))
+    return _roc_pr_from_ranking(*_ranking(masks, maps, regions=False)[:2])[1]
+
+
+def pixel_metrics(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> dict[str, float]:
+    """pixel_auroc, pixel_ap and pixel_aupro (up to ``fpr_limit``) from one sort of all pixels.
+
+    masks (N, H, W) {0, 1}, maps (N, H, W); the same values as :func:`pixel_auroc`, :func:`pixel_ap`
+    and :func:`aupro` called one by one.
+    """
+    masks, maps = _pixel_inputs(masks, maps)
+    _two_classes("masks", masks, "pixels")
+    if not 0 < fpr_limit <= 1:
+        raise ValueError(f"fpr_limit: must be in (0, 1], got {fpr_limit}")
+    keys, regions, n_regions = _ranking(masks, maps, regions=True)
+    auroc, ap = _roc_pr_from_ranking(keys, regions)
+    fpr, pro = _pro_from_ranking(keys, regions, n_regions, fpr_limit)
+    return {"pixel_auroc": auroc, "pixel_ap": ap, "pixel_aupro": partial_area(fpr, pro, fpr_limit) / fpr_limit}
+
+
+def _roc_pr_from_ranking(keys: np.ndarray, regions: np.ndarray) -> tuple[float, float]:
+    """(AUROC, AP) of pixels sorted by score, highest first (see :func:`_sorted_descending`).
+
+    Not scikit-learn's roc_auc_score / average_precision_score, deliberately: each sorts all pixels
+    again (an argsort plus gathers) after np.unique over the labels and the scores to check their
+    type, so AUROC, AP and AUPRO of one category sorted every pixel several times; here the one sort
+    that AUPRO needs serves all three. Measured: ``benchmarks/pixel_metrics.py`` 8.8x (60 maps of
+    448², 1.17 s vs 10.15 s); the default evaluate@synth_a_to_synth_b stage went from 26-28 s to 12 s.
+    The tests compare the values with scikit-learn's.
+
+    Each distinct score is one threshold; at the end of its run of equal keys, TP = anomalous pixels
+    so far and FP = the others. AUROC is the trapezoid area of the ROC curve from
+    (0, 0); AP = Σ (R_i − R_{i−1}) P_i over the thresholds, scikit-learn's definition.
+    """
+    n = keys.size
+    anomalous_at = np.flatnonzero(regions)  # sorted positions of anomalous pixels, ascending
+    n_pos = anomalous_at.size
+    ends = np.append(np.flatnonzero(keys[1:] != keys[:-1]), n - 1)  # last position of each distinct score
+    tp = np.searchsorted(anomalous_at, ends, side="right")
+    fp = ends + 1 - tp
+    auroc = np.trapezoid(np.concatenate(([0], tp)) / n_pos, np.concatenate(([0], fp)) / (n - n_pos))
+    ap = np.dot(np.diff(tp, prepend=0), tp / (ends + 1)) / n_pos
+    return float(auroc), float(ap)
 
 
 def partial_area(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
@@ -260,14 +303,32 @@ def pro_curve(masks: np.ndarray, maps: np.ndarray, fpr_stop: float = 1.0) -> tup
     _two_classes("masks", masks, "pixels")
     if not 0 < fpr_stop <= 1:
         raise ValueError(f"fpr_stop: must be in (0, 1], got {fpr_stop}")
-    pixels, region_ids, n_regions = _regions(masks)
-    n = masks.size
-    n_normal = n - pixels.size
-    weight = np.zeros(n_regions + 1)
-    weight[1:] = 1.0 / (n_regions * np.bincount(region_ids, minlength=n_regions + 1)[1:])
+    return _pro_from_ranking(*_ranking(masks, maps, regions=True), fpr_stop)
 
-    keys, regions = _sorted_descending(maps, pixels, region_ids)
+
+def _ranking(masks: np.ndarray, maps: np.ndarray, regions: bool) -> tuple[np.ndarray, np.ndarray, int]:
+    """(score keys, region ids, R): all pixels sorted by score, highest first (:func:`_sorted_descending`).
+
+    With ``regions`` the ids are the 8-connected ground-truth regions 1..R (what AUPRO needs);
+    without, every anomalous pixel has id 1 (enough for AUROC and AP, and no labelling). 0 = normal.
+    """
+    if regions:
+        pixels, region_ids, n_regions = _regions(masks)
+    else:
+        pixels = np.flatnonzero(masks)
+        region_ids, n_regions = np.ones(pixels.size, dtype=np.uint32), 1
+    keys, sorted_regions = _sorted_descending(maps, pixels, region_ids)
+    return keys, sorted_regions, n_regions
+
+
+def _pro_from_ranking(keys: np.ndarray, regions: np.ndarray, n_regions: int,
+                      fpr_stop: float) -> tuple[np.ndarray, np.ndarray]:
+    """The PRO curve of :func:`pro_curve` from pixels already sorted by :func:`_ranking`."""
+    n = keys.size
     region_at = np.flatnonzero(regions)  # sorted positions of region pixels, ascending
+    n_normal = n - region_at.size
+    weight = np.zeros(n_regions + 1)
+    weight[1:] = 1.0 / (n_regions * np.bincount(regions[region_at], minlength=n_regions + 1)[1:])
     pro_cum = np.concatenate(([0.0], np.cumsum(weight[regions[region_at]])))  # PRO after j region pixels
 
     # Stop at the end of the run that holds the k-th normal pixel, k the least count with k/N > fpr_stop.
@@ -336,9 +397,7 @@ def compute_all(labels: np.ndarray, image_scores: np.ndarray, masks: np.ndarray,
                   f"({masks.shape[0]} masks)")
         reasons.update(dict.fromkeys(_PIXEL_KEYS, reason))
     else:
-        out["pixel_auroc"] = pixel_auroc(masks, maps)
-        out["pixel_ap"] = pixel_ap(masks, maps)
-        out["pixel_aupro"] = aupro(masks, maps)
+        out.update(pixel_metrics(masks, maps))
 
     out["null_reasons"] = reasons
     return out

@@ -148,9 +148,31 @@ def test_auroc_and_ap_equal_sklearn():
     scores = np.round(g.normal(labels * 0.8, 1.0), 1)  # with ties
     assert metrics.image_auroc(labels, scores) == roc_auc_score(labels, scores)
     assert metrics.image_ap(labels, scores) == average_precision_score(labels, scores)
-    masks, maps = random_case(5, "ties")
-    assert metrics.pixel_auroc(masks, maps) == roc_auc_score(masks.ravel(), maps.ravel())
-    assert metrics.pixel_ap(masks, maps) == average_precision_score(masks.ravel(), maps.ravel())
+
+
+@pytest.mark.parametrize("kind", ["float64", "float32", "ties"])
+@pytest.mark.parametrize("seed", range(3))
+def test_pixel_metrics_from_one_sort_equal_sklearn_and_the_slow_aupro(seed, kind):
+    masks, maps = random_case(seed + 5, kind)
+    auroc = roc_auc_score(masks.ravel(), maps.ravel())
+    ap = average_precision_score(masks.ravel(), maps.ravel())
+    assert metrics.pixel_auroc(masks, maps) == pytest.approx(auroc, abs=1e-12)
+    assert metrics.pixel_ap(masks, maps) == pytest.approx(ap, abs=1e-12)
+    together = metrics.pixel_metrics(masks, maps)
+    assert together["pixel_auroc"] == pytest.approx(auroc, abs=1e-12)
+    assert together["pixel_ap"] == pytest.approx(ap, abs=1e-12)
+    assert together["pixel_aupro"] == metrics.aupro(masks, maps)
+    assert abs(together["pixel_aupro"] - reference_aupro(masks, maps)) < 1e-6
+
+
+def test_pixel_auroc_and_ap_hand_worked():
+    # scores 0.9 (anomalous), 0.8 (normal), 0.8 (anomalous), 0.1 (normal): thresholds 0.9, 0.8, 0.1
+    masks = np.array([[[1, 0], [1, 0]]], dtype=np.uint8)
+    maps = np.array([[[0.9, 0.8], [0.8, 0.1]]], dtype=np.float32)
+    # ROC (0,0) -> (0, 1/2) -> (1/2, 1) -> (1, 1): area 1/2 * (1/2 + 1) / 2 + 1/2 * 1 = 0.875
+    assert metrics.pixel_auroc(masks, maps) == pytest.approx(0.875, abs=1e-12)
+    # AP: recall 1/2 at precision 1, then recall 1 at precision 2/3: 1/2 * 1 + 1/2 * 2/3 = 5/6
+    assert metrics.pixel_ap(masks, maps) == pytest.approx(5 / 6, abs=1e-12)
 
 
 @pytest.mark.parametrize("seed", range(3))
