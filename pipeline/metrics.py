@@ -23,7 +23,7 @@ that returns ``None`` for an undefined metric, with the reason in ``null_reasons
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from scipy import ndimage
@@ -170,14 +170,14 @@ def pixel_auroc(masks: np.ndarray, maps: np.ndarray) -> float:
     """AUROC over all pixels of all images. masks (N, H, W) {0, 1}, maps (N, H, W)."""
     masks, maps = _pixel_inputs(masks, maps)
     _two_classes("masks", masks, "pixels")
-    return _roc_pr_from_ranking(*_ranking(masks, maps, regions=False)[:2])[0]
+    return _roc_pr_from_ranking(_ranking(masks, maps, regions=False))[0]
 
 
 def pixel_ap(masks: np.ndarray, maps: np.ndarray) -> float:
     """Average precision over all pixels of all images. masks (N, H, W) {0, 1}, maps (N, H, W)."""
     masks, maps = _pixel_inputs(masks, maps)
     _two_classes("masks", masks, "pixels")
-    return _roc_pr_from_ranking(*_ranking(masks, maps, regions=False)[:2])[1]
+    return _roc_pr_from_ranking(_ranking(masks, maps, regions=False))[1]
 
 
 def pixel_metrics(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> dict[str, float]:
@@ -190,14 +190,14 @@ def pixel_metrics(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -
     _two_classes("masks", masks, "pixels")
     if not 0 < fpr_limit <= 1:
         raise ValueError(f"fpr_limit: must be in (0, 1], got {fpr_limit}")
-    keys, regions, n_regions = _ranking(masks, maps, regions=True)
-    auroc, ap = _roc_pr_from_ranking(keys, regions)
-    fpr, pro = _pro_from_ranking(keys, regions, n_regions, fpr_limit)
+    ranking = _ranking(masks, maps, regions=True)
+    auroc, ap = _roc_pr_from_ranking(ranking)
+    fpr, pro = _pro_from_ranking(ranking, fpr_limit)
     return {"pixel_auroc": auroc, "pixel_ap": ap, "pixel_aupro": partial_area(fpr, pro, fpr_limit) / fpr_limit}
 
 
-def _roc_pr_from_ranking(keys: np.ndarray, regions: np.ndarray) -> tuple[float, float]:
-    """(AUROC, AP) of pixels sorted by score, highest first (see :func:`_sorted_descending`).
+def _roc_pr_from_ranking(ranking: _Ranking) -> tuple[float, float]:
+    """(AUROC, AP) of pixels ranked by score, highest first (:func:`_ranking`).
 
     Not scikit-learn's roc_auc_score / average_precision_score, deliberately: each sorts all pixels
     again (an argsort plus gathers) after np.unique over the labels and the scores to check their
@@ -210,11 +210,9 @@ def _roc_pr_from_ranking(keys: np.ndarray, regions: np.ndarray) -> tuple[float, 
     so far and FP = the others. AUROC is the trapezoid area of the ROC curve from
     (0, 0); AP = Σ (R_i − R_{i−1}) P_i over the thresholds, scikit-learn's definition.
     """
-    n = keys.size
-    anomalous_at = np.flatnonzero(regions)  # sorted positions of anomalous pixels, ascending
-    n_pos = anomalous_at.size
-    ends = np.append(np.flatnonzero(keys[1:] != keys[:-1]), n - 1)  # last position of each distinct score
-    tp = np.searchsorted(anomalous_at, ends, side="right")
+    n, ends = ranking.keys.size, ranking.ends
+    n_pos = ranking.region_at.size
+    tp = np.searchsorted(ranking.region_at, ends, side="right")
     fp = ends + 1 - tp
     auroc = np.trapezoid(np.concatenate(([0], tp)) / n_pos, np.concatenate(([0], fp)) / (n - n_pos))
     ap = np.dot(np.diff(tp, prepend=0), tp / (ends + 1)) / n_pos
@@ -303,14 +301,28 @@ def pro_curve(masks: np.ndarray, maps: np.ndarray, fpr_stop: float = 1.0) -> tup
     _two_classes("masks", masks, "pixels")
     if not 0 < fpr_stop <= 1:
         raise ValueError(f"fpr_stop: must be in (0, 1], got {fpr_stop}")
-    return _pro_from_ranking(*_ranking(masks, maps, regions=True), fpr_stop)
+    return _pro_from_ranking(_ranking(masks, maps, regions=True), fpr_stop)
 
 
-def _ranking(masks: np.ndarray, maps: np.ndarray, regions: bool) -> tuple[np.ndarray, np.ndarray, int]:
-    """(score keys, region ids, R): all pixels sorted by score, highest first (:func:`_sorted_descending`).
+class _Ranking(NamedTuple):
+    """All pixels sorted by score, highest first, and what every pixel metric reads off that order."""
+
+    keys: np.ndarray
+    """Score keys in sorted order; equal keys ⇔ equal scores (:func:`_sorted_descending`)."""
+    regions: np.ndarray
+    """Region id of each sorted pixel; 0 = normal."""
+    n_regions: int
+    region_at: np.ndarray
+    """Sorted positions of the anomalous pixels, ascending."""
+    ends: np.ndarray
+    """Last sorted position of each distinct score: one threshold each, highest score first."""
+
+
+def _ranking(masks: np.ndarray, maps: np.ndarray, regions: bool) -> _Ranking:
+    """Sort all pixels by score once (:func:`_sorted_descending`) for AUROC, AP and the PRO curve.
 
     With ``regions`` the ids are the 8-connected ground-truth regions 1..R (what AUPRO needs);
-    without, every anomalous pixel has id 1 (enough for AUROC and AP, and no labelling). 0 = normal.
+    without, every anomalous pixel has id 1 (enough for AUROC and AP, and no labelling).
     """
     if regions:
         pixels, region_ids, n_regions = _regions(masks)
@@ -318,14 +330,14 @@ def _ranking(masks: np.ndarray, maps: np.ndarray, regions: bool) -> tuple[np.nda
         pixels = np.flatnonzero(masks)
         region_ids, n_regions = np.ones(pixels.size, dtype=np.uint32), 1
     keys, sorted_regions = _sorted_descending(maps, pixels, region_ids)
-    return keys, sorted_regions, n_regions
+    ends = np.append(np.flatnonzero(keys[1:] != keys[:-1]), keys.size - 1)
+    return _Ranking(keys, sorted_regions, n_regions, np.flatnonzero(sorted_regions), ends)
 
 
-def _pro_from_ranking(keys: np.ndarray, regions: np.ndarray, n_regions: int,
-                      fpr_stop: float) -> tuple[np.ndarray, np.ndarray]:
-    """The PRO curve of :func:`pro_curve` from pixels already sorted by :func:`_ranking`."""
+def _pro_from_ranking(ranking: _Ranking, fpr_stop: float) -> tuple[np.ndarray, np.ndarray]:
+    """The PRO curve of :func:`pro_curve` from pixels already ranked by :func:`_ranking`."""
+    keys, regions, n_regions, region_at = ranking.keys, ranking.regions, ranking.n_regions, ranking.region_at
     n = keys.size
-    region_at = np.flatnonzero(regions)  # sorted positions of region pixels, ascending
     n_normal = n - region_at.size
     weight = np.zeros(n_regions + 1)
     weight[1:] = 1.0 / (n_regions * np.bincount(regions[region_at], minlength=n_regions + 1)[1:])
@@ -335,12 +347,8 @@ def _pro_from_ranking(keys: np.ndarray, regions: np.ndarray, n_regions: int,
     k = min(n_normal, math.floor(fpr_stop * n_normal) + 1)
     normals_before = region_at - np.arange(region_at.size)  # normal pixels ahead of each region pixel
     stop = k - 1 + int(np.searchsorted(normals_before, k, side="left"))
-    if stop < n - 1:
-        later = keys[stop + 1:] != keys[stop]
-        stop = stop + int(np.argmax(later)) if later.any() else n - 1
-
-    head = keys[: stop + 1]
-    ends = np.append(np.flatnonzero(head[1:] != head[:-1]), stop)  # last position of each distinct score
+    # the thresholds up to the end of the run of equal scores that holds ``stop``
+    ends = ranking.ends[: int(np.searchsorted(ranking.ends, stop, side="left")) + 1]
     region_upto = np.searchsorted(region_at, ends, side="right")  # region pixels at positions <= end
     fpr = (ends + 1 - region_upto) / n_normal
     pro = pro_cum[region_upto]
