@@ -33,9 +33,10 @@ import logging
 import os
 import zlib
 from collections import Counter, defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -175,6 +176,21 @@ def load_table(
     return samples
 
 
+@contextmanager
+def _decode_errors(what: str, path: Path) -> Iterator[None]:
+    """Turn a missing or undecodable ``what`` ("image", "mask") at ``path`` into a DatasetError."""
+    try:
+        yield
+    except DatasetError:
+        raise
+    except FileNotFoundError as e:
+        raise DatasetError(f"{what} {path} does not exist") from e
+    except _PIL_ERRORS as e:
+        raise DatasetError(
+            f"cannot decode {what} {path}: {e} (expected a complete, readable image file)"
+        ) from e
+
+
 def load_image(path: Path, max_pixels: int = 50_000_000) -> Image.Image:
     """Open and fully decode an image as 8-bit RGB.
 
@@ -187,23 +203,14 @@ def load_image(path: Path, max_pixels: int = 50_000_000) -> Image.Image:
             (``data.max_pixels``), or PIL's own decompression-bomb guard refuses it.
     """
     path = Path(path)
-    try:
-        with Image.open(path) as im:
-            _check_pixels(path, im.size, max_pixels)
-            im.load()
-            if im.mode.startswith("I;16"):
-                # PIL's convert("RGB") clips 16-bit values at 255; keep the top 8 bits instead.
-                arr = (np.asarray(im).astype(np.uint32) >> 8).astype(np.uint8)
-                return Image.fromarray(arr, mode="L").convert("RGB")
-            return im.convert("RGB")
-    except DatasetError:
-        raise
-    except FileNotFoundError as e:
-        raise DatasetError(f"image {path} does not exist") from e
-    except _PIL_ERRORS as e:
-        raise DatasetError(
-            f"cannot decode image {path}: {e} (expected a complete, readable image file)"
-        ) from e
+    with _decode_errors("image", path), Image.open(path) as im:
+        _check_pixels(path, im.size, max_pixels)
+        im.load()
+        if im.mode.startswith("I;16"):
+            # PIL's convert("RGB") clips 16-bit values at 255; keep the top 8 bits instead.
+            arr = (np.asarray(im).astype(np.uint32) >> 8).astype(np.uint8)
+            return Image.fromarray(arr, mode="L").convert("RGB")
+        return im.convert("RGB")
 
 
 def load_mask(path: Path | None, size: tuple[int, int], resize_to: int | None = None) -> np.ndarray:
@@ -229,23 +236,14 @@ def load_mask(path: Path | None, size: tuple[int, int], resize_to: int | None = 
         shape = (resize_to, resize_to) if resize_to is not None else (h, w)
         return np.zeros(shape, dtype=np.uint8)
     path = Path(path)
-    try:
-        with Image.open(path) as im:
-            if im.size != (w, h):
-                raise DatasetError(
-                    f"mask {path} is {im.size[0]}x{im.size[1]} but its image is {w}x{h}; "
-                    "a mask must have its image's size"
-                )
-            im.load()
-            binary = _binarise(im)
-    except DatasetError:
-        raise
-    except FileNotFoundError as e:
-        raise DatasetError(f"mask {path} does not exist") from e
-    except _PIL_ERRORS as e:
-        raise DatasetError(
-            f"cannot decode mask {path}: {e} (expected a complete, readable image file)"
-        ) from e
+    with _decode_errors("mask", path), Image.open(path) as im:
+        if im.size != (w, h):
+            raise DatasetError(
+                f"mask {path} is {im.size[0]}x{im.size[1]} but its image is {w}x{h}; "
+                "a mask must have its image's size"
+            )
+        im.load()
+        binary = _binarise(im)
     if resize_to is not None:
         resized = Image.fromarray(binary * np.uint8(255)).resize(
             (resize_to, resize_to), Image.Resampling.NEAREST
