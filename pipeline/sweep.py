@@ -80,11 +80,12 @@ def table(exps: list[dict], x: str, y: str, baseline: dict[str, Any] | None = No
     """
     runs: dict[str, list[dict]] = defaultdict(list)
     left_out: list[tuple[str, str]] = []
-    seen = set()
+    seen_revs: set[str] = set()
+    seen_results: set[tuple] = set()
     for e in exps:
-        if e["rev"] in seen or x not in e["params"] or y not in e["params"]:
+        if e["rev"] in seen_revs or x not in e["params"] or y not in e["params"]:
             continue
-        seen.add(e["rev"])
+        seen_revs.add(e["rev"])
         if baseline is not None:
             differing = sorted(k for k in set(baseline) | set(e["params"])
                                if k not in (x, y) and e["params"].get(k) != baseline.get(k))
@@ -98,8 +99,8 @@ def table(exps: list[dict], x: str, y: str, baseline: dict[str, Any] | None = No
                 row = {"experiment": e["name"], x: e["params"][x], y: e["params"][y],
                        **{k: m.get(k) for k in METRICS}, **{f"{CONTROL}_{k}": control.get(k) for k in METRICS}}
                 key = (parts[1], repr(row[x]), repr(row[y]), *(repr(row[k]) for k in METRICS))
-                if key not in seen:  # the same result seen again (workspace, its commit, an applied experiment)
-                    seen.add(key)
+                if key not in seen_results:  # the same result seen again (workspace, its commit, an applied experiment)
+                    seen_results.add(key)
                     runs[parts[1]].append(row)
     return dict(runs), left_out
 
