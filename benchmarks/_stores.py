@@ -35,5 +35,6 @@ def build_store(path: Path, n_images: int, n_tokens: int, dim: int, chunk_images
             masks[i, y : y + h, x : x + w] = 1
         store.write_chunk(group, layout, chunk, {
             "tokens": tokens, "cls": tokens.mean(axis=1), "masks": masks,
+            "images": np.repeat(255 * masks[..., None], 3, axis=-1),
             "labels": labels, "category": np.zeros(n, np.int16), "defect": np.zeros(n, np.int16)})
     store.finalize(group, path)

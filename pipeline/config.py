@@ -19,8 +19,10 @@ from typing import Any, Mapping
 
 import yaml
 
+from pipeline.errors import PipelineError
 
-class ConfigError(ValueError):
+
+class ConfigError(PipelineError, ValueError):
     """A parameter is missing, unknown, of the wrong type or out of range. The message names it."""
 
 

@@ -41,6 +41,8 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from pipeline.errors import PipelineError
+
 log = logging.getLogger(__name__)
 
 FORMATS = ("mvtec", "visa", "folder")
@@ -84,7 +86,7 @@ LAYOUTS = {
 _PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zlib.error, Image.DecompressionBombError)
 
 
-class DatasetError(ValueError):
+class DatasetError(PipelineError, ValueError):
     """A dataset tree, table or file does not follow its layout. The message names the file."""
 
 

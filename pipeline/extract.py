@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -61,12 +62,15 @@ class _Images(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sample index, model input (3, S', S'), mask (S, S) uint8, RGB image resized to S (S, S, 3) uint8)."""
         index = self.indices[i]
         sample = self.samples[index]
         image = load_image(sample.image, self.max_pixels)
         mask = load_mask(sample.mask, image.size, resize_to=self.mask_size)
-        return index, self.transform(image), torch.from_numpy(np.ascontiguousarray(mask))
+        small = np.asarray(image.resize((self.mask_size, self.mask_size), Image.Resampling.BILINEAR))
+        return (index, self.transform(image), torch.from_numpy(np.ascontiguousarray(mask)),
+                torch.from_numpy(np.ascontiguousarray(small)))
 
 
 class _ChunkWriter:
@@ -180,7 +184,7 @@ def _run(samples, backbone, transform, group, layout, chunks, indices, category_
                file=sys.stderr, mininterval=1.0)  # on under DVC too (not a TTY): a person waits for it
     try:
         with torch.inference_mode(), autocast:
-            for index, images, masks in loader:
+            for index, images, masks, small in loader:
                 tokens, cls = backbone(images.to(device, non_blocking=True))
                 tokens = tokens.to(torch.float16).cpu().numpy()
                 cls = cls.to(torch.float16).cpu().numpy()
@@ -188,7 +192,7 @@ def _run(samples, backbone, transform, group, layout, chunks, indices, category_
                     bad = [samples[i].relpath for i, t in zip(index.tolist(), tokens) if not np.isfinite(t).all()]
                     raise FloatingPointError(f"non-finite tokens in float16 for {bad[:5] or 'a CLS token'} "
                                              "(overflow beyond 65504?)")
-                masks = masks.numpy()
+                masks, small = masks.numpy(), small.numpy()
                 for row, i in enumerate(index.tolist()):
                     c = chunk_of[i]
                     start, stop = layout.chunk_range(c)
@@ -201,6 +205,7 @@ def _run(samples, backbone, transform, group, layout, chunks, indices, category_
                     buf["tokens"][r] = tokens[row]
                     buf["cls"][r] = cls[row]
                     buf["masks"][r] = masks[row]
+                    buf["images"][r] = small[row]
                     buf["labels"][r] = s.label
                     buf["category"][r] = category_ix[s.category]
                     buf["defect"][r] = defect_ix[s.defect]

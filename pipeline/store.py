@@ -5,6 +5,8 @@ Layout of ``features/<D>/``::
     tokens    (N, L, d) float16   patch tokens of one block, chunked along N only
     cls       (N, d)    float16   CLS token of the same block
     masks     (N, S, S) uint8     ground truth at the evaluation resolution S, {0, 1}
+    images    (N, S, S, 3) uint8  the RGB image resized to S (overlays and reports read it here, so
+                                  evaluating needs the store only, never the dataset's files)
     labels    (N,)      uint8     1 = anomalous
     category  (N,)      int16     index into attrs["categories"]
     defect    (N,)      int16     index into attrs["defects"] ("good" for normal images)
@@ -33,10 +35,12 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 import zarr
 
+from pipeline.errors import NonFiniteError, PipelineError
+
 log = logging.getLogger(__name__)
 
-SCHEMA = 1
-"""Version of the layout above; bump it when arrays or attrs change meaning."""
+SCHEMA = 2
+"""Version of the layout above; bump it when arrays or attrs change meaning (2: ``images`` added)."""
 
 _DONE = "_done"
 
@@ -45,7 +49,7 @@ _DONE = "_done"
 _UNCOMPRESSED = ("tokens", "cls")
 
 
-class StoreError(RuntimeError):
+class StoreError(PipelineError, RuntimeError):
     """A store is missing, incomplete, or does not match what the reader expects. Names the attr."""
 
 
@@ -74,6 +78,7 @@ class StoreLayout:
             "tokens": ((n, self.n_tokens, self.dim), "float16"),
             "cls": ((n, self.dim), "float16"),
             "masks": ((n, s, s), "uint8"),
+            "images": ((n, s, s, 3), "uint8"),
             "labels": ((n,), "uint8"),
             "category": ((n,), "int16"),
             "defect": ((n,), "int16"),
@@ -213,6 +218,7 @@ class FeatureStore:
         self.tokens = group["tokens"]
         self.cls = group["cls"]
         self.masks = group["masks"]
+        self.images = group["images"]
         self.labels = group["labels"]
         self.category = group["category"]
         self.defect = group["defect"]
@@ -229,10 +235,35 @@ class FeatureStore:
     def n_chunks(self) -> int:
         return -(-self.n_images // self.chunk_images)
 
-    def read(self, chunk: int, names: Sequence[str] = ("tokens",)) -> dict[str, np.ndarray]:
-        """The rows of chunk ``chunk`` of each array in ``names``, e.g. {"tokens": (n, L, d) float16}."""
+    def read(self, chunk: int, names: Sequence[str] = ("tokens",), *, finite: bool = False) -> dict[str, np.ndarray]:
+        """The rows of chunk ``chunk`` of each array in ``names``, e.g. {"tokens": (n, L, d) float16}.
+
+        ``finite=True`` checks every float array read (:meth:`check_finite`).
+        """
         c = self.chunk_images
-        return {name: self.group[name][chunk * c : (chunk + 1) * c] for name in names}
+        out = {name: self.group[name][chunk * c : (chunk + 1) * c] for name in names}
+        if finite:
+            for name, values in out.items():
+                self.check_finite(name, values, chunk * c)
+        return out
+
+    def check_finite(self, name: str, values: np.ndarray, start: int) -> None:
+        """Raise :class:`~pipeline.errors.NonFiniteError` naming this store, the array, the chunk and the
+        first image (index and path) of ``values`` (rows ``start`` ...) that holds a NaN or an Inf."""
+        if not np.issubdtype(values.dtype, np.floating):
+            return
+        finite = np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+        if finite.all():
+            return
+        bad = np.flatnonzero(~finite)
+        first = start + int(bad[0])
+        paths = self.attrs.get("paths") or []
+        where = f" ({paths[first]})" if first < len(paths) else ""
+        raise NonFiniteError(
+            f"{self.path}: {name} of image {first}{where}, chunk {first // self.chunk_images}, holds NaN/Inf "
+            f"({len(bad)} image(s) of rows {start}-{start + len(values) - 1} affected); re-extract the store "
+            "(delete it, then dvc repro) or remove the image from the dataset"
+        )
 
     def iter_chunks(self, order: Sequence[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (first image index, tokens (n, L, d) float16) chunk by chunk, in ``order`` if given."""

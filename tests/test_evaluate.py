@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
 
 from pipeline import guides, sae, store
 from pipeline.stages import evaluate as evaluate_stage
@@ -33,12 +32,8 @@ def make_store(path, root, dictionary, categories, n_per_category, anomalous_fra
                 coef[:, ATOM] += 2.0 * mask.ravel()
             tokens = coef @ dictionary
             rows.append((cat, ci, label, tokens, mask.repeat(SIZE // GRID, 0).repeat(SIZE // GRID, 1)))
-    relpaths = []
-    for j, (cat, _, label, _, _) in enumerate(rows):
-        rel = f"{cat}/test/{'bad' if label else 'good'}/{j:03d}.png"
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(g.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(root / rel)
-        relpaths.append(rel)
+    # no image files: evaluate draws its overlays from the store's own ``images`` array
+    relpaths = [f"{cat}/test/{'bad' if label else 'good'}/{j:03d}.png" for j, (cat, _, label, _, _) in enumerate(rows)]
     layout = store.StoreLayout(len(rows), GRID * GRID, D_IN, SIZE, 8)
     attrs = {**ATTRS, "dataset": path.name, "root": str(root), "paths": relpaths, "categories": list(categories),
              "defects": ["good", "bad"]}
@@ -50,6 +45,7 @@ def make_store(path, root, dictionary, categories, n_per_category, anomalous_fra
             "tokens": np.stack([r[3] for r in part]).astype(np.float16),
             "cls": np.stack([r[3].mean(0) + r[2] * dictionary[ATOM] for r in part]).astype(np.float16),
             "masks": np.stack([r[4] for r in part]),
+            "images": g.integers(0, 256, (len(part), SIZE, SIZE, 3), dtype=np.uint8),
             "labels": np.array([r[2] for r in part], np.uint8),
             "category": np.array([r[1] for r in part], np.int16),
             "defect": np.array([r[2] for r in part], np.int16),

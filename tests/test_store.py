@@ -16,6 +16,7 @@ def chunk_arrays(layout, chunk, seed=0):
         "tokens": rng.standard_normal((n, layout.n_tokens, layout.dim)).astype(np.float16),
         "cls": rng.standard_normal((n, layout.dim)).astype(np.float16),
         "masks": rng.integers(0, 2, (n, layout.mask_size, layout.mask_size), dtype=np.uint8),
+        "images": rng.integers(0, 256, (n, layout.mask_size, layout.mask_size, 3), dtype=np.uint8),
         "labels": rng.integers(0, 2, n, dtype=np.uint8),
         "category": np.full(n, chunk, np.int16),
         "defect": np.arange(n, dtype=np.int16),

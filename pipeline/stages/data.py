@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pipeline import synthetic
 from pipeline.config import load_params
-from pipeline.stages import setup_logging
+from pipeline.stages import run, setup_logging
 
 log = logging.getLogger("pipeline.stages.data")
 
@@ -38,4 +38,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

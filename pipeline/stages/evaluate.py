@@ -28,9 +28,8 @@ from tqdm import tqdm
 
 from pipeline import guides, metrics, report, sae, scoring, store
 from pipeline.config import load_params
-from pipeline.datasets import load_image
 from pipeline.runtime import resolve_device
-from pipeline.stages import setup_logging
+from pipeline.stages import run, setup_logging
 
 log = logging.getLogger("pipeline.stages.evaluate")
 
@@ -105,17 +104,16 @@ def score_rows(target, start, stop, vectors: dict[str, torch.Tensor], cfg, tempe
 def overlay_rows(target: store.FeatureStore, start: int, labels, masks, maps, n: int) -> list[tuple]:
     """Up to ``n`` images of one category (half anomalous where possible) with mask, map and caption.
 
-    Images are read from the dataset root recorded in the store (attr ``root``) and resized to S.
+    Images come from the store's ``images`` array (already at S), never from the dataset's files, so a
+    moved or absent dataset cannot fail this stage.
     """
     anomalous, normal = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
     n_anomalous = min(len(anomalous), n - min(len(normal), n // 2))
     pick = sorted([*anomalous[:n_anomalous], *normal[: n - n_anomalous]])
-    size = masks.shape[-1]
     rows = []
     for i in pick:
         relpath = target.attrs["paths"][start + i]
-        image = load_image(Path(target.attrs["root"]) / relpath).resize((size, size))
-        rows.append((np.asarray(image), masks[i], maps[i], f"{relpath.split('/')[-2]} {maps[i].max():.2f}"))
+        rows.append((target.images[start + i], masks[i], maps[i], f"{relpath.split('/')[-2]} {maps[i].max():.2f}"))
     return rows
 
 
@@ -242,4 +240,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
-    main()
+    run(main)

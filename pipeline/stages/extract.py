@@ -25,7 +25,7 @@ from pipeline import backbones, datasets
 from pipeline.config import load_params
 from pipeline.extract import extract, fingerprint
 from pipeline.runtime import DistInfo, resolve_device
-from pipeline.stages import setup_logging
+from pipeline.stages import run, setup_logging
 
 log = logging.getLogger("pipeline.stages.extract")
 
@@ -96,4 +96,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
-    main()
+    run(main)

@@ -19,7 +19,7 @@ import torch
 from pipeline import report, sae, store
 from pipeline.config import load_params
 from pipeline.runtime import resolve_device
-from pipeline.stages import setup_logging
+from pipeline.stages import run, setup_logging
 
 log = logging.getLogger("pipeline.stages.train_sae")
 
@@ -78,4 +78,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pipeline import backbones
 from pipeline.config import load_params
-from pipeline.stages import setup_logging
+from pipeline.stages import run, setup_logging
 
 log = logging.getLogger("pipeline.stages.weights")
 
@@ -57,4 +57,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)
