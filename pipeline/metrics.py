@@ -90,12 +90,21 @@ def _pixel_inputs(masks: Any, maps: Any) -> tuple[np.ndarray, np.ndarray]:
     return _binary("masks", masks), _finite("maps", maps)
 
 
+def one_class_reason(positive: Any, unit: str) -> str | None:
+    """Why a ranking metric of ``positive`` (any shape, {0, 1} or bool; 1 = anomalous) is undefined, or
+    None when both classes occur. ``unit`` names the entries (``images``, ``pixels``)."""
+    positive = np.asarray(positive)
+    n_pos = int(np.count_nonzero(positive))
+    if 0 < n_pos < positive.size:
+        return None
+    return f"only one class ({n_pos} anomalous, {positive.size - n_pos} normal {unit})"
+
+
 def _two_classes(name: str, positive: np.ndarray, unit: str) -> None:
     """Raise when the bool array ``positive`` is all True or all False (the metric is undefined)."""
-    n_pos = int(np.count_nonzero(positive))
-    if n_pos == 0 or n_pos == positive.size:
-        raise ValueError(f"{name} {positive.shape}: only one class ({n_pos} anomalous, {positive.size - n_pos} "
-                         f"normal {unit}); the metric is undefined")
+    reason = one_class_reason(positive, unit)
+    if reason:
+        raise ValueError(f"{name} {positive.shape}: {reason}; the metric is undefined")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -138,16 +147,18 @@ def _threshold(t: float) -> float | None:
     return float(t) if math.isfinite(t) else None
 
 
-def curves(labels: np.ndarray, scores: np.ndarray, max_points: int = 200) -> dict[str, list[dict[str, float | None]]]:
+def curves(labels: np.ndarray, scores: np.ndarray, max_points: int = 200,
+           unit: str = "images") -> dict[str, list[dict[str, float | None]]]:
     """ROC and PR curves as row lists for ``dvc plots``, thinned to at most ``max_points`` rows each.
 
-    labels (N,) {0, 1}, scores (N,). Returns ``{"roc": [{fpr, tpr, threshold}], "pr": [{recall,
+    labels (N,) {0, 1}, scores (N,); ``unit`` names what the N entries are (``images``, or ``pixels``
+    for flattened masks and maps), for the error when there is one class only. Returns ``{"roc": [{fpr, tpr, threshold}], "pr": [{recall,
     precision, threshold}]}``, both ordered from the highest threshold to the lowest; the first and
     last point of each curve are always kept. The curves' end points that no score realises (ROC's
     (0, 0), PR's (recall 0, precision 1)) have ``threshold`` None, as JSON has no infinity.
     """
     labels, scores = _image_inputs(labels, scores)
-    _two_classes("labels", labels, "images")
+    _two_classes("labels", labels, unit)
     if max_points < 2:
         raise ValueError(f"max_points: must be >= 2 to keep both end points, got {max_points}")
     fpr, tpr, roc_t = roc_curve(labels, scores, drop_intermediate=False)

@@ -266,3 +266,13 @@ def test_single_metrics_reject_undefined_and_bad_arguments():
         metrics.aupro(masks, maps, fpr_limit=0)
     with pytest.raises(ValueError, match="max_points"):
         metrics.curves([0, 1], [0.2, 0.3], max_points=1)
+
+
+def test_curves_count_pixels_as_pixels_when_one_class():
+    """Issue 10 item 7: the pooled pixel curve of a target without anomalies said '... normal images'."""
+    with pytest.raises(ValueError, match=r"labels \(12544,\): only one class \(0 anomalous, 12544 normal pixels\)"):
+        metrics.curves(np.zeros(12544, np.uint8), np.linspace(0, 1, 12544), unit="pixels")
+    with pytest.raises(ValueError, match=r"only one class \(3 anomalous, 0 normal images\)"):
+        metrics.curves(np.ones(3, np.uint8), np.arange(3.0))
+    assert metrics.one_class_reason(np.zeros((2, 4, 4), bool), "pixels") == "only one class (0 anomalous, 32 normal pixels)"
+    assert metrics.one_class_reason([0, 1, 0], "images") is None
