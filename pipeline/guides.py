@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
@@ -30,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from pipeline.errors import NonFiniteError, PipelineError
 from pipeline.store import ChunkReader
 
 log = logging.getLogger(__name__)
@@ -37,6 +41,14 @@ log = logging.getLogger(__name__)
 ROWS = ("normal_global", "anomaly_global", "normal_local", "anomaly_local")
 """Row order of the codes and of the guide vectors (DESIGN §4)."""
 NORMAL_GLOBAL, ANOMALY_GLOBAL, NORMAL_LOCAL, ANOMALY_LOCAL = range(4)
+
+STORE_FINGERPRINT = ("dataset", "inputs_sha256", "weights_sha256", "backbone", "layer", "image_size")
+"""Attrs of the auxiliary store that identify it; the checkpoint records them (``aux_store``)."""
+
+
+class GuidesError(PipelineError, ValueError):
+    """A guides checkpoint that does not belong with the SAE or the auxiliary store it is used with
+    (or predates the provenance that would say). Names both sides."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -213,6 +225,9 @@ def fit(read: Callable[[int], Mapping[str, np.ndarray]], n_chunks: int, dictiona
         for arrays in image_batches(read, n_chunks, batch_images, rng):
             b = _to_batch(arrays, device)
             loss, terms = guide_loss(model.effective(), dictionary, b.tokens, b.cls, b.masks, b.labels, grid, **kw)
+            # the inputs were checked finite when read, so a NaN here comes from the dictionary or a
+            # diverging step; stop before the optimiser spreads it into every code
+            _check_finite_terms(terms, f"{desc}: epoch {epoch}, step {step + 1}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -226,8 +241,29 @@ def fit(read: Callable[[int], Mapping[str, np.ndarray]], n_chunks: int, dictiona
                       "loss": sum(sums.values()) / n})
     with torch.no_grad():
         codes = model.effective(ema)
+        check_finite_codes(codes, f"{desc}: the EMA codes after {epochs} epochs")
         final = evaluate_terms(read, n_chunks, codes, dictionary, grid, device=device, **kw)
+        _check_finite_terms(final, f"{desc}: the final loss of the EMA codes over the whole set")
     return FitResult(codes=codes.cpu(), final_terms=final, curve=curve)
+
+
+def _check_finite_terms(terms: Mapping[str, float], where: str) -> None:
+    """Raise NonFiniteError naming ``where`` and the first loss term that is NaN or infinite."""
+    bad = {k: v for k, v in terms.items() if not math.isfinite(v)}
+    if bad:
+        raise NonFiniteError(f"{where}: loss term(s) {bad} not finite (tokens were checked finite: look at the "
+                             "SAE dictionary, or lower guides.lr)")
+
+
+def check_finite_codes(codes: torch.Tensor, where: str) -> None:
+    """Raise NonFiniteError naming ``where``, the guide row and latent of the first NaN/Inf in
+    ``codes`` (..., 4, n_latents)."""
+    bad = ~torch.isfinite(codes)
+    if bad.any():
+        index = [int(i) for i in bad.nonzero()[0]]
+        row, latent = index[-2], index[-1]
+        raise NonFiniteError(f"{where}: codes hold {int(bad.sum())} NaN/Inf value(s), first in guide "
+                             f"{ROWS[row]!r} (row {row}), latent {latent}")
 
 
 def _to_batch(arrays: Mapping[str, np.ndarray], device: torch.device) -> Batch:
@@ -273,21 +309,70 @@ def summarize(codes: torch.Tensor, top: int = 10) -> dict:
 # Checkpoint: config.json + guides.safetensors (DESIGN §4)
 
 
+def _write_atomic(path: Path, data: bytes) -> None:
+    """The whole file or, on any failure, the old one: a temp file beside it, then ``os.replace``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def save(folder: str | Path, codes_per_seed: torch.Tensor, config: Mapping) -> None:
-    """``codes`` (4, n_latents) = the first seed's; ``codes_per_seed`` (n_seeds, 4, n_latents)."""
-    from safetensors.torch import save_file
+    """``codes`` (4, n_latents) = the first seed's; ``codes_per_seed`` (n_seeds, 4, n_latents).
+
+    Non-finite codes are refused before anything is written; each file is replaced atomically.
+    """
+    from safetensors.torch import save as save_bytes
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     codes_per_seed = codes_per_seed.detach().cpu().float().contiguous()
-    save_file({"codes": codes_per_seed[0].clone(), "codes_per_seed": codes_per_seed}, str(folder / "guides.safetensors"))
-    (folder / "config.json").write_text(json.dumps({"rows": list(ROWS), **config}, indent=2) + "\n")
+    check_finite_codes(codes_per_seed, f"{folder}: refusing to save")
+    tensors = save_bytes({"codes": codes_per_seed[0].clone(), "codes_per_seed": codes_per_seed})
+    text = json.dumps({"rows": list(ROWS), **config}, indent=2, allow_nan=False) + "\n"
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_atomic(folder / "guides.safetensors", tensors)
+    _write_atomic(folder / "config.json", text.encode())
 
 
 def load(folder: str | Path) -> tuple[torch.Tensor, dict]:
-    """(codes_per_seed (n_seeds, 4, n_latents), config dict)."""
+    """(codes_per_seed (n_seeds, 4, n_latents), config dict); non-finite codes are refused."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
     tensors = load_file(str(folder / "guides.safetensors"))
+    check_finite_codes(tensors["codes_per_seed"], f"{folder / 'guides.safetensors'}: re-run fit_guides;")
     return tensors["codes_per_seed"], json.loads((folder / "config.json").read_text())
+
+
+def store_fingerprint(attrs: Mapping) -> dict:
+    """The attrs of :data:`STORE_FINGERPRINT` of a feature store (None where the store lacks one)."""
+    return {k: attrs.get(k) for k in STORE_FINGERPRINT}
+
+
+def check_provenance(config: Mapping, guides_folder: str | Path, *, sae_sha256: str, sae_folder: str | Path,
+                     aux_attrs: Mapping, aux_path: str | Path) -> None:
+    """Refuse guides fitted on another SAE or another auxiliary store than the ones given.
+
+    ``config`` is the guides checkpoint's config.json, which records ``sae_sha256`` (sha256 of the
+    SAE's ``sae.safetensors``) and ``aux_store`` (:func:`store_fingerprint` of the store it was fitted
+    on). Raises :class:`GuidesError` naming both sides of the first mismatch.
+    """
+    where = Path(guides_folder) / "config.json"
+    missing = [k for k in ("sae_sha256", "aux_store") if k not in config]
+    if missing:
+        raise GuidesError(f"{where}: no {' or '.join(missing)} recorded (fitted by an older version), so it "
+                          "cannot be checked against the SAE and the auxiliary store; re-run fit_guides")
+    if config["sae_sha256"] != sae_sha256:
+        raise GuidesError(f"{where}: the guides were fitted on an SAE with sae.safetensors sha256 "
+                          f"{config['sae_sha256']}, but {Path(sae_folder) / 'sae.safetensors'} has {sae_sha256}; "
+                          "re-run fit_guides on this SAE, or pass the SAE the guides were fitted on")
+    have = store_fingerprint(aux_attrs)
+    for key, recorded in config["aux_store"].items():
+        if have.get(key) != recorded:
+            raise GuidesError(f"{where}: the guides were fitted on auxiliary store {config['aux_store'].get('dataset')!r} "
+                              f"with {key} {recorded!r}, but {aux_path} has {key} {have.get(key)!r}; pass the "
+                              "guides' own auxiliary store as --aux")

@@ -140,3 +140,32 @@ def test_save_load_round_trip(tmp_path):
     from safetensors.torch import load_file
 
     assert torch.equal(load_file(str(tmp_path / "g" / "guides.safetensors"))["codes"], codes[0])
+
+
+def test_save_refuses_non_finite_codes_and_keeps_the_old_checkpoint(tmp_path):
+    from pipeline.errors import NonFiniteError
+
+    good = torch.rand(2, 4, 10)
+    guides.save(tmp_path / "g", good, {"training": {"seeds": [0, 1]}})
+    before = {p.name: p.read_bytes() for p in (tmp_path / "g").iterdir()}
+    bad = good.clone()
+    bad[1, guides.ANOMALY_LOCAL, 7] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"refusing to save.*'anomaly_local' \(row 3\), latent 7"):
+        guides.save(tmp_path / "g", bad, {"training": {"seeds": [0, 1]}})
+    assert {p.name: p.read_bytes() for p in (tmp_path / "g").iterdir()} == before
+
+
+def test_load_refuses_a_checkpoint_with_non_finite_codes(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from pipeline.errors import NonFiniteError
+
+    codes = torch.rand(1, 4, 10)
+    codes[0, guides.NORMAL_GLOBAL, 2] = float("inf")
+    (tmp_path / "g").mkdir()
+    save_file({"codes": codes[0].clone(), "codes_per_seed": codes}, str(tmp_path / "g" / "guides.safetensors"))
+    (tmp_path / "g" / "config.json").write_text(json.dumps({"training": {"seeds": [0]}}))
+    with pytest.raises(NonFiniteError, match=r"guides\.safetensors.*'normal_global' \(row 0\), latent 2"):
+        guides.load(tmp_path / "g")

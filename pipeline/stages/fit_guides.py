@@ -6,6 +6,11 @@
 Writes ``<out>/config.json`` + ``<out>/guides.safetensors`` (``codes`` (4, n_latents) of the first
 seed, ``codes_per_seed``), ``<report>/guides.json`` (final loss terms, non-zeros per guide, top-10
 atoms per guide), ``<report>/guides_curve.csv`` and its PNG.
+
+The checkpoint's config records the SAE's content hash (``sae_sha256``) and the auxiliary store's
+fingerprint (``aux_store``), which evaluate checks. Every array read is checked finite (an error names
+the store, array, image and chunk), and so are the losses, the codes and the reports, before any file
+is written: a failed run leaves the previous outputs as they were.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from pathlib import Path
 import torch
 
 from pipeline import guides, report, sae, store
+from pipeline.backbones import sha256_file
 from pipeline.config import load_params
 from pipeline.runtime import resolve_device
 from pipeline.stages import run, setup_logging
@@ -46,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     grid = tuple(features.attrs["grid"])
 
     def read(chunk: int):
-        return features.read(chunk, ARRAYS)
+        return features.read(chunk, ARRAYS, finite=True)
 
     results = []
     for seed in cfg.seeds:
@@ -59,21 +65,31 @@ def main(argv: list[str] | None = None) -> None:
         log.info("seed %d: final terms %s", seed, {k: round(v, 4) for k, v in result.final_terms.items()})
         results.append(result)
     codes = torch.stack([r.codes for r in results])
-    guides.save(args.out, codes, {"training": asdict(cfg), "features": provenance,
-                                  "sae": {k: sae_config[k] for k in ("d_in", "n_latents", "k")}})
+    config = {"training": asdict(cfg), "features": provenance,
+              "sae": {k: sae_config[k] for k in ("d_in", "n_latents", "k")},
+              # what evaluate checks: these guides belong with this SAE and this auxiliary store
+              "sae_sha256": sha256_file(args.sae / "sae.safetensors"),
+              "aux_store": guides.store_fingerprint(features.attrs)}
     summary = {
         "seeds": list(cfg.seeds),
         "final_terms": {f"seed_{s}": r.final_terms for s, r in zip(cfg.seeds, results)},
         "nonzero_mean": {name: float((codes[:, i] > 0).sum(dim=1).float().mean()) for i, name in enumerate(guides.ROWS)},
         f"guides_seed_{cfg.seeds[0]}": guides.summarize(codes[0]),
     }
-    report.write_json(args.report / "guides.json", summary)
     curve = [{"seed": s, **row} for s, r in zip(cfg.seeds, results) for row in r.curve]
-    report.write_csv(args.report / "guides_curve.csv", curve)
     first = [row for row in curve if row["seed"] == cfg.seeds[0]]
-    report.plot_curves(args.report / "guides_curve.png", first, "epoch",
-                       ["focal", "dice_anomaly", "dice_normal", "global_ce", "loss"],
-                       f"Guides on {provenance['dataset']} (seed {cfg.seeds[0]})")
+    # everything rendered and checked (finite codes, JSON without NaN) before the first file is written
+    guides.check_finite_codes(codes, f"{args.out}: refusing to save")
+    files = {
+        args.report / "guides.json": report.json_text(args.report / "guides.json", summary).encode(),
+        args.report / "guides_curve.csv": report.csv_text(args.report / "guides_curve.csv", curve).encode(),
+        args.report / "guides_curve.png": report.png_bytes(report.curves_figure(
+            first, "epoch", ["focal", "dice_anomaly", "dice_normal", "global_ce", "loss"],
+            f"Guides on {provenance['dataset']} (seed {cfg.seeds[0]})")),
+    }
+    guides.save(args.out, codes, config)
+    for path, data in files.items():
+        report.write_bytes(path, data)
 
 
 if __name__ == "__main__":

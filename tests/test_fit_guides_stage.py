@@ -1,0 +1,92 @@
+"""The fit_guides stage on a small hand-built auxiliary store: NaN anywhere is refused before any file
+is written, and the checkpoint records what evaluate checks (the SAE's hash, the store's fingerprint)."""
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from pipeline import sae, store
+from pipeline.errors import NonFiniteError
+from pipeline.stages import fit_guides as fit_guides_stage
+from tests.test_evaluate import ATTRS, D_IN, GRID, N_LATENTS, SIZE, make_store
+
+FINGERPRINT = ("dataset", "inputs_sha256", "weights_sha256", "backbone", "layer", "image_size")
+
+
+@pytest.fixture
+def setup(tmp_path):
+    g = np.random.default_rng(0)
+    dictionary = np.linalg.qr(g.standard_normal((D_IN + 16, N_LATENTS)))[0][:D_IN].T
+    dictionary /= np.linalg.norm(dictionary, axis=1, keepdims=True)
+    make_store(tmp_path / "aux", tmp_path / "aux_root", dictionary, ["a1"], [16], [0.5], 1)
+    model = sae.TopKSAE(D_IN, N_LATENTS, 4)
+    with torch.no_grad():
+        model.dictionary.copy_(torch.tensor(dictionary, dtype=torch.float32))
+        model.encoder.copy_(model.dictionary)
+    sae.save(model, tmp_path / "sae", torch.zeros(N_LATENTS, dtype=torch.bool),
+             extra={"features": {**ATTRS, "dataset": "aux"}})
+    params = {"guides": {"epochs": 2, "batch_images": 4, "seeds": [0, 1], "ema_decay": 0.5, "device": "cpu"}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    return tmp_path
+
+
+def run(tmp, features="aux", sae_dir="sae"):
+    fit_guides_stage.main(["--features", str(tmp / features), "--sae", str(tmp / sae_dir), "--out",
+                           str(tmp / "guides"), "--report", str(tmp / "report"), "--params", str(tmp / "params.yaml")])
+
+
+def poisoned_copy(tmp, name, index, value):
+    """The aux store with ``name`` of image ``index`` set to ``value`` at one element."""
+    src = store.open_store(tmp / "aux")
+    layout = store.StoreLayout(src.n_images, GRID * GRID, D_IN, SIZE, src.chunk_images)
+    dst = tmp / f"aux_{name}"
+    group, pending = store.prepare(dst, layout, {k: v for k, v in src.attrs.items() if k not in ("schema", "complete")})
+    for c in pending:
+        arrays = src.read(c, list(layout.shapes()))
+        start = layout.chunk_range(c)[0]
+        if start <= index < start + len(arrays[name]):
+            arrays[name][index - start].flat[3] = value
+        store.write_chunk(group, layout, c, arrays)
+    store.finalize(group, dst)
+    return dst
+
+
+@pytest.mark.parametrize("name, value", [("tokens", np.nan), ("cls", np.nan), ("tokens", -np.inf)])
+def test_non_finite_aux_store_is_refused_naming_store_image_and_chunk(setup, name, value):
+    bad = poisoned_copy(setup, name, 11, value)
+    path = store.open_store(bad).attrs["paths"][11]
+    with pytest.raises(NonFiniteError) as err:
+        run(setup, features=bad.name)
+    message = str(err.value)
+    assert str(bad) in message and f"{name} of image 11 ({path})" in message and "chunk 1" in message
+    assert not (setup / "guides").exists() and not (setup / "report").exists()
+
+
+def test_nan_in_the_sae_dictionary_stops_fitting_before_anything_is_written(setup):
+    model, dead, config = sae.load(setup / "sae")
+    with torch.no_grad():
+        model.dictionary[5, 0] = float("nan")
+    sae.save(model, setup / "sae_nan", dead, extra={"features": config["features"]})
+    with pytest.raises(NonFiniteError, match=r"fit_guides seed 0: epoch 0, step 1: loss term"):
+        run(setup, sae_dir="sae_nan")
+    assert not (setup / "guides").exists() and not (setup / "report").exists()
+
+
+def test_checkpoint_records_sae_hash_and_aux_fingerprint_and_reports_are_strict_json(setup):
+    run(setup)
+    config = json.loads((setup / "guides" / "config.json").read_text())
+    assert config["sae_sha256"] == hashlib.sha256((setup / "sae" / "sae.safetensors").read_bytes()).hexdigest()
+    attrs = store.open_store(setup / "aux").attrs
+    assert config["aux_store"] == {k: attrs.get(k) for k in FINGERPRINT}
+    assert config["aux_store"]["dataset"] == "aux" and config["aux_store"]["layer"] == ATTRS["layer"]
+
+    def refuse(token):
+        raise AssertionError(f"{token} is not JSON")
+    summary = json.loads((setup / "report" / "guides.json").read_text(), parse_constant=refuse)
+    assert set(summary["final_terms"]) == {"seed_0", "seed_1"}
+    assert (setup / "report" / "guides_curve.csv").read_text().splitlines()[0].startswith("seed,epoch,step")
+    assert (setup / "report" / "guides_curve.png").read_bytes()[:4] == b"\x89PNG"
