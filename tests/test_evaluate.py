@@ -2,6 +2,7 @@
 meaningful, so the metrics, the controls, the nulls and the mismatch errors can all be checked."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +10,10 @@ import torch
 import yaml
 
 from pipeline import guides, sae, store
+from pipeline.backbones import sha256_file
+from pipeline.errors import NonFiniteError, PipelineError
 from pipeline.stages import evaluate as evaluate_stage
+from pipeline.stages import run as stage_run
 
 D_IN, N_LATENTS, GRID, SIZE, ATOM = 24, 32, 4, 16, 20
 ATTRS = {"backbone": "dinov2_vits14", "weights_sha256": "abc", "layer": 12, "image_size": SIZE, "grid": [GRID, GRID]}
@@ -73,16 +77,24 @@ def setup(tmp_path_factory):
     training = {"variant": "l1", "guide_topk": 32, "init_mean": 0.1, "init_std": 0.01, "temperature": 0.07, "seeds": [0, 1]}
     codes = torch.stack([guides.fit(read, aux.n_chunks, model.dictionary.detach(), None, (GRID, GRID), lr=1e-2,
                                     epochs=20, ema_decay=0.9, seed=s).codes for s in (0, 1)])
-    guides.save(tmp / "guides", codes, {"training": training, "features": provenance})
+    guides.save(tmp / "guides", codes, {"training": training, "features": provenance,
+                                        "sae_sha256": sha256_file(tmp / "sae" / "sae.safetensors"),
+                                        "aux_store": fingerprint(aux.attrs)})
     params = {"evaluate": {"image_score": "max", "blur_sigma": 1.0, "batch_images": 5, "curve_points": 50,
                            "overlays_per_category": 4, "device": "cpu"}}
     (tmp / "params.yaml").write_text(yaml.safe_dump(params))
     return tmp
 
 
-def run(tmp, target="target", out="report"):
-    evaluate_stage.main(["--target", str(tmp / target), "--aux", str(tmp / "aux"), "--sae", str(tmp / "sae"),
-                         "--guides", str(tmp / "guides"), "--out", str(tmp / out), "--params", str(tmp / "params.yaml")])
+def fingerprint(attrs):
+    """What a guides checkpoint records of its auxiliary store (issue 10, item 8)."""
+    return {k: attrs.get(k) for k in ("dataset", "inputs_sha256", "weights_sha256", "backbone", "layer", "image_size")}
+
+
+def run(tmp, target="target", out="report", aux="aux", sae_dir="sae", guides_dir="guides"):
+    evaluate_stage.main(["--target", str(tmp / target), "--aux", str(tmp / aux), "--sae", str(tmp / sae_dir),
+                         "--guides", str(tmp / guides_dir), "--out", str(tmp / out),
+                         "--params", str(tmp / "params.yaml")])
     return json.loads((tmp / out / "metrics.json").read_text()), json.loads((tmp / out / "per_category.json").read_text())
 
 
@@ -123,3 +135,160 @@ def test_target_from_another_extraction_is_refused(setup, attr, value):
     store.finalize(group, bad)
     with pytest.raises(store.StoreError, match=f"attr '{attr}'"):
         run(setup, target=bad.name, out=f"out_{attr}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Issue 10: hostile inputs (non-finite tokens, one-class targets, mismatched inputs, unsafe names)
+
+
+def copy_store(src_path, dst_path, attrs=None, edit=None):
+    """A copy of the store at ``src_path`` with ``attrs`` overridden and ``edit(start, arrays)`` applied
+    to each chunk's arrays (in place) before writing."""
+    src = store.open_store(src_path)
+    layout = store.StoreLayout(src.n_images, GRID * GRID, D_IN, SIZE, src.chunk_images)
+    kept = {k: v for k, v in src.attrs.items() if k not in ("schema", "complete")}
+    group, pending = store.prepare(dst_path, layout, {**kept, **(attrs or {})})
+    for c in pending:
+        arrays = src.read(c, list(layout.shapes()))
+        if edit:
+            edit(layout.chunk_range(c)[0], arrays)
+        store.write_chunk(group, layout, c, arrays)
+    store.finalize(group, dst_path)
+    return dst_path
+
+
+def declared_outputs(out):
+    """Every output path the evaluate stage declares in dvc.yaml, for report folder ``out``."""
+    do = yaml.safe_load((Path(__file__).resolve().parents[1] / "dvc.yaml").read_text())["stages"]["evaluate"]["do"]
+    entries = [e for kind in ("outs", "metrics", "plots") for e in do.get(kind, [])]
+    names = [e if isinstance(e, str) else next(iter(e)) for e in entries]
+    assert names, "evaluate declares no outputs"
+    prefix = "reports/${key}/"
+    assert all(n.startswith(prefix) for n in names), names
+    return [out / n[len(prefix):] for n in names]
+
+
+def strict_json(path):
+    """Parse ``path`` as strict JSON: bare NaN / Infinity (which Python's json accepts) fail."""
+    def refuse(token):
+        raise AssertionError(f"{path}: {token} is not JSON")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def files_under(folder):
+    return sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+@pytest.fixture(scope="module")
+def inf_target(setup):
+    """The target with one Inf in a token of image 27 (category t2, the second one scored)."""
+    def edit(start, arrays):
+        if start <= 27 < start + len(arrays["tokens"]):
+            arrays["tokens"][27 - start, 3, 5] = np.inf
+    return copy_store(setup / "target", setup / "target_inf", edit=edit)
+
+
+def test_inf_token_in_target_names_store_image_and_chunk(setup, inf_target):
+    paths = store.open_store(inf_target).attrs["paths"]
+    with pytest.raises(NonFiniteError) as err:
+        run(setup, target=inf_target.name, out="out_inf")
+    message = str(err.value)
+    assert str(inf_target) in message and "tokens" in message
+    assert "image 27" in message and paths[27] in message and "chunk 3" in message  # chunks of 8 images
+    assert files_under(setup / "out_inf") == []  # failed before anything was written
+
+
+def test_failed_run_leaves_the_previous_report_untouched(setup, inf_target):
+    """All or nothing: a run that fails half way (at the second category) writes no file at all."""
+    out = setup / "out_previous"
+    run(setup, out=out.name)
+    before = files_under(out)
+    assert Path("overlays/t1.png") in before
+    for name in before:
+        (out / name).write_bytes(b"previous run")
+    with pytest.raises(NonFiniteError):
+        run(setup, target=inf_target.name, out=out.name)
+    assert files_under(out) == before
+    assert all((out / name).read_bytes() == b"previous run" for name in before)
+
+
+@pytest.mark.parametrize("fraction, absent", [(0.0, "anomalous"), (1.0, "normal")])
+def test_one_class_target_exits_0_with_null_metrics_and_every_declared_output(setup, fraction, absent):
+    dictionary = sae.load(setup / "sae")[0].dictionary.detach().numpy().astype(np.float64)
+    name = f"target_no_{absent}"
+    make_store(setup / name, setup / f"{name}_root", dictionary, ["u1", "u2"], [5, 4], [fraction, fraction], 3)
+    out = setup / f"out_no_{absent}"
+    argv = ["--target", str(setup / name), "--aux", str(setup / "aux"), "--sae", str(setup / "sae"),
+            "--guides", str(setup / "guides"), "--out", str(out), "--params", str(setup / "params.yaml")]
+    stage_run(evaluate_stage.main, argv)  # a PipelineError would exit 1 here; anything else raises
+
+    missing = [str(p) for p in declared_outputs(out) if not p.exists()]
+    assert not missing, f"declared outputs not written: {missing}"
+    result, per_category = strict_json(out / "metrics.json"), strict_json(out / "per_category.json")
+    for key in ("image_auroc", "image_ap", "image_f1_max"):
+        assert result[key] is None and f"no {absent} images" in result["null_reasons"][key]
+        assert per_category["u1"][key] is None and f"no {absent} images" in per_category["u1"]["null_reasons"][key]
+    image_roc = (out / "plots" / "image_roc.csv").read_text().splitlines()
+    assert image_roc == ["fpr,tpr,threshold"]  # header only: the curve is undefined
+    assert (out / "plots" / "image_pr.csv").read_text().splitlines() == ["recall,precision,threshold"]
+    n = 9  # images, counted as images
+    counts = "0 anomalous, 9 normal images" if absent == "anomalous" else "9 anomalous, 0 normal images"
+    assert counts in result["null_reasons"]["image_curves"], result["null_reasons"]["image_curves"]
+    pixel_rows = (out / "plots" / "pixel_roc.csv").read_text().splitlines()
+    if absent == "anomalous":  # no anomalous pixel either: pixel metrics and curves undefined too
+        assert result["pixel_auroc"] is None and "pixel_auroc" in result["null_reasons"]
+        assert pixel_rows == ["fpr,tpr,threshold"]
+        reason = result["null_reasons"]["pixel_curves"]
+        assert "0 anomalous" in reason and "normal pixels" in reason and "images" not in reason
+    else:  # masks cover part of each image: pixel metrics stay defined
+        assert 0 <= result["pixel_auroc"] <= 1 and "pixel_auroc" not in result["null_reasons"]
+        assert len(pixel_rows) > 2 and "pixel_curves" not in result["null_reasons"]
+    assert result["n_images"] == n
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == ["u1.png", "u2.png"]
+
+
+def test_guides_fitted_on_another_sae_are_refused(setup):
+    other = setup / "sae_other"
+    model, dead, config = sae.load(setup / "sae")
+    with torch.no_grad():
+        model.dictionary[0] = -model.dictionary[0]  # same shape, other content
+    sae.save(model, other, dead, extra={k: v for k, v in config.items() if k not in ("d_in", "n_latents", "k", "decoder_bias")})
+    recorded = json.loads((setup / "guides" / "config.json").read_text())["sae_sha256"]
+    with pytest.raises(PipelineError) as err:
+        run(setup, sae_dir=other.name, out="out_other_sae")
+    message = str(err.value)
+    assert recorded in message and sha256_file(other / "sae.safetensors") in message
+    assert str(other) in message and str(setup / "guides") in message
+    assert not (setup / "out_other_sae").exists()
+
+
+@pytest.mark.parametrize("attrs", [{"dataset": "other_aux"}, {"inputs_sha256": "f00d"}])
+def test_aux_store_that_is_not_the_guides_dataset_is_refused(setup, attrs):
+    key, value = next(iter(attrs.items()))
+    other = copy_store(setup / "aux", setup / f"aux_{key}", attrs=attrs)
+    with pytest.raises(PipelineError) as err:
+        run(setup, aux=other.name, out=f"out_aux_{key}")
+    message = str(err.value)
+    recorded = fingerprint(store.open_store(setup / "aux").attrs)[key]
+    assert key in message and repr(recorded) in message and repr(value) in message and str(other) in message
+    assert not (setup / f"out_aux_{key}").exists()
+
+
+def test_guides_without_provenance_are_refused(setup):
+    old = setup / "guides_old"
+    codes, config = guides.load(setup / "guides")
+    guides.save(old, codes, {k: v for k, v in config.items() if k not in ("rows", "sae_sha256", "aux_store")})
+    with pytest.raises(PipelineError, match="sae_sha256 or aux_store.*re-run fit_guides"):
+        run(setup, guides_dir=old.name, out="out_old_guides")
+
+
+@pytest.mark.parametrize("bad", ["../../PWNED", "a/b", ".."])
+def test_category_name_cannot_leave_the_overlays_folder(setup, bad):
+    tag = {"../../PWNED": "dotdot", "a/b": "slash", "..": "parent"}[bad]
+    target = copy_store(setup / "target", setup / f"target_{tag}", attrs={"categories": [bad, "t2"]})
+    out = setup / f"pwn_{tag}" / "deep" / "report"
+    with pytest.raises(PipelineError) as err:
+        run(setup, target=target.name, out=str(out.relative_to(setup)))
+    assert repr(bad) in str(err.value)
+    assert not list(setup.rglob("PWNED*")) and not list(setup.rglob("b.png"))
+    assert files_under(setup / f"pwn_{tag}") == []

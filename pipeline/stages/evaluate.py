@@ -8,6 +8,18 @@ over seeds and ``<key>_std``; the two controls under ``controls``), ``per_catego
 under ``plots/`` (image and pixel ROC/PR, thinned) and PNGs (``roc_pr.png``, ``per_category.png``,
 ``overlays/<category>.png``).
 
+Inputs must belong together: the guides' checkpoint records the sha256 of the SAE it was fitted on
+and the fingerprint of its auxiliary store, and both are checked (:func:`guides.check_provenance`).
+Tokens and CLS read are checked finite (an error names the store, array, image and chunk).
+
+Outputs are all or nothing: everything (metrics, JSON text, CSV text, PNG bytes) is computed first and
+only then written, each file through a temp file and ``os.replace``, ``metrics.json`` last. A metric
+the target leaves undefined (no anomalous or no normal image) is ``null`` with its reason under
+``null_reasons``; a pooled ROC/PR curve that is undefined (one class at that level) is written as its
+CSV header alone, so every declared plot exists, with the reason under ``null_reasons`` too
+(``image_curves``, ``pixel_curves``). Per-category file names come from :func:`report.report_path`,
+which refuses a category name that would leave ``overlays/``.
+
 Controls, scored exactly like the result:
 - ``untrained_init``: the guide codes as initialised, before any training (what the learned
   coefficients add);
@@ -27,6 +39,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline import guides, metrics, report, sae, scoring, store
+from pipeline.backbones import sha256_file
 from pipeline.config import load_params
 from pipeline.runtime import resolve_device
 from pipeline.stages import run, setup_logging
@@ -35,6 +48,8 @@ log = logging.getLogger("pipeline.stages.evaluate")
 
 KEYS = metrics.METRIC_KEYS
 CHECKED = ("backbone", "weights_sha256", "layer", "image_size")
+CURVE_COLUMNS = {"roc": ("fpr", "tpr", "threshold"), "pr": ("recall", "precision", "threshold")}
+"""Columns of the plot CSVs (metrics.curves' rows), also the header of an undefined curve's file."""
 
 
 def no_sae_guides(aux: store.FeatureStore, device: torch.device) -> torch.Tensor:
@@ -49,7 +64,7 @@ def no_sae_guides(aux: store.FeatureStore, device: torch.device) -> torch.Tensor
     sums = {name: torch.zeros(d, dtype=torch.float64) for name in ("pn", "pa", "cn", "ca")}
     counts = dict.fromkeys(sums, 0.0)
     for chunk in range(aux.n_chunks):
-        a = aux.read(chunk, ("tokens", "cls", "masks", "labels"))
+        a = aux.read(chunk, ("tokens", "cls", "masks", "labels"), finite=True)
         tokens = torch.from_numpy(a["tokens"].astype(np.float32)).reshape(-1, d)
         cover = F.adaptive_avg_pool2d(torch.from_numpy(a["masks"]).float()[:, None], grid).reshape(-1)
         cls = torch.from_numpy(a["cls"].astype(np.float32))
@@ -87,8 +102,11 @@ def score_rows(target, start, stop, vectors: dict[str, torch.Tensor], cfg, tempe
     probs = {name: [] for name in vectors}
     for i in range(start, stop, cfg.batch_images):
         j = min(i + cfg.batch_images, stop)
-        tokens = torch.from_numpy(target.tokens[i:j].astype(np.float32)).to(device)
-        cls = torch.from_numpy(target.cls[i:j].astype(np.float32)).to(device)
+        arrays = {"tokens": target.tokens[i:j], "cls": target.cls[i:j]}
+        for name, values in arrays.items():  # names the store, array, image and chunk of a NaN/Inf
+            target.check_finite(name, values, i)
+        tokens = torch.from_numpy(arrays["tokens"].astype(np.float32)).to(device)
+        cls = torch.from_numpy(arrays["cls"].astype(np.float32)).to(device)
         for name, g in vectors.items():
             maps[name].append(scoring.anomaly_maps(tokens, g, grid, size, temperature=temperature, sigma=cfg.blur_sigma))
             probs[name].append(scoring.global_probability(cls, g))
@@ -156,6 +174,12 @@ def main(argv: list[str] | None = None) -> None:
     # A target extracted with another backbone, layer, image size or weights lives in another space.
     target = store.open_store(args.target, expect=expect)
     aux = store.open_store(args.aux, expect=expect)
+    # The guides must have been fitted on this SAE and this auxiliary store, or the report is mislabelled.
+    guides.check_provenance(guides_config, args.guides, sae_sha256=sha256_file(args.sae / "sae.safetensors"),
+                            sae_folder=args.sae, aux_attrs=aux.attrs, aux_path=args.aux)
+    ranges = category_ranges(target)
+    # category names become file names: refuse one that would leave overlays/ before any work is done
+    overlay_paths = {category: report.report_path(args.out / "overlays", category, ".png") for category in ranges}
     training = guides_config["training"]
     dictionary = model.dictionary.detach()
 
@@ -169,10 +193,10 @@ def main(argv: list[str] | None = None) -> None:
         vectors[f"untrained_init/{s}"] = guides.guide_vectors(init.effective().detach().to(device), dictionary)
     vectors["no_sae/0"] = no_sae_guides(aux, device)
 
+    files: dict[Path, bytes] = {}  # every output, rendered before the first one is written
     per_category: dict[str, dict[str, dict]] = {name: {} for name in vectors}
     pooled_labels, pooled_scores, pixel_sample = [], [], ([], [])
     rng = np.random.default_rng(0)
-    ranges = category_ranges(target)
     for category, (start, stop) in tqdm(ranges.items(), desc="evaluate", unit="category"):
         labels = target.labels[start:stop].astype(np.int64)
         masks = target.masks[start:stop]
@@ -185,13 +209,16 @@ def main(argv: list[str] | None = None) -> None:
         take = rng.random(masks.shape) < min(1.0, 2_000_000 / max(1, target.masks.shape[0] * masks[0].size))
         pixel_sample[0].append(masks[take])
         pixel_sample[1].append(maps[take])
-        # plotted here so that no category's maps outlive its turn (all of them would not fit on MVTec at 448 px)
+        # rendered here so that no category's maps outlive its turn (all of them would not fit on MVTec
+        # at 448 px); a PNG's bytes are small
         rows = overlay_rows(target, start, labels, masks, maps, cfg.overlays_per_category)
         # one colour scale per category, from its own maps: raw probabilities can all sit near 0
         lo, hi = float(maps.min()), float(maps.max())
-        report.plot_overlays(args.out / "overlays" / f"{category}.png", rows, vmin=lo, vmax=max(hi, lo + 1e-6),
-                             title=f"{category}: image, ground truth, anomaly map (seed {seeds[0]}, "
-                                   f"colours span {lo:.3f}-{hi:.3f})")
+        fig = report.overlays_figure(rows, vmin=lo, vmax=max(hi, lo + 1e-6),
+                                     title=f"{category}: image, ground truth, anomaly map (seed {seeds[0]}, "
+                                           f"colours span {lo:.3f}-{hi:.3f})")
+        if fig is not None:
+            files[overlay_paths[category]] = report.png_bytes(fig)
 
     def summary(prefix: str) -> dict:
         names = [n for n in vectors if n.startswith(prefix + "/")]
@@ -210,7 +237,6 @@ def main(argv: list[str] | None = None) -> None:
         "seeds": seeds,
         "controls": {"untrained_init": summary("untrained_init"), "no_sae": summary("no_sae")},
     }
-    report.write_json(args.out / "metrics.json", result)
     by_category = {}
     for category in ranges:
         runs = [per_category[n][category] for n in vectors if n.startswith("learned/")]
@@ -221,22 +247,44 @@ def main(argv: list[str] | None = None) -> None:
         entry["controls"] = {c: seed_summary([per_category[n][category] for n in vectors if n.startswith(c + "/")])
                              for c in ("untrained_init", "no_sae")}
         by_category[category] = entry
-    report.write_json(args.out / "per_category.json", by_category)
 
+    null_reasons = {key: "undefined in every category; " + "; ".join(
+                        f"{c}: {e['null_reasons'][key]}" for c, e in by_category.items() if key in e.get("null_reasons", {}))
+                    for key in KEYS if learned[key] is None}
     labels, scores = np.concatenate(pooled_labels), np.concatenate(pooled_scores)
     pix_masks, pix_maps = np.concatenate(pixel_sample[0]), np.concatenate(pixel_sample[1])
-    curves = {"image": metrics.curves(labels, scores, cfg.curve_points),
-              "pixel": metrics.curves(pix_masks, pix_maps, cfg.curve_points)}
+    curves = {}
+    for level, (y, score, unit) in {"image": (labels, scores, "images"), "pixel": (pix_masks, pix_maps, "pixels")}.items():
+        reason = metrics.one_class_reason(y, unit)
+        if reason:
+            # DVC declares the CSVs as outputs: an undefined curve is its header alone, not a missing file
+            null_reasons[f"{level}_curves"] = f"plots/{level}_roc.csv and plots/{level}_pr.csv are empty: {reason}"
+            curves[level] = {"roc": [], "pr": []}
+        else:
+            curves[level] = metrics.curves(y, score, cfg.curve_points, unit=unit)
+    if null_reasons:
+        result["null_reasons"] = null_reasons
+
+    title = f"{result['aux']} → {result['target']}"
     for level, c in curves.items():
         for kind in ("roc", "pr"):
-            report.write_csv(args.out / "plots" / f"{level}_{kind}.csv", c[kind])
-    report.plot_roc_pr(args.out / "roc_pr.png", curves, title=f"{result['aux']} → {result['target']}")
-    report.plot_per_category(args.out / "per_category.png", by_category, title=f"{result['aux']} → {result['target']}")
+            path = report.report_path(args.out / "plots", f"{level}_{kind}", ".csv")
+            files[path] = report.csv_text(path, c[kind], CURVE_COLUMNS[kind]).encode()
+    files[args.out / "roc_pr.png"] = report.png_bytes(report.roc_pr_figure(curves, title=title))
+    files[args.out / "per_category.png"] = report.png_bytes(report.per_category_figure(by_category, title=title))
+    files[args.out / "per_category.json"] = report.json_text(args.out / "per_category.json", by_category).encode()
+    # last: a metrics.json newer than the rest means the whole report is from one run
+    files[args.out / "metrics.json"] = report.json_text(args.out / "metrics.json", result).encode()
+
+    (args.out / "overlays").mkdir(parents=True, exist_ok=True)  # a declared output, even with no overlay
+    for path, data in files.items():
+        report.write_bytes(path, data)
     log.info("%s -> %s: %s", result["aux"], result["target"],
              ", ".join(f"{k} {learned[k]:.3f}" for k in KEYS if learned[k] is not None))
     log.info("controls: %s", {c: {k: round(v, 3) for k, v in m.items() if v is not None and not k.endswith("_std")}
                               for c, m in result["controls"].items()})
-
+    for key, reason in null_reasons.items():
+        log.warning("%s: %s", key, reason)
 
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
