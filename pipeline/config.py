@@ -15,13 +15,13 @@ import os
 import re
 import types
 import typing
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
-from pipeline.datasets import category_name_problem
 from pipeline.errors import PipelineError
 
 
@@ -48,6 +48,28 @@ PATCH_SIZES: dict[str, int] = {
 }
 """Patch side of each backbone in ``pipeline.backbones.BACKBONES`` (kept here so that the config is
 checked without importing torch; tests/test_config.py checks it against the registry and the models)."""
+
+
+def category_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a category name, or ``None`` when it can.
+
+    Here rather than in :mod:`pipeline.datasets` so that every stage can parse params without
+    importing (and listing as a DVC dep) the dataset module. Category names become report file and
+    folder names, so a name must be one plain path component: not empty, not ``.`` or ``..``, not starting with a dot (a hidden file, and ``..`` in disguise on
+    some tools), without ``/`` or ``\\`` (a separator on POSIX or Windows) and without control
+    characters (newlines and escapes that would also break logs and the DVC command line).
+    """
+    if not name:
+        return "is empty"
+    if name in (".", ".."):
+        return f"{name!r} is a relative path, not a name"
+    if name.startswith("."):
+        return f"{name!r} starts with '.'"
+    if "/" in name or "\\" in name:
+        return f"{name!r} contains a path separator (/ or \\)"
+    if any(unicodedata.category(ch) == "Cc" for ch in name):
+        return f"{name!r} contains a control character"
+    return None
 
 
 def _check_key(section: str, key: Any) -> str:

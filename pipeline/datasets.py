@@ -39,7 +39,6 @@ from __future__ import annotations
 import csv
 import logging
 import os
-import unicodedata
 import zlib
 from collections import Counter, defaultdict
 from contextlib import contextmanager
@@ -50,6 +49,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from pipeline.config import category_name_problem
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -120,27 +120,6 @@ class Sample:
     """``train`` or ``test``."""
     relpath: str
     """Image path relative to the dataset root, POSIX style (stored in the feature store's attrs)."""
-
-
-def category_name_problem(name: str) -> str | None:
-    """Why ``name`` cannot be a category name, or ``None`` when it can.
-
-    Category names become report file and folder names, so a name must be one plain path component:
-    not empty, not ``.`` or ``..``, not starting with a dot (a hidden file, and ``..`` in disguise on
-    some tools), without ``/`` or ``\\`` (a separator on POSIX or Windows) and without control
-    characters (newlines and escapes that would also break logs and the DVC command line).
-    """
-    if not name:
-        return "is empty"
-    if name in (".", ".."):
-        return f"{name!r} is a relative path, not a name"
-    if name.startswith("."):
-        return f"{name!r} starts with '.'"
-    if "/" in name or "\\" in name:
-        return f"{name!r} contains a path separator (/ or \\)"
-    if any(unicodedata.category(ch) == "Cc" for ch in name):
-        return f"{name!r} contains a control character"
-    return None
 
 
 def _check_category(name: str, where: str) -> None:
