@@ -5,8 +5,10 @@
     python -m pipeline.check --decode mvtec  # also decode every image and mask (finds truncated files)
 
 Stops at the first problem with an error naming the file and the convention expected (the same
-checks the extract stage makes), and exits non-zero. Generated datasets (``synthetic.datasets``)
-must have been generated first (``dvc repro data@synth_a``).
+checks the extract stage makes), and exits non-zero. Without ``--decode`` images are read to their
+headers only, but the masks of anomalous images are always decoded (they are small, and a mask that
+binarises empty is otherwise found only by extract; ``data.allow_empty_masks`` accepts them).
+Generated datasets (``synthetic.datasets``) must have been generated first (``dvc repro data@synth_a``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline.config import ConfigError, load_params
-from pipeline.datasets import DatasetError, load_image, load_mask, load_table, summarize
+from pipeline.datasets import load_image, load_mask, load_table, mask_from_header, summarize
+from pipeline.errors import PipelineError
 
 
 def format_summary(name: str, fmt: str, root: str, summary: dict) -> str:
@@ -41,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         params = load_params(args.params, ["datasets", "data"])
+        if not params.datasets:
+            raise ConfigError(f"{args.params}: the datasets section is empty or missing; nothing to check")
         names = args.datasets or list(params.datasets)
         unknown = [n for n in names if n not in params.datasets]
         if unknown:
@@ -49,12 +54,17 @@ def main(argv: list[str] | None = None) -> int:
             ds = params.datasets[name]
             samples = load_table(ds.format, Path(ds.root), splits=params.data.splits, categories=ds.categories,
                                  max_pixels=params.data.max_pixels)
+            allow_empty = params.data.allow_empty_masks
             if args.decode:
                 for s in tqdm(samples, desc=f"decode {name}", unit="img"):
                     image = load_image(s.image, params.data.max_pixels)
-                    load_mask(s.mask, image.size)
+                    load_mask(s.mask, image.size, allow_empty=allow_empty)
+            else:
+                anomalous = [s for s in samples if s.mask is not None]
+                for s in tqdm(anomalous, desc=f"masks {name}", unit="mask"):
+                    mask_from_header(s.mask, params.data.max_pixels, allow_empty=allow_empty)
             print(format_summary(name, ds.format, ds.root, summarize(samples)), flush=True)
-    except (ConfigError, DatasetError) as err:
+    except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

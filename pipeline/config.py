@@ -11,8 +11,11 @@ sections it should build, mirroring the ``params:`` list of the stage in ``dvc.y
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import types
 import typing
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -28,6 +31,55 @@ class ConfigError(PipelineError, ValueError):
 
 def _fail(key: str, message: str) -> typing.NoReturn:
     raise ConfigError(f"{key}: {message}")
+
+
+KEY_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
+"""Keys of ``datasets`` and ``runs`` (and ``synthetic.datasets`` names): they become DVC stage names,
+command-line arguments and folder names, so only letters, digits, ``_`` and ``-``."""
+
+PATCH_SIZES: dict[str, int] = {
+    "dinov2_vits14": 14,
+    "dinov2_vitb14": 14,
+    "dinov2_vitl14": 14,
+    "dinov3_vits16": 16,
+    "dinov3_vitb16": 16,
+    "dinov3_vitl16": 16,
+    "openclip_vitl14_336": 14,
+}
+"""Patch side of each backbone in ``pipeline.backbones.BACKBONES`` (kept here so that the config is
+checked without importing torch; tests/test_config.py checks it against the registry and the models)."""
+
+
+def category_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a category name, or ``None`` when it can.
+
+    Here rather than in :mod:`pipeline.datasets` so that every stage can parse params without
+    importing (and listing as a DVC dep) the dataset module. Category names become report file and
+    folder names, so a name must be one plain path component: not empty, not ``.`` or ``..``, not starting with a dot (a hidden file, and ``..`` in disguise on
+    some tools), without ``/`` or ``\\`` (a separator on POSIX or Windows) and without control
+    characters (newlines and escapes that would also break logs and the DVC command line).
+    """
+    if not name:
+        return "is empty"
+    if name in (".", ".."):
+        return f"{name!r} is a relative path, not a name"
+    if name.startswith("."):
+        return f"{name!r} starts with '.'"
+    if "/" in name or "\\" in name:
+        return f"{name!r} contains a path separator (/ or \\)"
+    if any(unicodedata.category(ch) == "Cc" for ch in name):
+        return f"{name!r} contains a control character"
+    return None
+
+
+def _check_key(section: str, key: Any) -> str:
+    """``key`` as a string (YAML reads ``2024:`` as an int); refuse anything but :data:`KEY_PATTERN`."""
+    if isinstance(key, int) and not isinstance(key, bool):
+        key = str(key)
+    if not isinstance(key, str) or not KEY_PATTERN.fullmatch(key):
+        _fail(f"{section}.{key}", f"the key {key!r} must be letters, digits, _ or - (it becomes a DVC stage "
+                                  "name, a command-line argument and a folder name)")
+    return key
 
 
 def _check_device(device: str) -> None:
@@ -56,6 +108,14 @@ class DatasetConfig:
             _fail("format", f"{self.format!r} is not one of mvtec, visa, folder")
         if not self.root:
             _fail("root", "must be a non-empty path")
+        if self.categories is not None:
+            if not self.categories:
+                _fail("categories", "is an empty list; use null for every category")
+            for i, name in enumerate(self.categories):
+                problem = category_name_problem(name)
+                if problem is not None:
+                    _fail(f"categories[{i}]", f"category name {problem}; a category must be a plain file "
+                                              "name (no / or \\, not . or .., not starting with '.')")
 
 
 @dataclass(frozen=True)
@@ -78,6 +138,9 @@ class SyntheticConfig:
     def __post_init__(self) -> None:
         if self.image_size < 64:
             _fail("image_size", f"{self.image_size} is too small (at least 64)")
+        for i, name in enumerate(self.datasets):
+            if not KEY_PATTERN.fullmatch(name):
+                _fail(f"datasets[{i}]", f"{name!r} must be letters, digits, _ or - (it becomes data/<name>)")
         for name in ("train_good", "test_good", "test_anomalous"):
             if getattr(self, name) < 1:
                 _fail(name, f"must be >= 1, got {getattr(self, name)}")
@@ -91,6 +154,12 @@ class DataConfig:
     """Splits to extract. The cross-dataset protocol uses only ``test`` (the split with masks)."""
     max_pixels: int = 50_000_000
     """Refuse images with more pixels than this (a guard against corrupt or unintended huge files)."""
+    allow_empty_masks: bool = False
+    """Accept anomalous images whose mask file binarises empty (no anomalous pixel). Off by default:
+    such an image usually means a mask the loader read wrongly (e.g. a defect painted in an unexpected
+    channel), and fitting on it trains the guides with no anomalous pixels. ``check`` and extract
+    refuse it naming the file and how it was binarised; turn this on only for datasets that label
+    images anomalous without marking pixels."""
 
     def __post_init__(self) -> None:
         if not self.splits or any(s not in ("train", "test") for s in self.splits):
@@ -122,6 +191,12 @@ class BackboneConfig:
             _fail("layer", "blocks are numbered from 1 (or from -1 at the end); 0 is not a block")
         if not 14 <= self.image_size <= 2048:
             _fail("image_size", f"{self.image_size} is outside [14, 2048]")
+        patch = PATCH_SIZES.get(self.name)
+        if patch is not None and self.image_size % patch:
+            lo = self.image_size // patch * patch
+            near = f"{lo} or {lo + patch}" if lo >= patch else f"{patch}"
+            _fail("image_size", f"{self.image_size} is not a multiple of {self.name}'s patch size {patch} "
+                                f"(e.g. {near})")
 
 
 @dataclass(frozen=True)
@@ -340,6 +415,27 @@ class Params:
     runs: Mapping[str, RunConfig] = field(default_factory=dict)
 
 
+def _float_or_none(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _yaml_float(text: str) -> str:
+    """How to write ``text`` (which float() accepts) so that YAML 1.1 reads a float: 1e-3 -> 1.0e-3."""
+    m = re.fullmatch(r"\s*([+-]?)(\d*)\.?(\d*)[eE]([+-]?)(\d+)\s*", text)
+    if m:
+        sign, whole, frac, esign, exp = m.groups()
+        return f"{sign}{whole or '0'}.{frac or '0'}e{esign or '+'}{exp}"
+    x = float(text)
+    if x != x:
+        return ".nan"
+    if x in (float("inf"), float("-inf")):
+        return ".inf" if x > 0 else "-.inf"
+    return repr(x)
+
+
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Check ``value`` against the type ``hint`` (the few forms used above), converting lists to tuples."""
     origin = typing.get_origin(hint)
@@ -363,6 +459,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             _fail(key, f"expected an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str) and _float_or_none(value) is not None:
+            # YAML 1.1 (PyYAML) reads 1e-3 as a string: a float needs a dot and a signed exponent.
+            _fail(key, f"expected a number, got the string {value!r}; YAML reads it as text: write "
+                       f"{_yaml_float(value)}")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(key, f"expected a number, got {value!r}")
         return float(value)
@@ -412,7 +512,8 @@ def parse(raw: Mapping[str, Any], sections: typing.Iterable[str] | None = None) 
             entries = raw.get(name) or {}
             if not isinstance(entries, Mapping):
                 _fail(name, f"expected a mapping of name -> {_MAPPINGS[name].__name__} fields")
-            out[name] = {str(k): build(_MAPPINGS[name], v, f"{name}.{k}") for k, v in entries.items()}
+            entries = {_check_key(name, k): v for k, v in entries.items()}
+            out[name] = {k: build(_MAPPINGS[name], v, f"{name}.{k}") for k, v in entries.items()}
         else:
             out[name] = build(SECTIONS[name], raw.get(name), name)
     params = Params(**out)
@@ -422,16 +523,44 @@ def parse(raw: Mapping[str, Any], sections: typing.Iterable[str] | None = None) 
                 if getattr(rc, role) not in params.datasets:
                     _fail(f"runs.{run}.{role}", f"{getattr(rc, role)!r} is not a key of datasets "
                                                  f"({', '.join(params.datasets)})")
+            aux, target = params.datasets[rc.aux], params.datasets[rc.target]
+            if _identity(aux) == _identity(target):
+                _fail(f"runs.{run}", f"aux {rc.aux!r} and target {rc.target!r} are the same data (format "
+                                     f"{aux.format}, root {_identity(aux)[1]}, same categories): the protocol "
+                                     "is cross-dataset; point them at different datasets")
     return params
+
+
+def _identity(ds: DatasetConfig) -> tuple[str, str, tuple[str, ...] | None]:
+    """What makes two dataset entries the same data: format, normalised absolute root, categories."""
+    root = os.path.normpath(os.path.abspath(os.path.expanduser(ds.root)))
+    return ds.format, root, (tuple(sorted(set(ds.categories))) if ds.categories is not None else None)
 
 
 def load_params(path: str | Path = "params.yaml", sections: typing.Iterable[str] | None = None) -> Params:
     """Read and validate ``params.yaml`` (only the given sections)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: params file not found")
-    with path.open() as fh:
-        raw = yaml.safe_load(fh) or {}
+    raw = read_yaml(path, "params file")
+    if raw is None:
+        raise ConfigError(f"{path}: the params file is empty; expected a mapping of sections "
+                          "(datasets, data, backbone, ...)")
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{path}: expected a mapping of sections at top level")
     return parse(raw, sections)
+
+
+def read_yaml(path: str | Path, what: str = "YAML file") -> Any:
+    """``yaml.safe_load`` of a file (None when empty); a missing file or bad syntax is a ConfigError
+    naming the file, line and column."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: {what} not found")
+    try:
+        with path.open(encoding="utf-8") as fh:
+            return yaml.safe_load(fh)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}{where}: YAML syntax error: {problem}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None

@@ -26,9 +26,14 @@ from tqdm import tqdm
 
 from pipeline import store
 from pipeline.datasets import Sample, load_image, load_mask
+from pipeline.errors import PipelineError
 from pipeline.runtime import DistInfo
 
 log = logging.getLogger(__name__)
+
+
+class WeightsError(PipelineError, ValueError):
+    """The backbone weights file or its JSON record is missing or does not match the config."""
 
 
 def fingerprint(samples: Sequence[Sample]) -> str:
@@ -52,12 +57,14 @@ def fingerprint(samples: Sequence[Sample]) -> str:
 class _Images(Dataset):
     """Decoded, normalised images (3, S, S) and masks (S, S) uint8 of the given sample indices."""
 
-    def __init__(self, samples: Sequence[Sample], indices: Sequence[int], transform: Callable, mask_size: int, max_pixels: int):
+    def __init__(self, samples: Sequence[Sample], indices: Sequence[int], transform: Callable, mask_size: int,
+                 max_pixels: int, allow_empty_masks: bool = False):
         self.samples = samples
         self.indices = list(indices)
         self.transform = transform
         self.mask_size = mask_size
         self.max_pixels = max_pixels
+        self.allow_empty_masks = allow_empty_masks
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -67,10 +74,30 @@ class _Images(Dataset):
         index = self.indices[i]
         sample = self.samples[index]
         image = load_image(sample.image, self.max_pixels)
-        mask = load_mask(sample.mask, image.size, resize_to=self.mask_size)
+        mask = load_mask(sample.mask, image.size, resize_to=self.mask_size, allow_empty=self.allow_empty_masks)
         small = np.asarray(image.resize((self.mask_size, self.mask_size), Image.Resampling.BILINEAR))
         return (index, self.transform(image), torch.from_numpy(np.ascontiguousarray(mask)),
                 torch.from_numpy(np.ascontiguousarray(small)))
+
+
+def _worker_error(err: PipelineError) -> PipelineError:
+    """The user error a DataLoader worker raised, with its own one-line message.
+
+    PyTorch re-raises a worker's exception as ``type(err)("Caught X in DataLoader worker process 0.\\n
+    Original Traceback ...")``: the worker's whole traceback in the message, which would defeat the
+    stage's one-line ``error:`` output. The original message is the traceback's last line.
+    """
+    text = str(err)
+    if not text.startswith("Caught ") or "Original Traceback" not in text:
+        return err
+    last = text.rstrip().splitlines()[-1]
+    cls = type(err)
+    for prefix in (f"{cls.__module__}.{cls.__qualname__}: ", f"{cls.__qualname__}: "):
+        if last.startswith(prefix):
+            clean = cls(last[len(prefix):])
+            clean.__cause__ = err
+            return clean
+    return err
 
 
 class _ChunkWriter:
@@ -120,6 +147,7 @@ def extract(
     chunk_images: int = 32,
     num_workers: int = 1,
     max_pixels: int = 50_000_000,
+    allow_empty_masks: bool = False,
     device: torch.device = torch.device("cpu"),
     dist_info: DistInfo = DistInfo(),
     after_write: Callable[[int], None] | None = None,
@@ -130,6 +158,13 @@ def extract(
     ``embed_dim`` and ``image_size``. Resumes a store made with the same ``attrs`` and layout; writes
     ``complete: true`` last. Under torch.distributed (already initialised), rank 0 prepares and
     finalises the store and every rank writes its own chunks. ``after_write`` is a test hook.
+
+    An anomalous image whose mask file binarises empty is an error unless ``allow_empty_masks``
+    (:func:`pipeline.datasets.load_mask`). One whose defect is smaller than a pixel at S and vanishes
+    in the nearest-neighbour resize is kept and logged as a warning: the image is still anomalous (image
+    metrics count it), S and the resize are the paper's protocol, and refusing it would make real
+    datasets with tiny defects (VisA) unusable at the paper's resolution without also switching off the
+    check for truly empty masks.
     """
     if not samples:
         raise ValueError("no samples to extract")
@@ -154,7 +189,7 @@ def extract(
 
     if indices:
         _run(samples, backbone, transform, group, layout, mine, indices, category_ix, defect_ix,
-             batch_size, num_workers, max_pixels, device, dist_info, after_write)
+             batch_size, num_workers, max_pixels, allow_empty_masks, device, dist_info, after_write)
     if distributed:
         dist.barrier()
     if dist_info.rank == 0:
@@ -163,10 +198,23 @@ def extract(
         dist.barrier()  # nobody reads the store before it is complete
 
 
+def _batches(loader: DataLoader):
+    """Iterate ``loader``, re-raising a worker's PipelineError with its one-line message."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except PipelineError as err:
+            raise _worker_error(err)
+        yield batch
+
+
 def _run(samples, backbone, transform, group, layout, chunks, indices, category_ix, defect_ix,
-         batch_size, num_workers, max_pixels, device, dist_info, after_write) -> None:
+         batch_size, num_workers, max_pixels, allow_empty_masks, device, dist_info, after_write) -> None:
     loader = DataLoader(
-        _Images(samples, indices, transform, layout.mask_size, max_pixels),
+        _Images(samples, indices, transform, layout.mask_size, max_pixels, allow_empty_masks),
         batch_size=batch_size,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
@@ -180,11 +228,12 @@ def _run(samples, backbone, transform, group, layout, chunks, indices, category_
     buffers: dict[int, dict[str, np.ndarray]] = {}
     filled: dict[int, int] = {}
     writer = _ChunkWriter(group, layout, after_write=after_write)
+    vanished: list[str] = []  # anomalous images whose mask is empty at S (see extract's docstring)
     bar = tqdm(total=len(indices), unit="img", desc=f"extract[{dist_info.rank}]" if dist_info.world_size > 1 else "extract",
                file=sys.stderr, mininterval=1.0)  # on under DVC too (not a TTY): a person waits for it
     try:
         with torch.inference_mode(), autocast:
-            for index, images, masks, small in loader:
+            for index, images, masks, small in _batches(loader):
                 tokens, cls = backbone(images.to(device, non_blocking=True))
                 tokens = tokens.to(torch.float16).cpu().numpy()
                 cls = cls.to(torch.float16).cpu().numpy()
@@ -205,6 +254,8 @@ def _run(samples, backbone, transform, group, layout, chunks, indices, category_
                     buf["tokens"][r] = tokens[row]
                     buf["cls"][r] = cls[row]
                     buf["masks"][r] = masks[row]
+                    if s.label and s.mask is not None and not masks[row].any():
+                        vanished.append(s.relpath)
                     buf["images"][r] = small[row]
                     buf["labels"][r] = s.label
                     buf["category"][r] = category_ix[s.category]
@@ -216,5 +267,11 @@ def _run(samples, backbone, transform, group, layout, chunks, indices, category_
     finally:
         bar.close()
     writer.close()
+    if vanished:
+        log.warning("%d anomalous image(s) have no anomalous pixel at %dx%d (a defect smaller than a pixel "
+                    "after the nearest-neighbour resize, or an empty mask allowed by data.allow_empty_masks); "
+                    "they count for image metrics only: %s%s",
+                    len(vanished), layout.mask_size, layout.mask_size, ", ".join(vanished[:5]),
+                    f" and {len(vanished) - 5} more" if len(vanished) > 5 else "")
     if buffers:  # every index belongs to a chunk that is written once full
         raise RuntimeError(f"chunks {sorted(buffers)} were left unfilled")

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import yaml
 from ruamel.yaml import YAML  # round-trip YAML: params.yaml keeps its comments (ruamel comes with dvc)
 
-from pipeline.config import ConfigError, parse
+from pipeline.config import ConfigError, parse, read_yaml
 
 REPLACED = ("datasets", "runs")
 
@@ -45,8 +45,15 @@ def main(argv: list[str] | None = None) -> int:
     rt = YAML()
     rt.preserve_quotes = True
     rt.width = 110
+    try:
+        read_yaml(args.params, "params file")  # a syntax error as one line naming the file, not a traceback
+        preset = read_yaml(args.preset, "preset") or {}
+        if not isinstance(preset, Mapping):
+            raise ConfigError(f"{args.preset}: expected a mapping of sections at top level")
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     base = rt.load(args.params.read_text())
-    preset = yaml.safe_load(args.preset.read_text()) or {}
     merged = merge(base, preset)
     out = io.StringIO()
     rt.dump(merged, out)

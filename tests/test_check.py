@@ -1,4 +1,7 @@
+import numpy as np
+import pytest
 import yaml
+from PIL import Image
 
 from pipeline import check
 
@@ -35,3 +38,51 @@ def test_check_finds_truncated_images_only_when_decoding(mvtec_tree, tmp_path, c
     assert check.main(["--params", params]) == 0
     assert check.main(["--params", params, "--decode"]) == 1
     assert "001.png" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- issue 10 (items 5, 6, 9)
+
+
+def test_check_refuses_an_empty_mask_without_decode_unless_allowed(mvtec_tree, tmp_path, capsys):
+    victim = mvtec_tree / "beta" / "ground_truth" / "scratch" / "001_mask.png"
+    Image.new("L", Image.open(victim).size, 0).save(victim)
+    params = write_params(tmp_path, mvtec_tree)
+    assert check.main(["--params", str(params)]) == 1
+    err = capsys.readouterr().err
+    last = err.rstrip("\n").split("\n")[-1]  # the tqdm bar of the mask pass comes first
+    assert last.startswith("error: ") and "001_mask.png of an anomalous image is empty" in last
+    assert "value != 0" in last and "Traceback" not in err
+    raw = yaml.safe_load(params.read_text())
+    raw["data"]["allow_empty_masks"] = True
+    params.write_text(yaml.safe_dump(raw))
+    assert check.main(["--params", str(params)]) == 0
+    assert check.main(["--params", str(params), "--decode"]) == 0
+
+
+def test_check_decode_refuses_a_32_bit_image(tmp_path, capsys):
+    """Before: an I-mode TIFF decoded all white and check --decode passed it."""
+    root = tmp_path / "f"
+    (root / "c/test/good").mkdir(parents=True)
+    Image.fromarray(np.full((4, 4), 1000, np.int32)).save(root / "c/test/good/deep.tif")
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"datasets": {"f": {"format": "folder", "root": str(root)}}}))
+    assert check.main(["--params", str(params)]) == 0  # headers only
+    assert check.main(["--params", str(params), "--decode"]) == 1
+    assert "deep.tif has pixel mode 'I'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["", "data:\n  splits: [test]\n", "datasets: {}\n"])
+def test_check_fails_on_empty_or_dataset_less_params(tmp_path, capsys, text):
+    params = tmp_path / "params.yaml"
+    params.write_text(text)
+    assert check.main(["--params", str(params)]) == 1
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.startswith("error: ") and out.err.count("\n") == 1
+
+
+def test_check_yaml_syntax_error_is_one_line(tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text("datasets: {a: [\n")
+    assert check.main(["--params", str(params)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {params}, line ") and err.count("\n") == 1

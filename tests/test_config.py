@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.config import ConfigError, load_params, parse
+from pipeline.config import PATCH_SIZES, ConfigError, load_params, parse
 
 
 def test_repository_params_load():
@@ -52,3 +52,130 @@ def test_lists_become_tuples_and_configs_are_frozen():
 def test_missing_params_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="nope.yaml"):
         load_params(tmp_path / "nope.yaml")
+
+
+# ------------------------------------------------------------------------------- issue 10 (items 8, 9)
+
+
+@pytest.mark.parametrize("section, key", [("datasets", "synth a"), ("datasets", ""), ("datasets", "a/b"),
+                                          ("datasets", "x;rm"), ("runs", "a to b"), ("runs", "a\tb")])
+def test_keys_of_datasets_and_runs_are_plain_names(section, key):
+    raw = {"datasets": {"a": {"format": "mvtec", "root": "d/a"}, "b": {"format": "mvtec", "root": "d/b"}},
+           "runs": {"a_to_b": {"aux": "a", "target": "b"}}}
+    raw[section][key] = raw[section].pop("a" if section == "datasets" else "a_to_b")
+    with pytest.raises(ConfigError) as err:
+        parse(raw, [section])
+    assert str(err.value).startswith(f"{section}.{key}:") and "letters, digits, _ or -" in str(err.value)
+
+
+def test_plain_keys_pass_and_int_keys_become_strings():
+    params = parse({"datasets": {"mvtec-ad_2": {"format": "mvtec", "root": "d"}, 2024: {"format": "visa",
+                                                                                      "root": "v"}}},
+                   ["datasets"])
+    assert set(params.datasets) == {"mvtec-ad_2", "2024"}
+
+
+def test_synthetic_dataset_names_are_plain_names():
+    with pytest.raises(ConfigError, match=r"^synthetic\.datasets\[1\]: 'b c'"):
+        parse({"synthetic": {"datasets": ["a", "b c"]}}, ["synthetic"])
+
+
+@pytest.mark.parametrize("name, size, hint", [("dinov2_vits14", 225, "224 or 238"),
+                                              ("dinov3_vitl16", 450, "448 or 464"),
+                                              ("openclip_vitl14_336", 20, "14 or 28")])
+def test_image_size_must_be_a_multiple_of_the_patch(name, size, hint):
+    with pytest.raises(ConfigError, match=rf"^backbone\.image_size: {size} is not a multiple of {name}'s "
+                                          rf"patch size \d+ \(e\.g\. {hint}\)"):
+        parse({"backbone": {"name": name, "image_size": size}}, ["backbone"])
+    ok = size - size % PATCH_SIZES[name]
+    assert parse({"backbone": {"name": name, "image_size": ok}}, ["backbone"]).backbone.image_size == ok
+
+
+def test_patch_size_table_agrees_with_the_registry_and_the_models():
+    """The table in config.py avoids importing torch at config time; here it must equal the registry
+    and the patch of each real architecture (built on the meta device: no weights, no download)."""
+    import open_clip
+    import timm
+    import torch
+
+    from pipeline.backbones import BACKBONES
+
+    assert PATCH_SIZES == {name: spec.patch_size for name, spec in BACKBONES.items()}
+    for name, spec in BACKBONES.items():
+        if spec.library == "timm":
+            with torch.device("meta"):
+                model = timm.create_model(spec.model_name, pretrained=False)
+            patch = model.patch_embed.patch_size[0]
+        else:
+            patch = open_clip.get_model_config(spec.model_name)["vision_cfg"]["patch_size"]
+        assert patch == PATCH_SIZES[name], name
+
+
+@pytest.mark.parametrize("text, hint", [("1e-3", "1.0e-3"), ("5E-2", "5.0e-2"), ("2.5e4", "2.5e+4")])
+def test_number_read_as_a_string_says_how_to_write_it(tmp_path, text, hint):
+    path = tmp_path / "params.yaml"
+    path.write_text(f"guides:\n  lr: {text}\n")
+    with pytest.raises(ConfigError) as err:
+        load_params(path, ["guides"])
+    assert str(err.value) == (f"guides.lr: expected a number, got the string {text!r}; YAML reads it as text: "
+                              f"write {hint}")
+    path.write_text(f"guides:\n  lr: {hint}\n")  # the hint really is a YAML float
+    assert load_params(path, ["guides"]).guides.lr == float(text)
+
+
+def test_yaml_syntax_error_is_one_line_naming_file_and_line(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("data:\n  splits: [test\n  max_pixels: 10\n")
+    with pytest.raises(ConfigError) as err:
+        load_params(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}, line ") and "YAML syntax error" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "---\n"])
+def test_empty_params_file_is_an_error(tmp_path, text):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"params\.yaml: the params file is empty"):
+        load_params(path)
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/b", "", ".", "a\\b", "line\nbreak"])
+def test_category_names_in_params_are_checked(bad):
+    with pytest.raises(ConfigError, match=r"^datasets\.v\.categories\[1\]: category name"):
+        parse({"datasets": {"v": {"format": "visa", "root": "r", "categories": ["ok", bad]}}}, ["datasets"])
+
+
+def test_empty_category_list_is_refused():
+    with pytest.raises(ConfigError, match=r"^datasets\.v\.categories: is an empty list"):
+        parse({"datasets": {"v": {"format": "visa", "root": "r", "categories": []}}}, ["datasets"])
+
+
+@pytest.mark.parametrize("root_b, cats_a, cats_b", [
+    ("./data/a/", None, None),
+    ("data//x/../a", ["p", "q"], ["q", "p"]),
+])
+def test_run_on_the_same_data_under_two_keys_is_refused(tmp_path, monkeypatch, root_b, cats_a, cats_b):
+    monkeypatch.chdir(tmp_path)
+    raw = {"datasets": {"a": {"format": "mvtec", "root": "data/a", "categories": cats_a},
+                        "b": {"format": "mvtec", "root": root_b, "categories": cats_b}},
+           "runs": {"a_to_b": {"aux": "a", "target": "b"}}}
+    with pytest.raises(ConfigError, match=r"^runs\.a_to_b: aux 'a' and target 'b' are the same data"):
+        parse(raw)
+    raw["datasets"]["b"]["root"] = str(tmp_path / "data" / "a")  # absolute spelling of the same root
+    with pytest.raises(ConfigError, match=r"same data"):
+        parse(raw)
+
+
+@pytest.mark.parametrize("change", [{"format": "folder"}, {"root": "data/b"}, {"categories": ["p"]}])
+def test_runs_on_different_data_pass(change):
+    raw = {"datasets": {"a": {"format": "mvtec", "root": "data/a", "categories": ["p", "q"]},
+                        "b": {"format": "mvtec", "root": "data/a", "categories": ["p", "q"], **change}},
+           "runs": {"a_to_b": {"aux": "a", "target": "b"}}}
+    assert parse(raw).runs["a_to_b"].target == "b"
+
+
+def test_allow_empty_masks_defaults_off_and_is_in_params_yaml():
+    assert parse({}, ["data"]).data.allow_empty_masks is False
+    assert load_params("params.yaml", ["data"]).data.allow_empty_masks is False
+    assert parse({"data": {"allow_empty_masks": True}}, ["data"]).data.allow_empty_masks is True

@@ -12,10 +12,14 @@ from pipeline.datasets import (
     FORMATS,
     DatasetError,
     Sample,
+    binarise,
+    category_name_problem,
     load_image,
     load_mask,
     load_table,
+    mask_from_header,
     summarize,
+    to_rgb,
 )
 
 W, H = 8, 6  # PIL order (width, height)
@@ -416,3 +420,275 @@ def test_folder_ambiguous_mask(tmp_path):
     _mask(root / "c/ground_truth/hole/x_mask.png")
     with pytest.raises(DatasetError, match=r"x\.png has two candidate masks"):
         load_table("folder", root)
+
+
+# ------------------------------------------------------------------ issue 10: category names (item 4)
+
+
+@pytest.mark.parametrize(
+    "name, problem",
+    [("", "is empty"), (".", "relative path"), ("..", "relative path"), (".hidden", "starts with '.'"),
+     ("../../../PWNED", "starts with '.'"), ("a/b", "path separator"), ("a\\b", "path separator"),
+     ("a\nb", "control character"), ("a\x1bb", "control character")],
+)
+def test_category_name_problem(name, problem):
+    assert problem in category_name_problem(name)
+
+
+@pytest.mark.parametrize("name", ["bottle", "pcb1", "metal_nut", "Ü-12 ok"])
+def test_category_name_plain_names_pass(name):
+    assert category_name_problem(name) is None
+
+
+@pytest.mark.parametrize("obj", ["../../../PWNED", "a/b", "..\\x", ".", "..", "\"a\nb\""])
+def test_visa_object_column_cannot_leave_a_folder(tmp_path, obj):
+    root = tmp_path / "v"
+    _img(root / "a.png")
+    _visa(root, rows=["good,test,normal,a.png,", f"{obj},test,normal,a.png,"])
+    with pytest.raises(DatasetError, match=r"1cls\.csv, line \d: object column: category name"):
+        load_table("visa", root)
+
+
+@pytest.mark.parametrize("name", ["back\\slash", "bell\x07"])
+def test_tree_category_folder_names_are_checked(tmp_path, name):
+    root = _mvtec(tmp_path / "m")
+    (root / "bottle").rename(root / name)
+    for fmt in ("mvtec", "folder"):
+        with pytest.raises(DatasetError, match=r"category folder .*category name"):
+            load_table(fmt, root)
+
+
+# -------------------------------------------------------------------- issue 10: OS litter (item 9)
+
+
+def test_os_litter_is_ignored_in_every_listing(tmp_path):
+    litter = ["Thumbs.db", "thumbs.db", "desktop.ini", "ehthumbs.db", ".DS_Store", "._000.png"]
+    root = _mvtec(tmp_path / "m")
+    for folder in [root, root / "bottle", root / "bottle/test", root / "bottle/test/crack",
+                   root / "bottle/ground_truth", root / "bottle/ground_truth/crack"]:
+        for name in litter:
+            (folder / name).write_bytes(b"litter")
+    for fmt in ("mvtec", "folder"):
+        assert len(load_table(fmt, root)) == 10, fmt
+    (root / "bottle/test/crack/Thumbs.db.bak").write_bytes(b"x")  # not litter: still an error
+    with pytest.raises(DatasetError, match=r"Thumbs\.db\.bak"):
+        load_table("mvtec", root)
+
+
+# ------------------------------------------------------------- issue 10: pixel modes (item 5)
+
+
+def _palette_image(mode: str, index: np.ndarray, alpha: int | None = None) -> Image.Image:
+    im = Image.fromarray(index.astype(np.uint8), mode="L").convert("P")
+    im.putpalette([0, 0, 0, 10, 20, 30] + [0] * (3 * 254))
+    if mode == "PA":
+        im = im.convert("PA")
+        arr = np.asarray(im).copy()
+        arr[..., 1] = alpha
+        im = Image.fromarray(arr, mode="PA")
+        im.putpalette([0, 0, 0, 10, 20, 30] + [0] * (3 * 254))
+    return im
+
+
+def _lab(pixels) -> Image.Image:
+    """A 1 x n LAB image from raw bytes: PIL stores L in 0..255 and a, b as signed bytes (0 neutral)."""
+    return Image.fromarray(np.array([pixels], np.uint8), mode="LAB")
+
+
+def _lab_reference(im: Image.Image) -> list[tuple[int, int, int]]:
+    """sRGB of a LAB image through littleCMS (ImageCms), a path independent of Image.convert."""
+    from PIL import ImageCms
+
+    t = ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB")
+    out = ImageCms.applyTransform(im, t)
+    return [out.getpixel((x, 0)) for x in range(im.size[0])]
+
+
+# mode -> (a 1x2 image, the RGB of its two pixels worked out by hand)
+MODE_CASES = {
+    "1": (lambda: Image.fromarray(np.array([[False, True]])), [(0, 0, 0), (255, 255, 255)]),
+    "L": (lambda: Image.fromarray(np.array([[7, 200]], np.uint8)), [(7, 7, 7), (200, 200, 200)]),
+    "P": (lambda: _palette_image("P", np.array([[0, 1]])), [(0, 0, 0), (10, 20, 30)]),
+    "PA": (lambda: _palette_image("PA", np.array([[0, 1]]), alpha=50), [(0, 0, 0), (10, 20, 30)]),
+    "RGB": (lambda: Image.fromarray(np.array([[[1, 2, 3], [250, 251, 252]]], np.uint8)),
+            [(1, 2, 3), (250, 251, 252)]),
+    # alpha is dropped, not composited: a transparent pixel keeps its colour
+    "RGBA": (lambda: Image.fromarray(np.array([[[1, 2, 3, 0], [9, 8, 7, 255]]], np.uint8), mode="RGBA"),
+             [(1, 2, 3), (9, 8, 7)]),
+    "RGBX": (lambda: Image.fromarray(np.array([[[1, 2, 3, 255], [4, 5, 6, 0]]], np.uint8), mode="RGBX"),
+             [(1, 2, 3), (4, 5, 6)]),
+    "LA": (lambda: Image.fromarray(np.array([[[9, 0], [99, 255]]], np.uint8), mode="LA"),
+           [(9, 9, 9), (99, 99, 99)]),
+    # premultiplied alpha 51 = 255 / 5: the straight colour is 5 x the stored one
+    "RGBa": (lambda: Image.fromarray(np.array([[[10, 20, 40, 51], [1, 2, 3, 255]]], np.uint8), mode="RGBa"),
+             [(50, 100, 200), (1, 2, 3)]),
+    "La": (lambda: Image.fromarray(np.array([[[20, 51], [7, 255]]], np.uint8), mode="La"),
+           [(100, 100, 100), (7, 7, 7)]),
+    # naive CMYK: R = 255 - C - K (clipped); no ink is white, full K is black
+    "CMYK": (lambda: Image.fromarray(np.array([[[0, 0, 0, 0], [255, 0, 0, 0]]], np.uint8), mode="CMYK"),
+             [(255, 255, 255), (0, 255, 255)]),
+    # full-range YCbCr: neutral chroma 128 gives grey Y
+    "YCbCr": (lambda: Image.fromarray(np.array([[[128, 128, 128], [0, 128, 128]]], np.uint8), mode="YCbCr"),
+              [(128, 128, 128), (0, 0, 0)]),
+    # HSV hue 0 -> red, 85/255 * 360 = 120 degrees -> green
+    "HSV": (lambda: Image.fromarray(np.array([[[0, 255, 255], [85, 255, 255]]], np.uint8), mode="HSV"),
+            [(255, 0, 0), (0, 255, 0)]),
+    "I;16": (lambda: Image.fromarray(np.array([[256, 65535]], np.uint16)), [(1, 1, 1), (255, 255, 255)]),
+    "I;16B": (lambda: Image.fromarray(np.array([[256, 65535]], ">u2")), [(1, 1, 1), (255, 255, 255)]),
+}
+
+
+@pytest.mark.parametrize("mode", sorted(MODE_CASES))
+def test_to_rgb_every_mode(mode):
+    make, expected = MODE_CASES[mode]
+    im = make()
+    assert im.mode == mode
+    out = to_rgb(im)
+    assert out.mode == "RGB" and out.size == (2, 1)
+    assert [out.getpixel((x, 0)) for x in range(2)] == expected
+
+
+LAB_PIXELS = [(255, 0, 0), (0, 0, 0), (128, 100, 0), (60, 180, 90)]
+
+
+def test_to_rgb_lab_matches_littlecms():
+    lab = _lab(LAB_PIXELS)
+    got = [to_rgb(lab).getpixel((x, 0)) for x in range(len(LAB_PIXELS))]
+    assert max(got[1]) <= 1  # L = 0 is black (PIL gives (1, 0, 1))
+    assert min(got[0]) >= 254  # L = 100 with neutral a, b is white (up to the D50 -> D65 adaptation)
+    for g, ref in zip(got, _lab_reference(lab)):
+        assert max(abs(a - b) for a, b in zip(g, ref)) <= 1, (g, ref)
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "P", "RGB", "RGBA", "LA", "PA", "CMYK", "YCbCr", "LAB",
+                                  "I;16", "I;16B"])
+def test_load_image_decodes_tiff_of_every_mode(tmp_path, mode):
+    """Through a real file: TIFF carries all these modes."""
+    if mode == "LAB":
+        im = _lab(LAB_PIXELS[2:])
+        expected = _lab_reference(im)
+    else:
+        make, expected = MODE_CASES[mode]
+        im = make()
+    im.save(tmp_path / "x.tif")
+    got = load_image(tmp_path / "x.tif")
+    assert [got.getpixel((x, 0)) for x in range(2)] == [tuple(e) for e in expected]
+
+
+@pytest.mark.parametrize(
+    "arr, mode, kind",
+    [(np.array([[0, 70000]], np.int32), "I", "32-bit signed integer"),
+     (np.array([[0.0, 0.5]], np.float32), "F", "32-bit float")],
+)
+def test_load_image_refuses_32_bit_modes_by_name(tmp_path, arr, mode, kind):
+    """Before: I decoded all white (clipped at 255) and F near black, with no word."""
+    path = tmp_path / "deep.tif"
+    Image.fromarray(arr).save(path)
+    assert Image.open(path).mode == mode
+    with pytest.raises(DatasetError, match=rf"deep\.tif has pixel mode '{mode}' \({kind}\).*convert it"):
+        load_image(path)
+
+
+# ------------------------------------------------------------ issue 10: masks (items 5 and 6)
+
+
+def _save(im: Image.Image, path: Path) -> Path:
+    im.save(path)
+    return path
+
+
+DEFECT = np.array([[0, 1, 0], [0, 0, 1]], np.uint8)  # (2, 3): the pixels every mask below marks
+
+
+@pytest.mark.parametrize(
+    "mode, arr",
+    [("I", np.where(DEFECT, np.array([[0, 70000, 0], [0, 0, -5]]), 0).astype(np.int32)),
+     ("F", np.where(DEFECT, np.array([[0, 1e-9, 0], [0, 0, -0.5]]), 0).astype(np.float32)),
+     ("I;16", (DEFECT * np.array([[0, 1, 0], [0, 0, 65535]])).astype(np.uint16)),
+     ("I;16B", (DEFECT * np.array([[0, 1, 0], [0, 0, 65535]])).astype(">u2"))],
+)
+def test_deep_masks_binarise_by_nonzero(tmp_path, mode, arr):
+    p = _save(Image.fromarray(arr), tmp_path / "m.tif")
+    assert Image.open(p).mode == mode
+    np.testing.assert_array_equal(load_mask(p, (3, 2)), DEFECT)
+
+
+def test_float_mask_with_nan_is_refused(tmp_path):
+    p = _save(Image.fromarray(np.array([[0, np.nan, 1]], np.float32)), tmp_path / "nan.tif")
+    with pytest.raises(DatasetError, match=r"nan\.tif.*NaN"):
+        load_mask(p, (3, 1))
+
+
+def _rgba(colour: np.ndarray, alpha: np.ndarray, mode="RGBA") -> Image.Image:
+    return Image.fromarray(np.dstack([colour, alpha]).astype(np.uint8), mode=mode)
+
+
+ZERO3 = np.zeros((2, 3, 3), np.uint8)
+OPAQUE = np.full((2, 3), 255, np.uint8)
+
+
+@pytest.mark.parametrize(
+    "make, how",
+    [
+        # opaque mask, white defect: the alpha is uniform and says nothing
+        (lambda: _rgba(DEFECT[..., None] * np.full(3, 255), OPAQUE), "alpha is uniform"),
+        # the defect painted in alpha only, colour black everywhere
+        (lambda: _rgba(ZERO3, DEFECT * 255), "alpha != 0 (colour is black"),
+        # transparent white background, opaque red defect: transparent pixels are background
+        (lambda: _rgba(np.where(DEFECT[..., None], [255, 0, 0], [255, 255, 255]), DEFECT * 255),
+         "where alpha != 0"),
+        (lambda: Image.fromarray(np.dstack([np.full((2, 3), 200), DEFECT * 128]).astype(np.uint8), mode="LA"),
+         "where alpha != 0"),
+        (lambda: Image.fromarray(np.dstack([np.zeros((2, 3)), DEFECT * 9]).astype(np.uint8), mode="LA"),
+         "alpha != 0 (colour is black"),
+    ],
+)
+def test_alpha_masks(tmp_path, make, how):
+    p = _save(make(), tmp_path / "m.png")
+    np.testing.assert_array_equal(load_mask(p, (3, 2)), DEFECT)
+    assert how in binarise(Image.open(p))[1]
+
+
+def test_alpha_masks_without_files():
+    """Modes no image file carries: premultiplied alpha and the palette-with-alpha mode."""
+    np.testing.assert_array_equal(binarise(_rgba(ZERO3, DEFECT * 255, mode="RGBa"))[0], DEFECT)
+    pa = Image.fromarray(np.dstack([np.full((2, 3), 3), DEFECT * 255]).astype(np.uint8), mode="PA")
+    np.testing.assert_array_equal(binarise(pa)[0], DEFECT)
+
+
+@pytest.mark.parametrize(
+    "mode, background, defect",
+    [("RGBX", (0, 0, 0, 255), (0, 0, 9, 255)),   # X is padding, not colour
+     ("YCbCr", (0, 128, 128), (255, 128, 128)),  # black has chroma 128
+     ("LAB", (0, 30, 200), (255, 0, 0)),         # L = 0 is black whatever a, b
+     ("HSV", (170, 255, 0), (0, 0, 255)),        # black is V = 0 whatever the hue
+     ("CMYK", (0, 0, 0, 255), (0, 0, 0, 0))],    # full black ink vs no ink
+)
+def test_colour_space_masks_mark_what_is_not_black(mode, background, defect):
+    arr = np.where(DEFECT[..., None], defect, background).astype(np.uint8)
+    binary, _ = binarise(Image.fromarray(arr, mode=mode))
+    np.testing.assert_array_equal(binary, DEFECT)
+
+
+def test_empty_mask_of_an_anomalous_image_is_refused_unless_allowed(tmp_path):
+    p = _mask(tmp_path / "empty.png", np.zeros((H, W), np.uint8))
+    with pytest.raises(DatasetError, match=r"empty\.png of an anomalous image is empty \(mode 'L', "
+                                           r"binarised as value != 0\).*data\.allow_empty_masks"):
+        load_mask(p, (W, H))
+    assert not load_mask(p, (W, H), allow_empty=True).any()
+    # an opaque black RGBA mask is empty too (the uniform alpha is not a defect)
+    q = _save(_rgba(np.zeros((H, W, 3)), np.full((H, W), 255)), tmp_path / "black.png")
+    with pytest.raises(DatasetError, match=r"black\.png.*is empty.*alpha is uniform"):
+        load_mask(q, (W, H))
+    with pytest.raises(DatasetError, match=r"black\.png.*is empty"):
+        mask_from_header(q)
+
+
+def test_defect_vanishing_in_the_resize_is_not_an_error(tmp_path):
+    """A 1-pixel defect that nearest-neighbour drops at S: the file is not empty, so load_mask keeps
+    the paper's protocol and returns the empty (S, S) mask (extract logs it)."""
+    arr = np.zeros((40, 40), np.uint8)
+    arr[1, 1] = 255
+    p = _mask(tmp_path / "tiny.png", arr, size=(40, 40))
+    assert load_mask(p, (40, 40)).sum() == 1
+    assert load_mask(p, (40, 40), resize_to=4).sum() == 0

@@ -2,7 +2,9 @@
 kill at several points, and torchrun with 2 gloo processes equal to one process."""
 
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,10 +16,12 @@ import pytest
 import timm
 import torch
 import yaml
+from PIL import Image
 from safetensors.torch import save_file
 
 from pipeline import backbones, store
-from pipeline.datasets import load_image, load_mask, load_table
+from pipeline.datasets import DatasetError, load_image, load_mask, load_table
+from pipeline.extract import WeightsError
 from pipeline.stages import extract as extract_stage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,5 +187,39 @@ def test_weights_record_mismatch_is_refused(setup, tmp_path):
     (tmp_path / "dinov2_vits14.json").write_text(json.dumps({**record, "sha256": "0" * 64}))
     args = stage_args(tmp, tmp_path / "out")
     args[args.index("--weights") + 1] = str(weights)
-    with pytest.raises(SystemExit, match="sha256"):
+    with pytest.raises(WeightsError, match="sha256"):
         extract_stage.main(args)
+
+
+def _tree_with_empty_mask(setup, tmp_path, allow_empty):
+    tmp, tree, _ = setup
+    copy = tmp_path / "tree"
+    shutil.copytree(tree, copy)
+    victim = copy / "beta" / "ground_truth" / "scratch" / "002_mask.png"
+    Image.new("L", Image.open(victim).size, 0).save(victim)
+    params = yaml.safe_load((tmp / "params.yaml").read_text())
+    params["datasets"]["tiny"]["root"] = str(copy)
+    params["data"]["allow_empty_masks"] = allow_empty
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    args = stage_args(tmp, tmp_path / "out")
+    args[args.index("--params") + 1] = str(tmp_path / "params.yaml")
+    return args
+
+
+def test_empty_mask_is_refused_at_extract_in_one_line(setup, tmp_path):
+    """Raised in a DataLoader worker (num_workers 1): the message is the loader's own, not torch's
+    "Caught DatasetError in DataLoader worker process 0" with the worker's traceback in it."""
+    with pytest.raises(DatasetError) as err:
+        extract_stage.main(_tree_with_empty_mask(setup, tmp_path, allow_empty=False))
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("mask ") and "002_mask.png of an anomalous image is empty" in msg
+
+
+def test_allowed_empty_mask_is_extracted_and_logged(setup, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="pipeline.extract"):
+        extract_stage.main(_tree_with_empty_mask(setup, tmp_path, allow_empty=True))
+    got = store.open_store(tmp_path / "out")
+    i = got.attrs["paths"].index("beta/test/scratch/002.png")
+    assert got.group["labels"][i] == 1 and not got.group["masks"][i].any()
+    assert "1 anomalous image(s) have no anomalous pixel at 28x28" in caplog.text
+    assert "beta/test/scratch/002.png" in caplog.text

@@ -22,12 +22,27 @@ import torch
 import torch.distributed as dist
 
 from pipeline import backbones, datasets
-from pipeline.config import load_params
-from pipeline.extract import extract, fingerprint
+from pipeline.config import ConfigError, load_params
+from pipeline.extract import WeightsError, extract, fingerprint
 from pipeline.runtime import DistInfo, resolve_device
 from pipeline.stages import run, setup_logging
 
 log = logging.getLogger("pipeline.stages.extract")
+
+
+def read_weights_record(path: Path) -> dict:
+    """The JSON the weights stage writes beside the weights; missing or malformed is a WeightsError."""
+    if not path.is_file():
+        raise WeightsError(f"{path}: weights record not found; run the weights stage first "
+                           "(dvc repro weights)")
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise WeightsError(f"{path}: not valid JSON ({err}); re-run the weights stage") from None
+    missing = [k for k in ("backbone", "sha256", "source") if not isinstance(record, dict) or k not in record]
+    if missing:
+        raise WeightsError(f"{path}: missing key(s) {missing}; re-run the weights stage")
+    return record
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,18 +55,21 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     params = load_params(args.params, ["datasets", "data", "backbone", "extract"])
     if args.dataset not in params.datasets:
-        raise SystemExit(f"--dataset {args.dataset!r} is not a key of params.yaml's datasets section "
-                         f"(known: {', '.join(params.datasets) or 'none'})")
+        raise ConfigError(f"--dataset {args.dataset!r} is not a key of {args.params}'s datasets section "
+                          f"(known: {', '.join(params.datasets) or 'none'})")
     ds, data, bcfg, ecfg = params.datasets[args.dataset], params.data, params.backbone, params.extract
 
     record_path = args.weights.with_suffix(".json")
-    record = json.loads(record_path.read_text())
+    record = read_weights_record(record_path)
     if record.get("backbone") != bcfg.name:
-        raise SystemExit(f"{record_path}: weights are for {record.get('backbone')!r} but backbone.name is {bcfg.name!r}")
+        raise WeightsError(f"{record_path}: weights are for {record.get('backbone')!r} but backbone.name is "
+                           f"{bcfg.name!r}; re-run the weights stage")
+    if not args.weights.is_file():
+        raise WeightsError(f"{args.weights}: weights file not found; run the weights stage first")
     digest = backbones.sha256_file(args.weights)
     if digest != record["sha256"]:
-        raise SystemExit(f"{args.weights}: sha256 {digest} differs from {record_path} ({record['sha256']}); "
-                         "re-run the weights stage")
+        raise WeightsError(f"{args.weights}: sha256 {digest} differs from {record_path} ({record['sha256']}); "
+                           "re-run the weights stage")
 
     samples = datasets.load_table(ds.format, Path(ds.root), splits=data.splits, categories=ds.categories,
                                   max_pixels=data.max_pixels)
@@ -87,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         extract(samples, backbone, backbones.image_transform(backbone), args.out, attrs,
                 categories=categories, defects=defects, batch_size=ecfg.batch_size,
                 chunk_images=ecfg.chunk_images, num_workers=ecfg.num_workers, max_pixels=data.max_pixels,
-                device=device, dist_info=dist_info)
+                allow_empty_masks=data.allow_empty_masks, device=device, dist_info=dist_info)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
