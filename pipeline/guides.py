@@ -21,8 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
@@ -34,6 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.errors import NonFiniteError, PipelineError
+from pipeline.files import write_bytes
 from pipeline.store import ChunkReader
 
 log = logging.getLogger(__name__)
@@ -309,18 +308,6 @@ def summarize(codes: torch.Tensor, top: int = 10) -> dict:
 # Checkpoint: config.json + guides.safetensors (DESIGN §4)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """The whole file or, on any failure, the old one: a temp file beside it, then ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save(folder: str | Path, codes_per_seed: torch.Tensor, config: Mapping) -> None:
     """``codes`` (4, n_latents) = the first seed's; ``codes_per_seed`` (n_seeds, 4, n_latents).
 
@@ -334,8 +321,8 @@ def save(folder: str | Path, codes_per_seed: torch.Tensor, config: Mapping) -> N
     tensors = save_bytes({"codes": codes_per_seed[0].clone(), "codes_per_seed": codes_per_seed})
     text = json.dumps({"rows": list(ROWS), **config}, indent=2, allow_nan=False) + "\n"
     folder.mkdir(parents=True, exist_ok=True)
-    _write_atomic(folder / "guides.safetensors", tensors)
-    _write_atomic(folder / "config.json", text.encode())
+    write_bytes(folder / "guides.safetensors", tensors)
+    write_bytes(folder / "config.json", text.encode())
 
 
 def load(folder: str | Path) -> tuple[torch.Tensor, dict]:

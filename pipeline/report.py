@@ -13,7 +13,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -23,6 +22,7 @@ matplotlib.use("Agg")  # headless: stages run without a display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from pipeline.errors import NonFiniteError, PipelineError  # noqa: E402
+from pipeline.files import write_bytes  # noqa: E402,F401  (re-exported: stages write PNG bytes through it)
 
 
 class ReportError(PipelineError, ValueError):
@@ -47,20 +47,6 @@ def report_path(folder: str | Path, name: str, suffix: str = "") -> Path:
         raise ReportError(f"{folder}: cannot name a report file after {name!r}: {bad} (a category or dataset "
                           "name must be a plain file name: no '/', '\\', '..'); rename it in the dataset")
     return Path(folder) / f"{name}{suffix}"
-
-
-def write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` whole or not at all: a temp file beside it, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _first_nonfinite(value: Any, at: str = "") -> tuple[str, float] | None:

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from pipeline import guides, sae, store
-from pipeline.backbones import sha256_file
+from pipeline.files import sha256_file
 from pipeline.errors import NonFiniteError, PipelineError
 from pipeline.stages import evaluate as evaluate_stage
 from pipeline.stages import run as stage_run

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline import guides, metrics, report, sae, scoring, store
-from pipeline.backbones import sha256_file
+from pipeline.files import sha256_file
 from pipeline.config import load_params
 from pipeline.runtime import resolve_device
 from pipeline.stages import run, setup_logging

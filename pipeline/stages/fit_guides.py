@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from pipeline import guides, report, sae, store
-from pipeline.backbones import sha256_file
+from pipeline.files import sha256_file
 from pipeline.config import load_params
 from pipeline.runtime import resolve_device
 from pipeline.stages import run, setup_logging
