@@ -147,18 +147,17 @@ def _why_not_ours(path: Path) -> str | None:
         ]
         if not strays:
             return None
-        shown = strays
+        what, label, shown = "a Zarr group with no attrs", ", unexpected", strays
+    elif group_attrs:
+        schema = group_attrs.get("schema")
+        newer = isinstance(schema, int) and not isinstance(schema, bool) and schema > SCHEMA
+        what = f"a store of schema {schema}, newer than this code's {SCHEMA}" if newer else (
+            "a Zarr group with no 'schema' attr of this pipeline")
+        label, shown = "", [p.name for p in entries]
     else:
-        shown = [p.name for p in entries]
-    what = (
-        "a Zarr group with no 'schema' attr of this pipeline"
-        if group_attrs
-        else "a Zarr group with no attrs and entries a store's creation never writes"
-        if group_attrs == {}
-        else "not a Zarr group"
-    )
+        what, label, shown = "not a Zarr group", "", [p.name for p in entries]
     names = ", ".join(shown[:5]) + (", ..." if len(shown) > 5 else "")
-    return f"{what}; {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}: {names}"
+    return f"{what}; {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}{label}: {names}"
 
 
 def _check_ours(path: Path) -> None:

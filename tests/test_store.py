@@ -146,7 +146,7 @@ def test_dataset_tree_is_refused_and_kept(tmp_path):
 
     tree = make_mvtec_tree(tmp_path / "tree", n_good=1, n_bad=1, size=16)
     before = _tree(tree)
-    with pytest.raises(StoreError, match=r"2 entries.*alpha.*beta"):
+    with pytest.raises(StoreError, match=r"2 entries.*alpha, beta"):
         store.prepare(tree, LAYOUT, ATTRS)
     assert _tree(tree) == before
 
@@ -226,3 +226,14 @@ def test_store_of_ours_with_an_old_schema_or_other_attrs_is_recreated(tmp_path, 
     group, pending = store.prepare(tmp_path / "s", LAYOUT, ATTRS)
     assert pending == [0, 1, 2] and group.attrs["schema"] == store.SCHEMA and group.attrs["backbone"] == "b"
     assert "afresh" in caplog.text
+
+
+def test_store_of_a_newer_schema_is_refused_not_downgraded(tmp_path):
+    import zarr
+
+    write_all(tmp_path / "s")
+    zarr.open_group(str(tmp_path / "s"), mode="r+").attrs["schema"] = store.SCHEMA + 1
+    before = _tree(tmp_path / "s")
+    with pytest.raises(StoreError, match=f"schema {store.SCHEMA + 1}, newer"):
+        store.prepare(tmp_path / "s", LAYOUT, ATTRS)
+    assert _tree(tmp_path / "s") == before
