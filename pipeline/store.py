@@ -106,7 +106,75 @@ def _remove_partials(path: Path) -> None:
         stray.unlink(missing_ok=True)
 
 
+# Every array name any schema of ours has used: an interrupted creation leaves a subset of these.
+_ARRAY_NAMES = frozenset(StoreLayout(1, 1, 1, 1, 1).shapes()) | {_DONE}
+
+
+def _is_our_schema(value: Any) -> bool:
+    """True for a ``schema`` attr this project has written (1 ... SCHEMA; 1 had no ``images``)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= SCHEMA
+
+
+def _metadata_only(folder: Path) -> bool:
+    """True when ``folder`` holds only ``zarr.json`` (and temp files of a killed zarr metadata write)."""
+    return all(p.is_file() and (p.name == "zarr.json" or p.name.endswith(".partial")) for p in folder.iterdir())
+
+
+def _why_not_ours(path: Path) -> str | None:
+    """Why ``path`` may not be deleted, or None when it is ours to replace.
+
+    Ours: an empty folder; a Zarr group whose ``schema`` attr is one of ours (any version); or a store
+    whose creation was killed before its attrs were written (``_create`` writes attrs after the
+    arrays and before any chunk), i.e. a group with no attrs whose other entries are only folders
+    named after our arrays, each holding only array metadata. Anything else may be a user's data.
+    """
+    if path.is_symlink() or not path.is_dir():
+        return "it is not a folder"
+    entries = sorted(path.iterdir())
+    if not entries:
+        return None
+    try:
+        group_attrs: dict[str, Any] | None = dict(zarr.open_group(str(path), mode="r", zarr_format=3).attrs)
+    except Exception:  # no zarr.json or unreadable metadata: not something we can recognise
+        group_attrs = None
+    if group_attrs and _is_our_schema(group_attrs.get("schema")):
+        return None
+    if group_attrs == {}:
+        strays = [
+            p.name for p in entries
+            if p.name != "zarr.json" and not p.name.endswith(".partial")
+            and not (p.is_dir() and not p.is_symlink() and p.name in _ARRAY_NAMES and _metadata_only(p))
+        ]
+        if not strays:
+            return None
+        what, label, shown = "a Zarr group with no attrs", ", unexpected", strays
+    elif group_attrs:
+        schema = group_attrs.get("schema")
+        newer = isinstance(schema, int) and not isinstance(schema, bool) and schema > SCHEMA
+        what = f"a store of schema {schema}, newer than this code's {SCHEMA}" if newer else (
+            "a Zarr group with no 'schema' attr of this pipeline")
+        label, shown = "", [p.name for p in entries]
+    else:
+        what, label, shown = "not a Zarr group", "", [p.name for p in entries]
+    names = ", ".join(shown[:5]) + (", ..." if len(shown) > 5 else "")
+    return f"{what}; {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}{label}: {names}"
+
+
+def _check_ours(path: Path) -> None:
+    """Raise :class:`StoreError` unless ``path`` is absent or ours to delete (:func:`_why_not_ours`)."""
+    if not path.exists() and not path.is_symlink():
+        return
+    why = _why_not_ours(path)
+    if why is not None:
+        raise StoreError(
+            f"{path}: refusing to overwrite it: not a feature store written by this pipeline ({why}); "
+            "choose another output path, or move those files away yourself"
+        )
+
+
 def _create(path: Path, layout: StoreLayout, attrs: Mapping[str, Any]) -> zarr.Group:
+    """Create an empty store at ``path``, deleting what is there only if it is ours (:func:`_check_ours`)."""
+    _check_ours(path)
     if path.exists():
         shutil.rmtree(path)
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
@@ -129,11 +197,14 @@ def _create(path: Path, layout: StoreLayout, attrs: Mapping[str, Any]) -> zarr.G
 def prepare(path: str | Path, layout: StoreLayout, attrs: Mapping[str, Any]) -> tuple[zarr.Group, list[int]]:
     """Open the store at ``path`` for writing, resuming when it was made with the same attrs and layout.
 
-    Returns the group and the chunks still to write (empty for a complete store). A store made with
-    other attrs (backbone, weights, image list, ...) or another layout, or one that cannot be read, is
-    deleted and created anew; the reason is logged.
+    Returns the group and the chunks still to write (empty for a complete store). A store of ours made
+    with other attrs (backbone, weights, image list, schema, ...) or another layout, or one whose
+    creation was interrupted, is deleted and created anew; the reason is logged. Anything at ``path``
+    that this pipeline did not write (a user's files, a dataset, another tool's Zarr group) raises
+    :class:`StoreError` naming what is there, and is left untouched.
     """
     path = Path(path)
+    _check_ours(path)
     wanted = {**_jsonable(dict(attrs)), "schema": SCHEMA}
     if path.exists():
         reason = None

@@ -37,6 +37,8 @@ from PIL import Image
 from scipy import interpolate, ndimage
 from tqdm import tqdm
 
+from pipeline.errors import PipelineError
+
 log = logging.getLogger(__name__)
 
 DATASETS: dict[str, dict] = {
@@ -567,6 +569,34 @@ def _check_replaceable(root: Path) -> None:
         )
 
 
+_TMP_MARKER = ".spg-synthetic-tmp"
+"""Written first into ``<root>.tmp`` by :func:`generate`: a temp tree holding it is ours to delete."""
+
+
+class DataFolderError(PipelineError, FileExistsError):
+    """A folder the data stage would replace holds something it did not write. Names what is there."""
+
+
+def _clear_tmp(tmp: Path) -> None:
+    """Delete ``tmp`` if a killed :func:`generate` left it (it holds the marker) or it is empty;
+    refuse anything else, which may be a user's files."""
+    if not tmp.exists() and not tmp.is_symlink():
+        return
+    if tmp.is_dir() and not tmp.is_symlink():
+        entries = sorted(p.name for p in tmp.iterdir())
+        if not entries or (tmp / _TMP_MARKER).is_file():
+            shutil.rmtree(tmp)
+            return
+        what = f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}: " + ", ".join(entries[:5])
+        what += ", ..." if len(entries) > 5 else ""
+    else:
+        what = "not a folder"
+    raise DataFolderError(
+        f"{tmp}: refusing to delete it: the data stage builds its tree there, but this one was not made by it "
+        f"(no {_TMP_MARKER} marker; {what}); move it away or remove it yourself"
+    )
+
+
 def generate(
     root: Path,
     dataset: str,
@@ -584,7 +614,9 @@ def generate(
     with ``ground_truth/<defect>/<stem>_mask.png``. Images are RGB PNG ``image_size`` square.
 
     The tree is built in ``<root>.tmp`` and renamed over ``root`` when complete, so a crashed run
-    leaves no half-written dataset and a re-run gives the same bytes. Returns a JSON-ready summary:
+    leaves no half-written dataset and a re-run gives the same bytes. A ``<root>.tmp`` already there
+    is deleted only when a run of this function made it (its marker file) or it is empty; anything
+    else raises :class:`DataFolderError` naming what is there. Returns a JSON-ready summary:
     counts per category and defect, and mask area fractions (min/max, overall and per defect).
     """
     _check_name("dataset", dataset, DATASETS)
@@ -621,9 +653,10 @@ def generate(
     root = Path(root)
     _check_replaceable(root)
     tmp = root.with_name(root.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    _clear_tmp(tmp)
     tmp.mkdir(parents=True)
+    # The marker goes in first, so a killed run leaves either an empty folder or a marked one.
+    (tmp / _TMP_MARKER).write_text("partial tree of pipeline.synthetic.generate; deleted on the next run\n")
 
     counts: dict[str, dict] = {
         c: {"train_good": train_good, "test_good": test_good, "test_anomalous": {}} for c in spec["categories"]
@@ -643,6 +676,9 @@ def generate(
 
     if root.exists():
         shutil.rmtree(root)
+    # Unmarked just before the rename, so the dataset holds no marker. A kill between these two calls
+    # leaves a complete but unmarked <root>.tmp, which the next run refuses by name (never deletes).
+    (tmp / _TMP_MARKER).unlink()
     tmp.rename(root)
 
     observed = [f for fs in fractions.values() for f in fs]

@@ -223,3 +223,47 @@ def test_allowed_empty_mask_is_extracted_and_logged(setup, tmp_path, caplog):
     assert got.group["labels"][i] == 1 and not got.group["masks"][i].any()
     assert "1 anomalous image(s) have no anomalous pixel at 28x28" in caplog.text
     assert "beta/test/scratch/002.png" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 10 item 1: --out that this pipeline did not write is refused and left as it was.
+
+
+def _snapshot(path):
+    return {str(p.relative_to(path)): (p.read_bytes() if p.is_file() else None) for p in sorted(path.rglob("*"))}
+
+
+def test_out_folder_with_a_users_file_is_refused_in_one_line(setup, tmp_path):
+    tmp, _, _ = setup
+    out = tmp_path / "some" / "folder"
+    out.mkdir(parents=True)
+    (out / "NOTES.txt").write_text("mine")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "pipeline.stages.extract", *stage_args(tmp, out)],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "NOTES.txt" in last and "1 entry" in last, result.stderr[-3000:]
+    assert _snapshot(out) == {"NOTES.txt": b"mine"}
+
+
+def test_out_equal_to_the_dataset_root_is_refused(setup, tmp_path):
+    tmp, tree, _ = setup
+    root = tmp_path / "tree"
+    shutil.copytree(tree, root)
+    params = yaml.safe_load((tmp / "params.yaml").read_text())
+    params["datasets"]["tiny"]["root"] = str(root)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    before = _snapshot(root)
+    args = stage_args(tmp, root)
+    args[args.index("--params") + 1] = str(tmp_path / "params.yaml")
+    with pytest.raises(store.StoreError, match=r"not a feature store.*alpha, beta"):
+        extract_stage.main(args)
+    assert _snapshot(root) == before
+
+
+def test_empty_out_folder_is_used(setup, reference, tmp_path):
+    tmp, _, _ = setup
+    (tmp_path / "out").mkdir()
+    extract_stage.main(stage_args(tmp, tmp_path / "out"))
+    assert_same_store(tmp_path / "out", reference)

@@ -47,9 +47,53 @@ def test_planted_anomaly_atom_is_found():
 
 def test_only_codes_are_trained_and_dictionary_is_untouched():
     dictionary, read, n_chunks, _ = planted(n_images=32)
-    before = dictionary.clone()
-    guides.fit(read, n_chunks, dictionary, None, (4, 4), epochs=1, seed=0)
-    assert torch.equal(dictionary, before)
+    dictionary.requires_grad_(True)  # as the SAE's parameter would be, were it passed as it is
+    before = dictionary.detach().clone()
+    init = GuideCodes(32, generator=torch.Generator().manual_seed(0)).effective().detach()
+    result = guides.fit(read, n_chunks, dictionary, None, (4, 4), epochs=2, ema_decay=0.0, seed=0)
+    # the tensor passed in: bit-identical and never part of a backward pass
+    assert torch.equal(dictionary.detach(), before) and dictionary.grad is None
+    # the codes did train (decay 0: the saved codes are the last iterate)
+    assert (result.codes - init).abs().max() > 1e-2
+    # and the dictionary fit used stayed the one given (a trained copy would change these): the final
+    # terms fit reports are those of its codes through the untouched dictionary
+    again = guides.evaluate_terms(read, n_chunks, result.codes, before, (4, 4), temperature=0.07, gamma=2.0,
+                                  l1_coef=1e-3)
+    assert again.keys() == result.final_terms.keys()
+    for key, value in again.items():
+        assert result.final_terms[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+
+
+def test_guide_loss_hand_worked():
+    # d = 2, dictionary = identity, so each guide vector is its code row.
+    dictionary = torch.eye(2)
+    codes = torch.tensor([[0.0, 2.0],   # normal_global  -> direction (0, 1)
+                          [3.0, 0.0],   # anomaly_global -> direction (1, 0)
+                          [1.0, 0.0],   # normal_local   -> (1, 0)
+                          [0.0, 1.0]])  # anomaly_local  -> (0, 1)
+    # one image, grid 2x2 = output 2x2 (bilinear at scale 1 is the identity); patches in row-major order:
+    # (1, 0) normal-like, (0, 1) anomaly-like, (1, 1) in between, (2, 0) normal-like
+    tokens = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, 0.0]]])
+    masks = torch.tensor([[[0, 1], [1, 0]]], dtype=torch.uint8)
+    cls, labels = torch.tensor([[1.0, 0.0]]), torch.tensor([1])
+    # temperature 1/ln 3: a cosine gap of 1 gives softmax 3/4 vs 1/4
+    total, terms = guides.guide_loss(codes, dictionary, tokens, cls, masks, labels, (2, 2),
+                                     temperature=1 / np.log(3), gamma=2.0, l1_coef=0.5)
+    # anomaly channel A = [1/4, 3/4; 1/2, 1/4], normal N = 1 - A, mask M = [0, 1; 1, 0]
+    # focal: p_t = 3/4, 3/4, 1/2, 3/4 -> mean of -(1 - p_t)^2 ln p_t
+    focal = (3 * (1 / 16) * np.log(4 / 3) + (1 / 4) * np.log(2)) / 4
+    # dice(A, M): ΣA·M = 5/4, ΣA = 7/4, ΣM = 2 -> 1 - (5/2 + 1) / (7/4 + 2 + 1) = 5/19
+    # dice(N, 1 - M): ΣN·(1-M) = 3/2, ΣN = 9/4, Σ(1-M) = 2 -> 1 - (3 + 1) / (9/4 + 2 + 1) = 5/21
+    #   (dice(N, M) would be 11/21, dice(A, 1 - M) 11/19)
+    # global: cls cosines to (normal (0, 1), anomaly (1, 0)) = logits (0, 1), label 1 -> ln(1 + e^-1)
+    #   (the global rows swapped would give ln(1 + e))
+    # l1: 0.5 * mean |c| = 0.5 * (2 + 3 + 1 + 1) / 8
+    expected = {"focal": focal, "dice_anomaly": 5 / 19, "dice_normal": 5 / 21,
+                "global_ce": np.log(1 + np.exp(-1.0)), "l1": 0.5 * 7 / 8}
+    assert terms.keys() == expected.keys()
+    for key, value in expected.items():
+        assert terms[key] == pytest.approx(value, rel=1e-5), key
+    assert total.item() == pytest.approx(sum(expected.values()), rel=1e-5)
 
 
 def test_dead_latents_stay_zero_and_codes_nonnegative():

@@ -142,12 +142,48 @@ def test_aupro_regions_are_8_connected_per_image():
 # Image and pixel AUROC / AP / F1
 
 
-def test_auroc_and_ap_equal_sklearn():
-    g = np.random.default_rng(0)
-    labels = g.integers(0, 2, 300)
-    scores = np.round(g.normal(labels * 0.8, 1.0), 1)  # with ties
-    assert metrics.image_auroc(labels, scores) == roc_auc_score(labels, scores)
-    assert metrics.image_ap(labels, scores) == average_precision_score(labels, scores)
+def pairwise_auroc(labels, scores):
+    """Obviously correct and slow: P(anomalous score > normal score) + 1/2 P(equal), over all pairs."""
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    wins = sum(float(p > n) + 0.5 * float(p == n) for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def threshold_ap(labels, scores):
+    """Obviously correct and slow: Σ over distinct scores t (descending) of (R(t) − R(previous t)) · P(t),
+    predicting anomalous where score ≥ t (the step-wise area, no interpolation)."""
+    ap, last_recall = 0.0, 0.0
+    for t in np.unique(scores)[::-1]:
+        pred = scores >= t
+        tp = (pred & (labels == 1)).sum()
+        recall, precision = tp / (labels == 1).sum(), tp / pred.sum()
+        ap += (recall - last_recall) * precision
+        last_recall = recall
+    return ap
+
+
+def test_image_auroc_and_ap_hand_worked_with_ties():
+    labels = np.array([1, 0, 1, 0, 1, 0])
+    scores = np.array([0.9, 0.7, 0.7, 0.3, 0.2, 0.1])  # one tie across classes, at 0.7
+    # AUROC by pairs (anomalous 0.9, 0.7, 0.2 vs normal 0.7, 0.3, 0.1; a tie counts 1/2):
+    #   0.9 beats all 3; 0.7 ties 0.7, beats 0.3 and 0.1 -> 2.5; 0.2 beats 0.1 -> 1; (3 + 2.5 + 1) / 9.
+    #   Breaking the tie either way would give 7/9 or 6/9.
+    assert metrics.image_auroc(labels, scores) == pytest.approx(13 / 18, abs=1e-12)
+    # AP, thresholds 0.9, 0.7, 0.3, 0.2, 0.1 -> (TP, FP) = (1, 0), (2, 1), (2, 2), (3, 2), (3, 3):
+    #   recall 1/3 at precision 1, 2/3 at 2/3, no step at 0.3, 1 at 3/5, no step at 0.1
+    #   1/3 * 1 + 1/3 * 2/3 + 1/3 * 3/5 = 34/45
+    assert metrics.image_ap(labels, scores) == pytest.approx(34 / 45, abs=1e-12)
+    # the slow references below give the hand-worked values, so they can be trusted on random data
+    assert pairwise_auroc(labels, scores) == pytest.approx(13 / 18) and threshold_ap(labels, scores) == pytest.approx(34 / 45)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_image_auroc_and_ap_equal_slow_references(seed):
+    g = np.random.default_rng(seed)
+    labels = g.integers(0, 2, 120)
+    scores = np.round(g.normal(labels * 0.8, 1.0), 1)  # rounded: many ties, within and across classes
+    assert metrics.image_auroc(labels, scores) == pytest.approx(pairwise_auroc(labels, scores), abs=1e-12)
+    assert metrics.image_ap(labels, scores) == pytest.approx(threshold_ap(labels, scores), abs=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["float64", "float32", "ties"])

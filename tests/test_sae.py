@@ -87,6 +87,44 @@ def test_rows_stay_unit_norm_and_parallel_gradient_is_removed():
     assert parallel.abs().max() < 1e-6
 
 
+def _one_step_by_hand(model, x, lr, betas, project):
+    """The step ``sae.train`` takes on batch x (B, d) with no dead latent: FVU, backward, (projection of
+    each dictionary row's gradient onto the row's orthogonal complement), Adam, renormalisation."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr, betas=betas)
+    recon, *_ = model(x)
+    sae.fvu(x, recon).backward()
+    if project:  # written out here, not model.remove_parallel_grad_(), so a broken method fails too
+        with torch.no_grad():
+            d = model.dictionary / model.dictionary.norm(dim=1, keepdim=True)
+            model.dictionary.grad -= (model.dictionary.grad * d).sum(dim=1, keepdim=True) * d
+    opt.step()
+    model.unit_norm_dictionary_()
+    return model.dictionary.detach()
+
+
+def test_train_removes_the_parallel_gradient_before_each_adam_step():
+    # One image of 2 tokens = one batch, one step. With 2 rows every per-element gradient sum has two
+    # terms, so the order train's shuffle puts them in cannot change the result.
+    g = np.random.default_rng(4)
+    tokens = g.uniform(0.2, 1.0, (1, 2, 8)).astype(np.float16)
+    read, n = chunked(tokens, 1)
+    kw = dict(TRAIN, tokens_per_image=2, batch_images=1, dead_tokens=10**9, buffer_tokens=64)
+    init = TopKSAE(8, 16, 3, generator=torch.Generator().manual_seed(5)).state_dict()
+    trained = TopKSAE(8, 16, 3)
+    trained.load_state_dict(init)
+    sae.train(trained, read, n, epochs=1, lr=1e-2, seed=0, **kw)
+    x = torch.from_numpy(tokens[0].astype(np.float32))
+    expected, unprojected = [], []
+    for project, out in ((True, expected), (False, unprojected)):
+        model = TopKSAE(8, 16, 3)
+        model.load_state_dict(init)
+        out.append(_one_step_by_hand(model, x, 1e-2, kw["betas"], project))
+    # the projection matters: without it Adam's first step (≈ lr · sign(g)) lands elsewhere
+    assert (expected[0] - unprojected[0]).abs().max() > 1e-3
+    torch.testing.assert_close(trained.dictionary.detach(), expected[0], rtol=0, atol=1e-6)
+
+
 def test_auxk_is_zero_without_dead_latents_and_positive_with_some():
     model = TopKSAE(16, 64, 4, generator=torch.Generator().manual_seed(0))
     x = torch.randn(32, 16)
@@ -101,6 +139,37 @@ def test_auxk_is_zero_without_dead_latents_and_positive_with_some():
     loss.backward()
     # only dead latents receive a gradient through the AuxK path
     assert model.dictionary.grad[40:].abs().sum() == 0 and model.dictionary.grad[:40].abs().sum() > 0
+
+
+def _four_live_four_never_fire(seed=0):
+    """TopKSAE(4, 8, k=4) on positive tokens: latents 0-3 (encoder rows e_j) always win the top 4,
+    latents 4-7 (encoder rows 0.02 · 1) have positive pre-activations (so AuxK can use them) that are
+    always smaller, so they never fire."""
+    model = TopKSAE(4, 8, 4, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        model.encoder.copy_(torch.cat([torch.eye(4), 0.02 * torch.ones(4, 4)]))
+    return model
+
+
+def test_latent_is_declared_dead_after_dead_tokens_and_auxk_switches_on_then():
+    g = np.random.default_rng(0)
+    tokens = g.uniform(0.5, 1.5, (10, 4, 4)).astype(np.float16)  # 40 tokens: 5 steps of 8 per epoch
+    read, n = chunked(tokens, 2)
+    kw = dict(TRAIN, tokens_per_image=4, batch_images=2, buffer_tokens=1024, k_aux=4)
+    # dead_tokens 24 = 3 batches: after step 3 the never-firing latents have gone 24 tokens unfired
+    model = _four_live_four_never_fire()
+    stats = sae.train(model, read, n, epochs=1, lr=1e-3, seed=0, log_every=1, **{**kw, "dead_tokens": 24})
+    assert [row["step"] for row in stats.curve] == [1, 2, 3, 4, 5]
+    assert [row["dead"] for row in stats.curve] == [0.0, 0.0, 0.5, 0.5, 0.5]
+    assert [row["auxk"] for row in stats.curve[:2]] == [0.0, 0.0]
+    assert all(row["auxk"] > 0.1 for row in stats.curve[2:])
+    # AuxK trains the dead latents' dictionary rows; with nothing ever dead they never move
+    never = _four_live_four_never_fire()
+    before = never.dictionary.detach().clone()
+    stats = sae.train(never, read, n, epochs=1, lr=1e-3, seed=0, log_every=1, **{**kw, "dead_tokens": 10**9})
+    assert all(row["auxk"] == 0.0 and row["dead"] == 0.0 for row in stats.curve)
+    assert torch.equal(never.dictionary[4:].detach(), before[4:])
+    assert not torch.allclose(model.dictionary[4:].detach(), before[4:], atol=1e-4)
 
 
 def test_fvu_hand_worked():

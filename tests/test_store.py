@@ -120,3 +120,120 @@ def test_write_chunk_checks_shapes(tmp_path):
     arrays["tokens"] = arrays["tokens"][:, :2]
     with pytest.raises(ValueError, match="tokens has shape"):
         store.write_chunk(group, LAYOUT, 2, arrays)
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 10 item 1: prepare/_create delete only what this pipeline wrote (a group with our `schema`
+# attr, a store whose creation was interrupted, or an empty folder) and refuse anything else.
+
+
+def _tree(path):
+    """{relative path: bytes or None for a folder} of everything under ``path``."""
+    return {str(p.relative_to(path)): (p.read_bytes() if p.is_file() else None) for p in sorted(path.rglob("*"))}
+
+
+def test_folder_with_a_users_file_is_refused_and_kept(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "NOTES.txt").write_text("mine")
+    with pytest.raises(StoreError, match=r"not a feature store.*1 entr.*NOTES\.txt"):
+        store.prepare(out, LAYOUT, ATTRS)
+    assert _tree(out) == {"NOTES.txt": b"mine"}
+
+
+def test_dataset_tree_is_refused_and_kept(tmp_path):
+    from tests.conftest import make_mvtec_tree
+
+    tree = make_mvtec_tree(tmp_path / "tree", n_good=1, n_bad=1, size=16)
+    before = _tree(tree)
+    with pytest.raises(StoreError, match=r"2 entries.*alpha, beta"):
+        store.prepare(tree, LAYOUT, ATTRS)
+    assert _tree(tree) == before
+
+
+def test_create_refuses_a_foreign_folder_too(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "NOTES.txt").write_text("mine")
+    with pytest.raises(StoreError, match="NOTES.txt"):
+        store._create(tmp_path / "out", LAYOUT, ATTRS)
+    assert (tmp_path / "out" / "NOTES.txt").read_text() == "mine"
+
+
+def test_a_file_in_place_of_the_store_is_refused(tmp_path):
+    (tmp_path / "out").write_text("mine")
+    with pytest.raises(StoreError, match="not a folder"):
+        store.prepare(tmp_path / "out", LAYOUT, ATTRS)
+    assert (tmp_path / "out").read_text() == "mine"
+
+
+def test_zarr_group_of_someone_else_is_refused(tmp_path):
+    import zarr
+
+    group = zarr.open_group(str(tmp_path / "s"), mode="w", zarr_format=3)
+    group.attrs["owner"] = "another tool"
+    group.create_array("tokens", shape=(2,), dtype="uint8")
+    with pytest.raises(StoreError, match="no 'schema' attr"):
+        store.prepare(tmp_path / "s", LAYOUT, ATTRS)
+    assert dict(zarr.open_group(str(tmp_path / "s"), mode="r").attrs) == {"owner": "another tool"}
+
+
+def test_empty_folder_is_used(tmp_path):
+    (tmp_path / "s").mkdir()
+    write_all(tmp_path / "s")
+    assert store.open_store(tmp_path / "s").n_images == 7
+
+
+def _interrupted(path, names):
+    """A store whose creation was killed after creating the arrays ``names`` (attrs never written)."""
+    import zarr
+
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    for name in names:
+        shape, dtype = LAYOUT.shapes()[name]
+        group.create_array(name, shape=shape, chunks=(3,) + shape[1:], dtype=dtype, fill_value=0)
+    return group
+
+
+def test_interrupted_creation_with_arrays_is_recreated(tmp_path):
+    _interrupted(tmp_path / "s", ["tokens", "cls", "masks"])
+    _, pending = store.prepare(tmp_path / "s", LAYOUT, ATTRS)
+    assert pending == [0, 1, 2]
+    write_all(tmp_path / "s")
+    assert store.open_store(tmp_path / "s").attrs["schema"] == store.SCHEMA
+
+
+@pytest.mark.parametrize("extra", ["file", "array", "chunk"])
+def test_interrupted_looking_store_with_anything_more_is_refused(tmp_path, extra):
+    group = _interrupted(tmp_path / "s", ["tokens", "cls"])
+    if extra == "file":
+        (tmp_path / "s" / "NOTES.txt").write_text("mine")
+    elif extra == "array":  # an array name that is not the layout's
+        group.create_array("embeddings", shape=(2,), dtype="uint8")
+    else:  # written data: _create never writes a chunk before the attrs
+        group["tokens"][0] = np.ones((4, 3), np.float16)
+    before = _tree(tmp_path / "s")
+    with pytest.raises(StoreError, match="not a feature store"):
+        store.prepare(tmp_path / "s", LAYOUT, ATTRS)
+    assert _tree(tmp_path / "s") == before
+
+
+@pytest.mark.parametrize("schema", [1, store.SCHEMA])
+def test_store_of_ours_with_an_old_schema_or_other_attrs_is_recreated(tmp_path, schema, caplog):
+    import zarr
+
+    write_all(tmp_path / "s")
+    zarr.open_group(str(tmp_path / "s"), mode="r+").attrs.update({"schema": schema, "backbone": "old"})
+    group, pending = store.prepare(tmp_path / "s", LAYOUT, ATTRS)
+    assert pending == [0, 1, 2] and group.attrs["schema"] == store.SCHEMA and group.attrs["backbone"] == "b"
+    assert "afresh" in caplog.text
+
+
+def test_store_of_a_newer_schema_is_refused_not_downgraded(tmp_path):
+    import zarr
+
+    write_all(tmp_path / "s")
+    zarr.open_group(str(tmp_path / "s"), mode="r+").attrs["schema"] = store.SCHEMA + 1
+    before = _tree(tmp_path / "s")
+    with pytest.raises(StoreError, match=f"schema {store.SCHEMA + 1}, newer"):
+        store.prepare(tmp_path / "s", LAYOUT, ATTRS)
+    assert _tree(tmp_path / "s") == before

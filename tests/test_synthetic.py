@@ -192,17 +192,65 @@ def test_counts_of_one_folder_do_not_change_others(tmp_path):
     assert all(small[k] == large[k] for k in shared)
 
 
-def test_rerun_after_crash_replaces_everything(tmp_path):
+def _crash_after(monkeypatch, n_images):
+    """Make generate die (as a kill would) after writing ``n_images`` PNGs into its temp tree."""
+    written = []
+    save = synthetic._save_png
+
+    def save_then_die(path, array):
+        if len(written) == n_images:
+            raise KeyboardInterrupt("killed")
+        written.append(path)
+        save(path, array)
+
+    monkeypatch.setattr(synthetic, "_save_png", save_then_die)
+
+
+def test_rerun_after_crash_replaces_everything(tmp_path, monkeypatch):
     root = tmp_path / "synth_b"
     kw = dict(seed=1, image_size=32, train_good=1, test_good=1, test_anomalous=3)
     generate(root, "synth_b", **kw)
     reference = _files(root)
-    # A crashed run leaves a half-written temp tree and possibly an older complete one.
-    (tmp_path / "synth_b.tmp" / "grass" / "junk").mkdir(parents=True)
+    # A crashed run leaves a half-written temp tree (a real one, made by generate) and an older tree.
     (root / "grass" / "test" / "good" / "999.png").write_bytes(b"stale")
+    with monkeypatch.context() as m:
+        _crash_after(m, 3)
+        with pytest.raises(KeyboardInterrupt):
+            generate(root, "synth_b", **kw)
+    assert len([p for p in (tmp_path / "synth_b.tmp").rglob("*.png")]) == 3
     generate(root, "synth_b", **kw)
     assert _files(root) == reference
     assert not (tmp_path / "synth_b.tmp").exists()
+
+
+# issue 10 item 1: <root>.tmp is deleted only when generate made it (its marker file) or it is empty.
+
+
+@pytest.mark.parametrize("content", ["notes", "dataset"])
+def test_foreign_tmp_folder_is_refused_and_kept(tmp_path, content):
+    from pipeline.errors import PipelineError
+
+    tmp = tmp_path / "synth_a.tmp"
+    if content == "notes":
+        tmp.mkdir()
+        (tmp / "NOTES.txt").write_text("mine")
+    else:  # a dataset tree that happens to sit there, even with our category names, has no marker
+        synthetic._save_png(tmp / "brick" / "train" / "good" / "000.png", np.zeros((4, 4, 3), np.uint8))
+    before = _files(tmp)
+    shown = "NOTES.txt" if content == "notes" else "brick"
+    with pytest.raises(PipelineError, match=rf"synth_a\.tmp.*1 entry: {shown}"):
+        generate(tmp_path / "synth_a", "synth_a", seed=0, image_size=32, train_good=1, test_good=1, test_anomalous=1)
+    assert _files(tmp) == before
+    assert not (tmp_path / "synth_a").exists()
+
+
+def test_empty_tmp_folder_is_used(tmp_path):
+    (tmp_path / "synth_a.tmp").mkdir()
+    kw = dict(seed=0, image_size=32, train_good=1, test_good=1, test_anomalous=1)
+    generate(tmp_path / "synth_a", "synth_a", **kw)
+    generate(tmp_path / "ref", "synth_a", **kw)
+    assert _files(tmp_path / "synth_a") == _files(tmp_path / "ref")
+    assert not (tmp_path / "synth_a.tmp").exists()
 
 
 def test_refuses_to_wipe_a_foreign_folder(tmp_path):
