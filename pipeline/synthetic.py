@@ -556,6 +556,10 @@ def _save_png(path: Path, array: np.ndarray) -> None:
     Image.fromarray(array).save(path, format="PNG", compress_level=1)
 
 
+class DataFolderError(PipelineError, FileExistsError):
+    """A folder the data stage would replace holds something it did not write. Names what is there."""
+
+
 def _check_replaceable(root: Path) -> None:
     """Refuse to wipe a folder that does not look like a dataset written here."""
     if not root.exists():
@@ -563,7 +567,7 @@ def _check_replaceable(root: Path) -> None:
     known = {c for spec in DATASETS.values() for c in spec["categories"]}
     foreign = [p.name for p in root.iterdir() if not (p.is_dir() and p.name in known)]
     if not root.is_dir() or foreign:
-        raise FileExistsError(
+        raise DataFolderError(
             f"{root} exists and is not a synthetic dataset (unexpected entries: {foreign[:5]}); "
             "remove it or choose another root"
         )
@@ -571,10 +575,6 @@ def _check_replaceable(root: Path) -> None:
 
 _TMP_MARKER = ".spg-synthetic-tmp"
 """Written first into ``<root>.tmp`` by :func:`generate`: a temp tree holding it is ours to delete."""
-
-
-class DataFolderError(PipelineError, FileExistsError):
-    """A folder the data stage would replace holds something it did not write. Names what is there."""
 
 
 def _clear_tmp(tmp: Path) -> None:

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from pipeline import synthetic
-from pipeline.synthetic import DATASETS, generate, render_sample
+from pipeline.synthetic import DATASETS, DataFolderError, generate, render_sample
 
 PAIRS = [(ds, c, d) for ds, spec in DATASETS.items() for c in spec["categories"] for d in spec["defects"]]
 SMALL = dict(image_size=64, train_good=2, test_good=2, test_anomalous=6)
@@ -255,7 +255,7 @@ def test_empty_tmp_folder_is_used(tmp_path):
 
 def test_refuses_to_wipe_a_foreign_folder(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="notes.txt"):
+    with pytest.raises(DataFolderError, match="notes.txt"):  # a PipelineError: one line at the stage
         generate(tmp_path, "synth_a", seed=0, image_size=32, train_good=1, test_good=1, test_anomalous=1)
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
