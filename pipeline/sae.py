@@ -150,8 +150,8 @@ def token_batches(read: Callable[[int], np.ndarray], n_chunks: int, batch_tokens
     """One epoch of shuffled token batches (b, d) float32 from chunks read in a seeded random order.
 
     Chunks (n, L, d) are flattened to tokens and mixed in a buffer of at most ``buffer_tokens`` rows:
-    whenever it holds that many, it is shuffled and its first half is emitted in batches, the other
-    half stays to mix with the next chunk. At the end everything left is shuffled and emitted, so an
+    whenever it holds that many, it is shuffled and its first half (rounded down, but at least one
+    row) is emitted in batches, the other half stays to mix with the next chunk. At the end everything left is shuffled and emitted, so an
     epoch yields every token exactly once. Memory is bounded by the buffer plus two chunks, whatever
     the store's size. Non-finite tokens stop the run, naming the chunk.
     """
@@ -174,7 +174,8 @@ def token_batches(read: Callable[[int], np.ndarray], n_chunks: int, batch_tokens
         buffer = flat if buffer is None else np.concatenate([buffer, flat])
         while len(buffer) >= buffer_tokens:
             buffer = buffer[rng.permutation(len(buffer))]
-            half = len(buffer) // 2
+            # At least one row, or a one-row buffer (buffer_tokens 1) would emit nothing and spin forever.
+            half = max(1, len(buffer) // 2)
             yield from emit(buffer[:half])
             buffer = buffer[half:]
     if buffer is not None and len(buffer):
