@@ -4,7 +4,9 @@
         --report reports/synth_a
 
 Writes ``<out>/config.json`` + ``<out>/sae.safetensors`` (DESIGN §4), ``<report>/sae.json`` (final
-FVU, dead fraction, tokens/s, epochs), ``<report>/sae_curve.csv`` and ``<report>/sae_curve.png``.
+FVU, dead fraction, epochs), ``<report>/sae_curve.csv`` and ``<report>/sae_curve.png``. These are
+tracked (git or DVC), so they hold no timings and no paths of this machine: the measured tokens/s is
+only logged.
 """
 
 from __future__ import annotations
@@ -63,7 +65,6 @@ def main(argv: list[str] | None = None) -> None:
         "fvu": final_fvu,
         "dead_fraction": float(dead_mask.float().mean()),
         "n_dead": int(dead_mask.sum()),
-        "tokens_per_s": stats.tokens_per_s,
         "epochs": stats.epochs,
         "tokens_seen": stats.tokens_seen,
         "n_latents": cfg.n_latents,
