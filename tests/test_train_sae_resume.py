@@ -207,3 +207,94 @@ def test_only_files_it_wrote_are_deleted_and_a_foreign_snapshot_name_is_refused(
     checkpoint.remove()
     assert (folder / "train_state.json").read_text() == '{"a": "file of someone else"}'
 
+
+# ----------------------------------------------------------------------------------------------------
+# Resuming: the stage, killed for real
+
+
+def read_outputs(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return {"tensors": load_file(str(run / "sae/sae.safetensors")),
+            **{name: (run / name).read_bytes() for name in ("sae/config.json", "reports/sae.json", "reports/sae_curve.csv")}}
+
+
+def assert_same_outputs(run: Path, reference: Path) -> None:
+    got, want = read_outputs(run), read_outputs(reference)
+    assert got["tensors"].keys() == want["tensors"].keys()
+    for key, value in want["tensors"].items():
+        assert torch.equal(got["tensors"][key], value), key
+    for name in ("sae/config.json", "reports/sae.json", "reports/sae_curve.csv"):
+        assert got[name] == want[name], name
+
+
+def test_the_stage_killed_mid_run_resumes_to_the_uninterrupted_result(tiny_store, tmp_path, caplog):
+    """SIGKILL lands wherever the stage happens to be (often inside a save) once it has saved a few
+    snapshots; the rerun resumes and writes the same tensors, bit for bit, and the same reports."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    params = write_params(tmp_path / "params.yaml", epochs=20)  # 240 steps: it cannot finish before the kill
+    ckpt = tmp_path / "ckpt"
+    train_sae.main(stage_args(tiny_store, tmp_path / "reference", params, "--checkpoint-dir", str(tmp_path / "c0")))
+
+    # One thread, as this process runs (the fixture above): the same arithmetic in both.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(train_sae.__file__).parents[2])}
+    child = subprocess.Popen([sys.executable, "-m", "pipeline.stages.train_sae",
+                              *stage_args(tiny_store, tmp_path / "run", params, "--checkpoint-dir", str(ckpt),
+                                          "--checkpoint-minutes", "0")],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        step = -1
+        while child.poll() is None and step < 3:
+            try:
+                step = json.loads((ckpt / "train_state.json").read_text())["state"]["step"]
+            except (OSError, ValueError):  # not written yet
+                time.sleep(0.005)
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.kill()
+        _, err = child.communicate()
+    assert child.returncode == -signal.SIGKILL, f"the stage ended before the kill: {err.decode()[-2000:]}"
+    assert not (tmp_path / "run/sae/sae.safetensors").exists() and (ckpt / "train_state.json").is_file()
+
+    with caplog.at_level("INFO", logger="pipeline.sae"):
+        train_sae.main(stage_args(tiny_store, tmp_path / "run", params, "--checkpoint-dir", str(ckpt)))
+    assert "resuming training at epoch" in caplog.text
+    assert_same_outputs(tmp_path / "run", tmp_path / "reference")
+    assert not ckpt.exists()  # deleted once the model is saved
+
+
+@pytest.mark.parametrize("change", ["param", "store"])
+def test_the_stage_does_not_resume_a_snapshot_of_other_params_or_another_store(change, tiny_store, tmp_path,
+                                                                               monkeypatch, caplog):
+    params = write_params(tmp_path / "params.yaml")
+    ckpt = tmp_path / "ckpt"
+    original = sae.TrainCheckpoint.save
+
+    def save_then_die(self, model, opt, state):
+        original(self, model, opt, state)
+        if state.step == 5:
+            raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sae.TrainCheckpoint, "save", save_then_die)
+        with pytest.raises(Killed):
+            train_sae.main(stage_args(tiny_store, tmp_path / "killed", params, "--checkpoint-dir", str(ckpt),
+                                      "--checkpoint-minutes", "0"))
+    assert json.loads((ckpt / "train_state.json").read_text())["state"]["step"] == 5
+
+    features, expected = tiny_store, "sae.lr 0.003 -> 0.002"
+    if change == "param":
+        params = write_params(tmp_path / "params.yaml", lr=0.002)
+    else:  # the same tokens, so only the store's fingerprint tells the snapshot apart
+        features = write_store(tmp_path / "other_store", inputs_sha256="2" * 64)
+        expected = f"store.inputs_sha256 '{'1' * 64}' -> '{'2' * 64}'"
+    with caplog.at_level("WARNING", logger="pipeline.sae"):
+        train_sae.main(stage_args(features, tmp_path / "rerun", params, "--checkpoint-dir", str(ckpt)))
+    assert "not resuming" in caplog.text and expected in caplog.text
+    train_sae.main(stage_args(features, tmp_path / "fresh", params, "--checkpoint-dir", str(tmp_path / "c2")))
+    assert_same_outputs(tmp_path / "rerun", tmp_path / "fresh")
