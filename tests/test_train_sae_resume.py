@@ -74,7 +74,8 @@ def test_tracked_reports_hold_no_timing_and_repeat_byte_for_byte(tiny_store, tmp
     summary = json.loads((tmp_path / "one/reports/sae.json").read_text())
     assert not [k for k in summary if "per_s" in k or "time" in k or "second" in k], summary
     assert summary["tokens_seen"] == 3 * N_IMAGES * N_TOKENS and summary["epochs"] == 3
-    for tracked in ("reports/sae.json", "reports/sae_curve.csv", "sae/config.json", "sae/sae.safetensors"):
+    for tracked in ("reports/sae.json", "reports/sae_curve.csv", "reports/sae_curve.png", "sae/config.json",
+                    "sae/sae.safetensors"):
         assert (tmp_path / "one" / tracked).read_bytes() == (tmp_path / "two" / tracked).read_bytes(), tracked
     assert str(tmp_path) not in (tmp_path / "one/sae/config.json").read_text()  # no machine paths either
 
