@@ -278,48 +278,48 @@ def train(sae: TopKSAE, read: Callable[[int], np.ndarray], n_chunks: int, *, tok
         state = snapshot.restore(sae, opt, [name for name, _ in named], device)
         log.info("resuming training at epoch %d, step %d (%d batches of the epoch done) from %s",
                  state.epoch, state.step, state.batches_done, checkpoint.folder)
-    bar = tqdm(total=epochs, initial=min(state.epoch, epochs), unit="epoch", desc="train_sae", mininterval=1.0)
-    while state.epoch < epochs:
-        # The epoch's stream is a function of the generator's state at its start, so a resumed run
-        # regenerates it and skips (reads, but does not train on) the batches already done.
-        rng.bit_generator.state = state.epoch_rng
-        skip = state.batches_done
-        for batch in token_batches(read, n_chunks, batch_tokens, buffer_tokens, rng):
-            if skip:
-                skip -= 1
-                continue
-            t0 = time.perf_counter()
-            x = torch.from_numpy(batch).to(device, non_blocking=True)
-            recon, values, indices, pre = sae(x)
-            main = fvu(x, recon)
-            fired = torch.zeros_like(state.since_fired, dtype=torch.bool)
-            fired[indices[values > 0]] = True
-            state.since_fired += len(x)
-            state.since_fired[fired] = 0
-            aux = auxk_loss(sae, pre, (x - recon).detach(), state.since_fired >= dead_tokens, k_aux)
-            loss = main + auxk_coef * aux
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            sae.remove_parallel_grad_()
-            opt.step()
-            sae.unit_norm_dictionary_()
-            state.train_time += time.perf_counter() - t0
-            state.tokens_seen += len(x)
-            state.step += 1
-            state.batches_done += 1
-            for key, value in (("loss", loss), ("fvu", main), ("auxk", aux)):
-                state.running[key] += value.item()
-            state.running["n"] += 1
-            if state.step % log_every == 0:
-                state.curve.append(_curve_row(state, state.epoch, dead_tokens))
-                state.running = _zero_running()
-            if checkpoint is not None:
-                checkpoint.offer(sae, opt, state)
-        state.epoch, state.batches_done, state.epoch_rng = state.epoch + 1, 0, rng.bit_generator.state
-        bar.set_postfix(fvu=f"{state.curve[-1]['fvu']:.3f}" if state.curve else "-",
-                        tok_s=f"{state.tokens_seen / max(state.train_time, 1e-9):.0f}")
-        bar.update(1)
-    bar.close()
+    # as a context manager, the bar ends its line even when a step raises, so an error prints on its own
+    with tqdm(total=epochs, initial=min(state.epoch, epochs), unit="epoch", desc="train_sae", mininterval=1.0) as bar:
+        while state.epoch < epochs:
+            # The epoch's stream is a function of the generator's state at its start, so a resumed run
+            # regenerates it and skips (reads, but does not train on) the batches already done.
+            rng.bit_generator.state = state.epoch_rng
+            skip = state.batches_done
+            for batch in token_batches(read, n_chunks, batch_tokens, buffer_tokens, rng):
+                if skip:
+                    skip -= 1
+                    continue
+                t0 = time.perf_counter()
+                x = torch.from_numpy(batch).to(device, non_blocking=True)
+                recon, values, indices, pre = sae(x)
+                main = fvu(x, recon)
+                fired = torch.zeros_like(state.since_fired, dtype=torch.bool)
+                fired[indices[values > 0]] = True
+                state.since_fired += len(x)
+                state.since_fired[fired] = 0
+                aux = auxk_loss(sae, pre, (x - recon).detach(), state.since_fired >= dead_tokens, k_aux)
+                loss = main + auxk_coef * aux
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                sae.remove_parallel_grad_()
+                opt.step()
+                sae.unit_norm_dictionary_()
+                state.train_time += time.perf_counter() - t0
+                state.tokens_seen += len(x)
+                state.step += 1
+                state.batches_done += 1
+                for key, value in (("loss", loss), ("fvu", main), ("auxk", aux)):
+                    state.running[key] += value.item()
+                state.running["n"] += 1
+                if state.step % log_every == 0:
+                    state.curve.append(_curve_row(state, state.epoch, dead_tokens))
+                    state.running = _zero_running()
+                if checkpoint is not None:
+                    checkpoint.offer(sae, opt, state)
+            state.epoch, state.batches_done, state.epoch_rng = state.epoch + 1, 0, rng.bit_generator.state
+            bar.set_postfix(fvu=f"{state.curve[-1]['fvu']:.3f}" if state.curve else "-",
+                            tok_s=f"{state.tokens_seen / max(state.train_time, 1e-9):.0f}")
+            bar.update(1)
     if state.running["n"]:
         state.curve.append(_curve_row(state, epochs - 1, dead_tokens))
     return TrainStats(tokens_per_s=state.tokens_seen / max(state.train_time, 1e-9),

@@ -299,3 +299,19 @@ def test_the_stage_does_not_resume_a_snapshot_of_other_params_or_another_store(c
     assert "not resuming" in caplog.text and expected in caplog.text
     train_sae.main(stage_args(features, tmp_path / "fresh", params, "--checkpoint-dir", str(tmp_path / "c2")))
     assert_same_outputs(tmp_path / "rerun", tmp_path / "fresh")
+
+
+def test_a_non_finite_token_stops_the_stage_naming_the_store_and_image(tmp_path, capsys):
+    import zarr
+
+    from pipeline.errors import NonFiniteError
+    from pipeline.stages import run
+
+    features = write_store(tmp_path / "features")
+    zarr.open_group(str(features), mode="r+")["tokens"][9, 3, 0] = np.inf
+    args = stage_args(features, tmp_path / "run", write_params(tmp_path / "params.yaml"))
+    with pytest.raises(NonFiniteError, match=r"features: tokens of image 9, chunk 2"):
+        train_sae.main(args)
+    with pytest.raises(SystemExit):  # and as a user sees it: one line, no traceback
+        run(train_sae.main, args)
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {features}: tokens of image 9")

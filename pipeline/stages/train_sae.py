@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     n, tokens_per_image, d = features.tokens.shape
 
     def read(chunk: int):
-        return features.read(chunk)["tokens"]
+        # finite=True: a NaN/Inf token stops the run with the store, image and chunk named
+        return features.read(chunk, finite=True)["tokens"]
 
     log.info("%s: %d images x %d tokens of width %d; n_latents %d, k %d, %d epochs on %s",
              args.features, n, tokens_per_image, d, cfg.n_latents, cfg.k, cfg.epochs, device)
