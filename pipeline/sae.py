@@ -154,8 +154,8 @@ def token_batches(read: Callable[[int], np.ndarray], n_chunks: int, batch_tokens
 
     Chunks (n, L, d) are flattened to tokens and mixed in a buffer of at most ``buffer_tokens`` rows:
     whenever it holds that many, it is shuffled and its first half (rounded down, but at least one
-    row) is emitted in batches, the other half stays to mix with the next chunk. At the end everything left is shuffled and emitted, so an
-    epoch yields every token exactly once. Memory is bounded by the buffer plus two chunks, whatever
+    row) is emitted in batches, the other half stays to mix with the next chunk. At the end
+    everything left is shuffled and emitted, so an epoch yields every token exactly once. Memory is bounded by the buffer plus two chunks, whatever
     the store's size. Non-finite tokens stop the run, naming the chunk.
     """
     order = rng.permutation(n_chunks)
@@ -427,7 +427,8 @@ class TrainCheckpoint:
     def _read_json(self) -> dict | None:
         """The snapshot JSON, or None when there is none; refuses a file of that name this code did not write."""
         if self.folder.exists() and not self.folder.is_dir():
-            raise CheckpointError(f"{self.folder}: checkpoint folder is a file; move it or pass another --checkpoint-dir")
+            raise CheckpointError(f"{self.folder}: checkpoint folder is a file; move it or pass another "
+                                  "--checkpoint-dir")
         if not self.json_path.exists():
             return None
         try:
@@ -458,9 +459,11 @@ class TrainCheckpoint:
             return None
         if meta.get("key") != self.key:
             old, new = _flatten(meta.get("key_fields", {})), _flatten(self.key_fields)
-            diff = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+            diff = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                    if old.get(k) != new.get(k)]
             log.warning("%s: not resuming, the snapshot was made with other inputs (%s%s); starting afresh",
-                        self.json_path, "; ".join(diff[:3]) or "unknown key", f"; {len(diff) - 3} more" if len(diff) > 3 else "")
+                        self.json_path, "; ".join(diff[:3]) or "unknown key",
+                        f"; {len(diff) - 3} more" if len(diff) > 3 else "")
             return None
         tensors_path = self.folder / str(meta.get("tensors"))
         try:

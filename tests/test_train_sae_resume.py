@@ -213,11 +213,14 @@ def test_only_files_it_wrote_are_deleted_and_a_foreign_snapshot_name_is_refused(
 # Resuming: the stage, killed for real
 
 
+TRACKED_BYTES = ("sae/config.json", "reports/sae.json", "reports/sae_curve.csv")
+
+
 def read_outputs(run: Path) -> dict:
     from safetensors.torch import load_file
 
     return {"tensors": load_file(str(run / "sae/sae.safetensors")),
-            **{name: (run / name).read_bytes() for name in ("sae/config.json", "reports/sae.json", "reports/sae_curve.csv")}}
+            **{name: (run / name).read_bytes() for name in TRACKED_BYTES}}
 
 
 def assert_same_outputs(run: Path, reference: Path) -> None:
@@ -225,7 +228,7 @@ def assert_same_outputs(run: Path, reference: Path) -> None:
     assert got["tensors"].keys() == want["tensors"].keys()
     for key, value in want["tensors"].items():
         assert torch.equal(got["tensors"][key], value), key
-    for name in ("sae/config.json", "reports/sae.json", "reports/sae_curve.csv"):
+    for name in TRACKED_BYTES:
         assert got[name] == want[name], name
 
 
