@@ -520,10 +520,12 @@ class TrainCheckpoint:
         except CheckpointError as err:  # someone else's file: leave it and the folder alone
             log.warning("%s", err)
             return
+        # The JSON first: a kill half-way through leaves marked tensors files (deleted by the next save
+        # or remove), never a JSON naming a tensors file that is gone.
+        self.json_path.unlink(missing_ok=True)
         self._remove_tensors()
         # temp files of a save that was killed half-way: named by this class, never complete
-        for name in (_STATE_JSON, _STATE_JSON + _PARTIAL):
-            (self.folder / name).unlink(missing_ok=True)
+        (self.folder / (_STATE_JSON + _PARTIAL)).unlink(missing_ok=True)
         for partial in self.folder.glob(f"train_state.*.safetensors{_PARTIAL}"):
             partial.unlink()
         try:
