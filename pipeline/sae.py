@@ -18,12 +18,14 @@ latents a gradient and is exactly zero when none are dead.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from pipeline.errors import PipelineError
 from pipeline.store import ChunkReader
 
 log = logging.getLogger(__name__)
@@ -150,9 +153,9 @@ def token_batches(read: Callable[[int], np.ndarray], n_chunks: int, batch_tokens
     """One epoch of shuffled token batches (b, d) float32 from chunks read in a seeded random order.
 
     Chunks (n, L, d) are flattened to tokens and mixed in a buffer of at most ``buffer_tokens`` rows:
-    whenever it holds that many, it is shuffled and its first half is emitted in batches, the other
-    half stays to mix with the next chunk. At the end everything left is shuffled and emitted, so an
-    epoch yields every token exactly once. Memory is bounded by the buffer plus two chunks, whatever
+    whenever it holds that many, it is shuffled and its first half (rounded down, but at least one
+    row) is emitted in batches, the other half stays to mix with the next chunk. At the end
+    everything left is shuffled and emitted, so an epoch yields every token exactly once. Memory is bounded by the buffer plus two chunks, whatever
     the store's size. Non-finite tokens stop the run, naming the chunk.
     """
     order = rng.permutation(n_chunks)
@@ -174,7 +177,8 @@ def token_batches(read: Callable[[int], np.ndarray], n_chunks: int, batch_tokens
         buffer = flat if buffer is None else np.concatenate([buffer, flat])
         while len(buffer) >= buffer_tokens:
             buffer = buffer[rng.permutation(len(buffer))]
-            half = len(buffer) // 2
+            # At least one row, or a one-row buffer (buffer_tokens 1) would emit nothing and spin forever.
+            half = max(1, len(buffer) // 2)
             yield from emit(buffer[:half])
             buffer = buffer[half:]
     if buffer is not None and len(buffer):
@@ -192,77 +196,134 @@ class TrainStats:
     """What a training run reports besides the weights (``reports/<A>/sae.json`` and the curve)."""
 
     tokens_per_s: float
+    """Measured speed inside the optimisation steps; for logs and benchmarks, never a tracked metric."""
     epochs: int
     tokens_seen: int
     curve: list[dict]
     """One row per logged step: step, epoch, tokens, loss, fvu, auxk, dead (running, by dead_tokens)."""
 
 
+def _zero_running() -> dict:
+    return {"loss": 0.0, "fvu": 0.0, "auxk": 0.0, "n": 0}
+
+
+@dataclass
+class TrainState:
+    """Everything :func:`train` carries from one step to the next besides the weights and Adam's moments.
+
+    With those, it is enough to continue a run bit for bit: the token stream of epoch ``epoch`` is
+    regenerated from ``epoch_rng`` and its first ``batches_done`` batches are read and skipped.
+    """
+
+    since_fired: torch.Tensor
+    """(n_latents,) int64: tokens seen since each latent last fired (dead at ``dead_tokens``)."""
+    epoch_rng: dict
+    """``numpy.random.Generator.bit_generator.state`` at the start of ``epoch`` (JSON-serialisable)."""
+    epoch: int = 0
+    """The epoch in progress (``epochs`` once training is over)."""
+    batches_done: int = 0
+    """Batches of ``epoch`` already trained on."""
+    step: int = 0
+    tokens_seen: int = 0
+    train_time: float = 0.0
+    """Seconds inside optimisation steps, for tokens/s only (not part of the result)."""
+    curve: list[dict] = field(default_factory=list)
+    running: dict = field(default_factory=_zero_running)
+    """Sums of loss, fvu and auxk over the ``n`` steps since the last curve row."""
+
+    def to_json(self) -> dict:
+        """Every field but ``since_fired`` (a tensor, saved with the weights)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "since_fired"}
+
+    @classmethod
+    def from_json(cls, data: dict, since_fired: torch.Tensor) -> "TrainState":
+        return cls(since_fired=since_fired, **data)
+
+
+def _curve_row(state: TrainState, epoch: int, dead_tokens: int) -> dict:
+    n = state.running["n"]
+    return {"step": state.step, "epoch": epoch, "tokens": state.tokens_seen, "loss": state.running["loss"] / n,
+            "fvu": state.running["fvu"] / n, "auxk": state.running["auxk"] / n,
+            "dead": float((state.since_fired >= dead_tokens).float().mean())}
+
+
 def train(sae: TopKSAE, read: Callable[[int], np.ndarray], n_chunks: int, *, tokens_per_image: int,
           batch_images: int, epochs: int, lr: float, betas: tuple[float, float], k_aux: int,
           auxk_coef: float, dead_tokens: int, buffer_tokens: int, seed: int,
           device: torch.device = torch.device("cpu"), mean: torch.Tensor | None = None,
-          log_every: int = 10) -> TrainStats:
+          log_every: int = 10, checkpoint: "TrainCheckpoint | None" = None) -> TrainStats:
     """Train ``sae`` in place on tokens streamed from ``read(chunk) -> (n, L, d)`` for ``epochs`` epochs.
 
     Batches hold ``batch_images * tokens_per_image`` tokens. ``mean`` (d,) initialises the decoder bias
     when the model has one. Deterministic on CPU for a given seed. The ``dead_mask`` is not computed
-    here: see :func:`dead_latents`.
+    here: see :func:`evaluate`.
+
+    ``checkpoint``: when it holds a snapshot of a run with the same key (:meth:`TrainCheckpoint.load`),
+    training continues from it (weights, Adam, dead-latent counters, stream position, curve) instead of
+    from ``sae``'s initial weights, and ends with the same weights as an uninterrupted run. After every
+    step it is offered the state, and saves it when its interval is due.
     """
     rng = np.random.default_rng(seed)
     sae.to(device)
     if sae.shape.decoder_bias and mean is not None:
         with torch.no_grad():
             sae.bias.copy_(mean.to(device))
-    params = [p for p in sae.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr, betas=betas)
+    named = [(name, p) for name, p in sae.named_parameters() if p.requires_grad]
+    opt = torch.optim.Adam([p for _, p in named], lr=lr, betas=betas)
     batch_tokens = batch_images * tokens_per_image
-    since_fired = torch.zeros(sae.shape.n_latents, dtype=torch.long, device=device)
-    curve: list[dict] = []
-    tokens_seen, step, train_time = 0, 0, 0.0
-    run = {"loss": 0.0, "fvu": 0.0, "auxk": 0.0, "n": 0}
-    bar = tqdm(total=epochs, unit="epoch", desc="train_sae", mininterval=1.0)
-    for epoch in range(epochs):
-        for batch in token_batches(read, n_chunks, batch_tokens, buffer_tokens, rng):
-            t0 = time.perf_counter()
-            x = torch.from_numpy(batch).to(device, non_blocking=True)
-            recon, values, indices, pre = sae(x)
-            main = fvu(x, recon)
-            fired = torch.zeros_like(since_fired, dtype=torch.bool)
-            fired[indices[values > 0]] = True
-            since_fired += len(x)
-            since_fired[fired] = 0
-            aux = auxk_loss(sae, pre, (x - recon).detach(), since_fired >= dead_tokens, k_aux)
-            loss = main + auxk_coef * aux
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            sae.remove_parallel_grad_()
-            opt.step()
-            sae.unit_norm_dictionary_()
-            train_time += time.perf_counter() - t0
-            tokens_seen += len(x)
-            step += 1
-            run["loss"] += loss.item()
-            run["fvu"] += main.item()
-            run["auxk"] += aux.item()
-            run["n"] += 1
-            if step % log_every == 0:
-                n = run["n"]
-                curve.append({"step": step, "epoch": epoch, "tokens": tokens_seen, "loss": run["loss"] / n,
-                              "fvu": run["fvu"] / n, "auxk": run["auxk"] / n,
-                              "dead": float((since_fired >= dead_tokens).float().mean())})
-                run = {"loss": 0.0, "fvu": 0.0, "auxk": 0.0, "n": 0}
-        bar.set_postfix(fvu=f"{curve[-1]['fvu']:.3f}" if curve else "-",
-                        tok_s=f"{tokens_seen / max(train_time, 1e-9):.0f}")
-        bar.update(1)
-    bar.close()
-    if run["n"]:
-        n = run["n"]
-        curve.append({"step": step, "epoch": epochs - 1, "tokens": tokens_seen, "loss": run["loss"] / n,
-                      "fvu": run["fvu"] / n, "auxk": run["auxk"] / n,
-                      "dead": float((since_fired >= dead_tokens).float().mean())})
-    return TrainStats(tokens_per_s=tokens_seen / max(train_time, 1e-9),
-                       epochs=epochs, tokens_seen=tokens_seen, curve=curve)
+    state = TrainState(since_fired=torch.zeros(sae.shape.n_latents, dtype=torch.long, device=device),
+                       epoch_rng=rng.bit_generator.state)
+    snapshot = checkpoint.load() if checkpoint is not None else None
+    if snapshot is not None:
+        state = snapshot.restore(sae, opt, [name for name, _ in named], device)
+        log.info("resuming training at epoch %d, step %d (%d batches of the epoch done) from %s",
+                 state.epoch, state.step, state.batches_done, checkpoint.folder)
+    # as a context manager, the bar ends its line even when a step raises, so an error prints on its own
+    with tqdm(total=epochs, initial=min(state.epoch, epochs), unit="epoch", desc="train_sae", mininterval=1.0) as bar:
+        while state.epoch < epochs:
+            # The epoch's stream is a function of the generator's state at its start, so a resumed run
+            # regenerates it and skips (reads, but does not train on) the batches already done.
+            rng.bit_generator.state = state.epoch_rng
+            skip = state.batches_done
+            for batch in token_batches(read, n_chunks, batch_tokens, buffer_tokens, rng):
+                if skip:
+                    skip -= 1
+                    continue
+                t0 = time.perf_counter()
+                x = torch.from_numpy(batch).to(device, non_blocking=True)
+                recon, values, indices, pre = sae(x)
+                main = fvu(x, recon)
+                fired = torch.zeros_like(state.since_fired, dtype=torch.bool)
+                fired[indices[values > 0]] = True
+                state.since_fired += len(x)
+                state.since_fired[fired] = 0
+                aux = auxk_loss(sae, pre, (x - recon).detach(), state.since_fired >= dead_tokens, k_aux)
+                loss = main + auxk_coef * aux
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                sae.remove_parallel_grad_()
+                opt.step()
+                sae.unit_norm_dictionary_()
+                state.train_time += time.perf_counter() - t0
+                state.tokens_seen += len(x)
+                state.step += 1
+                state.batches_done += 1
+                for key, value in (("loss", loss), ("fvu", main), ("auxk", aux)):
+                    state.running[key] += value.item()
+                state.running["n"] += 1
+                if state.step % log_every == 0:
+                    state.curve.append(_curve_row(state, state.epoch, dead_tokens))
+                    state.running = _zero_running()
+                if checkpoint is not None:
+                    checkpoint.offer(sae, opt, state)
+            state.epoch, state.batches_done, state.epoch_rng = state.epoch + 1, 0, rng.bit_generator.state
+            bar.set_postfix(fvu=f"{state.curve[-1]['fvu']:.3f}" if state.curve else "-",
+                            tok_s=f"{state.tokens_seen / max(state.train_time, 1e-9):.0f}")
+            bar.update(1)
+    if state.running["n"]:
+        state.curve.append(_curve_row(state, epochs - 1, dead_tokens))
+    return TrainStats(tokens_per_s=state.tokens_seen / max(state.train_time, 1e-9),
+                      epochs=epochs, tokens_seen=state.tokens_seen, curve=state.curve)
 
 
 @torch.no_grad()
@@ -285,6 +346,192 @@ def evaluate(sae: TopKSAE, read: Callable[[int], np.ndarray], n_chunks: int, *, 
     # Σ‖x − mean‖² = Σ‖x‖² − ‖Σx‖² / N, accumulated in float64 over the stream.
     variance = total_sq - float(total_sum.pow(2).sum()) / count
     return err / variance, ~fired
+
+
+# ----------------------------------------------------------------------------------------------------
+# Resumable training snapshots: safetensors + JSON, written atomically; never pickle.
+
+
+class CheckpointError(PipelineError):
+    """A checkpoint folder holds, where a training snapshot goes, a file this code did not write."""
+
+
+_STATE_FORMAT = "pipeline.sae.TrainCheckpoint/1"
+"""Marker in the snapshot JSON and in its tensors file's metadata: only files carrying it are deleted."""
+_STATE_JSON = "train_state.json"
+_PARTIAL = ".partial"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``path`` whole or not at all: a temp file beside it, flushed to disk, then renamed over it."""
+    partial = path.with_name(path.name + _PARTIAL)
+    with partial.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(partial, path)
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: the keys the log names when two checkpoint keys differ."""
+    if isinstance(value, dict):
+        return {k: v for name, sub in value.items() for k, v in _flatten(sub, f"{prefix}{name}.").items()}
+    return {prefix[:-1]: value}
+
+
+@dataclass
+class Snapshot:
+    """A loaded training snapshot: ``tensors`` (``model.<param>``, ``adam.<param>.<moment>``,
+    ``since_fired``) and ``state``, the JSON fields of :class:`TrainState`."""
+
+    tensors: dict[str, torch.Tensor]
+    state: dict
+
+    def restore(self, sae: TopKSAE, opt: torch.optim.Optimizer, names: Sequence[str],
+                device: torch.device) -> TrainState:
+        """Load the weights into ``sae`` and the moments into ``opt`` (whose parameters are ``names``,
+        in order); return the loop state."""
+        sae.load_state_dict({name: self.tensors[f"model.{name}"] for name in sae.state_dict()}, strict=True)
+        moments = [{key.rsplit(".", 1)[1]: t for key, t in self.tensors.items() if key.startswith(f"adam.{name}.")}
+                   for name in names]
+        opt.load_state_dict({"state": dict(enumerate(moments)), "param_groups": opt.state_dict()["param_groups"]})
+        return TrainState.from_json(self.state, self.tensors["since_fired"].to(device))
+
+
+class TrainCheckpoint:
+    """A resumable snapshot of :func:`train` kept in ``folder`` while it runs.
+
+    ``train_state.json`` names the tensors file ``train_state.<step>.safetensors`` (weights, Adam
+    moments, dead-latent counters) and holds the loop state (stream position, generator state, curve,
+    counters) and the key. Each file is written to a temp file and renamed into place, tensors first
+    and the JSON last, so a kill at any moment leaves the previous snapshot or the new one, whole.
+
+    ``key``: a JSON-able mapping of everything that determines the result (config, input fingerprint,
+    code). A snapshot saved under another key is ignored, with a log line naming what differs, and
+    replaced by the next save. Saves happen every ``every_s`` seconds (0: after every step), or every
+    ``every_steps`` steps when that is given. Only files carrying this class's marker are ever deleted.
+    """
+
+    def __init__(self, folder: str | Path, key: Mapping[str, Any], *, every_s: float = 600.0,
+                 every_steps: int | None = None) -> None:
+        self.folder = Path(folder)
+        self.key_fields = json.loads(json.dumps(key, sort_keys=True))  # as it reads back from JSON
+        self.key = hashlib.sha256(json.dumps(self.key_fields, sort_keys=True).encode()).hexdigest()
+        self.every_s, self.every_steps = every_s, every_steps
+        self._last = time.monotonic()
+
+    @property
+    def json_path(self) -> Path:
+        return self.folder / _STATE_JSON
+
+    def _read_json(self) -> dict | None:
+        """The snapshot JSON, or None when there is none; refuses a file of that name this code did not write."""
+        if self.folder.exists() and not self.folder.is_dir():
+            raise CheckpointError(f"{self.folder}: checkpoint folder is a file; move it or pass another "
+                                  "--checkpoint-dir")
+        if not self.json_path.exists():
+            return None
+        try:
+            meta = json.loads(self.json_path.read_text())
+        except (OSError, ValueError) as err:
+            meta = {"error": str(err)}
+        if not isinstance(meta, dict) or meta.get("format") != _STATE_FORMAT:
+            raise CheckpointError(f"{self.json_path}: not a training snapshot written by this code (no "
+                                  f"format {_STATE_FORMAT!r}); move it away or pass another --checkpoint-dir")
+        return meta
+
+    def _ours(self, path: Path) -> bool:
+        """True when ``path`` is a tensors file this class wrote (its metadata carries the marker)."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                return (fh.metadata() or {}).get("format") == _STATE_FORMAT
+        except Exception:  # unreadable: cannot prove it is ours, so it is kept
+            return False
+
+    def load(self) -> Snapshot | None:
+        """The saved snapshot when its key is this one; None (saying why in the log) otherwise."""
+        from safetensors.torch import load_file
+
+        meta = self._read_json()
+        if meta is None:
+            return None
+        if meta.get("key") != self.key:
+            old, new = _flatten(meta.get("key_fields", {})), _flatten(self.key_fields)
+            diff = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                    if old.get(k) != new.get(k)]
+            log.warning("%s: not resuming, the snapshot was made with other inputs (%s%s); starting afresh",
+                        self.json_path, "; ".join(diff[:3]) or "unknown key",
+                        f"; {len(diff) - 3} more" if len(diff) > 3 else "")
+            return None
+        tensors_path = self.folder / str(meta.get("tensors"))
+        try:
+            tensors = load_file(str(tensors_path))
+        except Exception as err:
+            log.warning("%s: not resuming, its tensors file %s cannot be read (%s); starting afresh",
+                        self.json_path, tensors_path.name, err)
+            return None
+        return Snapshot(tensors, meta["state"])
+
+    def offer(self, sae: TopKSAE, opt: torch.optim.Optimizer, state: TrainState) -> None:
+        """Save when due: every ``every_steps`` steps, else when ``every_s`` seconds have passed."""
+        if self.every_steps is not None:
+            due = state.step % self.every_steps == 0
+        else:
+            due = time.monotonic() - self._last >= self.every_s
+        if due:
+            self.save(sae, opt, state)
+            self._last = time.monotonic()
+
+    def save(self, sae: TopKSAE, opt: torch.optim.Optimizer, state: TrainState) -> None:
+        """Write the snapshot (tensors, then the JSON naming them) and delete the one it replaces."""
+        from safetensors.torch import save
+
+        self._read_json()  # refuses to write over a file of that name that is not ours
+        self.folder.mkdir(parents=True, exist_ok=True)
+        names = {id(p): name for name, p in sae.named_parameters()}
+        tensors = {f"model.{name}": t for name, t in sae.state_dict().items()}
+        for group in opt.param_groups:
+            for p in group["params"]:
+                tensors.update({f"adam.{names[id(p)]}.{k}": t for k, t in opt.state[p].items()})
+        tensors["since_fired"] = state.since_fired
+        tensors = {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
+        name = f"train_state.{state.step:09d}.safetensors"
+        _write_atomic(self.folder / name, save(tensors, metadata={"format": _STATE_FORMAT, "key": self.key}))
+        meta = {"format": _STATE_FORMAT, "key": self.key, "tensors": name, "state": state.to_json(),
+                "key_fields": self.key_fields}
+        _write_atomic(self.json_path, (json.dumps(meta, indent=1) + "\n").encode())
+        self._remove_tensors(keep=name)
+        log.debug("%s: snapshot at step %d", self.folder, state.step)
+
+    def _remove_tensors(self, keep: str | None = None) -> None:
+        for path in self.folder.glob("train_state.*.safetensors"):
+            if path.name != keep and self._ours(path):
+                path.unlink()
+
+    def remove(self) -> None:
+        """Delete the snapshot once the run it belongs to is saved: this class's files only, and the
+        folder when that leaves it empty."""
+        if not self.folder.is_dir():
+            return
+        try:
+            self._read_json()
+        except CheckpointError as err:  # someone else's file: leave it and the folder alone
+            log.warning("%s", err)
+            return
+        # The JSON first: a kill half-way through leaves marked tensors files (deleted by the next save
+        # or remove), never a JSON naming a tensors file that is gone.
+        self.json_path.unlink(missing_ok=True)
+        self._remove_tensors()
+        # temp files of a save that was killed half-way: named by this class, never complete
+        (self.folder / (_STATE_JSON + _PARTIAL)).unlink(missing_ok=True)
+        for partial in self.folder.glob(f"train_state.*.safetensors{_PARTIAL}"):
+            partial.unlink()
+        try:
+            self.folder.rmdir()
+        except OSError:  # other files are in it: not ours to delete
+            pass
 
 
 # ----------------------------------------------------------------------------------------------------

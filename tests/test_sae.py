@@ -248,3 +248,37 @@ def test_save_load_round_trip_is_exact(tmp_path):
     assert torch.equal(loaded_dead, dead) and config["k"] == 4 and config["features"]["backbone"] == "b"
     x = torch.randn(5, 8)
     assert torch.equal(loaded(x)[0], model(x)[0])
+
+
+class BoundedRng:
+    """A numpy Generator that refuses more than ``limit`` permutations: token_batches shuffles on every
+    turn of its loop, so a loop that stops advancing (without yielding) raises instead of hanging."""
+
+    def __init__(self, seed: int, limit: int) -> None:
+        self.rng, self.left = np.random.default_rng(seed), limit
+
+    def permutation(self, n):
+        self.left -= 1
+        if self.left < 0:
+            raise RuntimeError("token_batches does not advance: permutation limit reached")
+        return self.rng.permutation(n)
+
+
+@pytest.mark.parametrize("buffer_tokens", [1, 2, 3, 5, 7, 11, 12, 13, 20, 21, 40, 41, 200])
+def test_token_batches_terminate_and_yield_every_token_once_for_any_buffer(buffer_tokens):
+    """Buffers of 1, 2, 3 rows, odd sizes, below and above the batch (12) and the chunk (4 images x 5
+    tokens = 20 rows). Both the stream and the shuffles are bounded well above what an epoch needs, so
+    a loop that stops advancing fails the test instead of hanging it."""
+    import itertools  # local: the tests above belong to another change of this file
+
+    n_images, length, batch = 37, 5, 12
+    tokens = np.arange(n_images * length, dtype=np.float16).reshape(n_images, length, 1)
+    read, n = chunked(tokens, 4)
+    expected = -(-n_images * length // batch)  # 16 batches: 15 of 12 tokens and one of 5
+    stream = sae.token_batches(read, n, batch_tokens=batch, buffer_tokens=buffer_tokens,
+                               rng=BoundedRng(0, limit=10_000))
+    batches = list(itertools.islice(stream, 10 * expected))
+    assert len(batches) == expected
+    assert [len(b) for b in batches] == [batch] * (expected - 1) + [n_images * length - batch * (expected - 1)]
+    seen = np.concatenate([b[:, 0] for b in batches])
+    assert sorted(seen.tolist()) == list(range(n_images * length))

@@ -1,19 +1,29 @@
 """Stage train_sae@A: the TopK SAE on the auxiliary dataset's patch tokens, streamed from its store.
 
     python -m pipeline.stages.train_sae --features features/synth_a --out models/synth_a/sae \
-        --report reports/synth_a
+        --report reports/synth_a --checkpoint-dir checkpoints/synth_a/train_sae
 
 Writes ``<out>/config.json`` + ``<out>/sae.safetensors`` (DESIGN §4), ``<report>/sae.json`` (final
-FVU, dead fraction, tokens/s, epochs), ``<report>/sae_curve.csv`` and ``<report>/sae_curve.png``.
+FVU, dead fraction, epochs), ``<report>/sae_curve.csv`` and ``<report>/sae_curve.png``. These are
+tracked (git or DVC), so they hold no timings and no paths of this machine: the measured tokens/s is
+only logged.
+
+While it trains, a snapshot (weights, Adam, dead-latent counters, stream position, curve) is saved to
+``--checkpoint-dir`` every ``--checkpoint-minutes``; a killed run started again with the same params
+and store resumes from it and ends with the same weights as an uninterrupted run. The folder is not a
+DVC output (DVC keeps stages with persistent outputs out of its run cache) and is deleted once the
+model is saved.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeline import report, sae, store
@@ -23,6 +33,24 @@ from pipeline.stages import run, setup_logging
 
 log = logging.getLogger("pipeline.stages.train_sae")
 
+STORE_FINGERPRINT = ("dataset", "inputs_sha256", "weights_sha256", "backbone", "layer", "image_size", "grid", "schema")
+"""Store attrs that identify its tokens; with the tokens' shape and chunking they key a snapshot."""
+
+
+def resume_key(cfg, device: torch.device, features: store.FeatureStore) -> dict:
+    """Everything that determines the trained weights, so a snapshot made with any of it different is
+    not resumed: the sae params (``device`` as resolved, since CPU and CUDA round differently), the
+    store's fingerprint and layout, and the code and library versions that compute the steps."""
+    code = {name: hashlib.sha256(Path(path).read_bytes()).hexdigest()
+            for name, path in (("sae", sae.__file__), ("train_sae", __file__))}
+    return {
+        "sae": {**{k: v for k, v in asdict(cfg).items() if k != "device"}, "device": device.type},
+        "store": {**{k: features.attrs.get(k) for k in STORE_FINGERPRINT},
+                  "tokens": list(features.tokens.shape), "chunk_images": features.chunk_images},
+        "code": code,
+        "versions": {"torch": torch.__version__, "numpy": np.__version__},
+    }
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,7 +58,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, type=Path, help="checkpoint folder, models/<A>/sae")
     parser.add_argument("--report", required=True, type=Path, help="report folder, reports/<A>")
     parser.add_argument("--params", default="params.yaml", type=Path)
+    parser.add_argument("--checkpoint-dir", type=Path, default=None,
+                        help="where the resumable snapshot is kept while training (default: <out>.resume); "
+                             "not a DVC output, deleted once the model is saved")
+    parser.add_argument("--checkpoint-minutes", type=float, default=10.0,
+                        help="minutes between snapshots, 0 for after every step (does not change the result)")
     args = parser.parse_args(argv)
+    if not args.checkpoint_minutes >= 0:
+        parser.error(f"--checkpoint-minutes must be >= 0, got {args.checkpoint_minutes}")
+    checkpoint_dir = args.checkpoint_dir or args.out.with_name(args.out.name + ".resume")
     setup_logging()
     cfg = load_params(args.params, ["sae"]).sae
     features = store.open_store(args.features)
@@ -38,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     n, tokens_per_image, d = features.tokens.shape
 
     def read(chunk: int):
-        return features.read(chunk)["tokens"]
+        # finite=True: a NaN/Inf token stops the run with the store, image and chunk named
+        return features.read(chunk, finite=True)["tokens"]
 
     log.info("%s: %d images x %d tokens of width %d; n_latents %d, k %d, %d epochs on %s",
              args.features, n, tokens_per_image, d, cfg.n_latents, cfg.k, cfg.epochs, device)
@@ -51,10 +88,13 @@ def main(argv: list[str] | None = None) -> None:
         for _, tokens in features.iter_chunks():
             total += torch.from_numpy(tokens.astype("float32")).reshape(-1, d).sum(0, dtype=torch.float64)
         mean = (total / (n * tokens_per_image)).float()
+    checkpoint = sae.TrainCheckpoint(checkpoint_dir, resume_key(cfg, device, features),
+                                     every_s=60 * args.checkpoint_minutes)
     stats = sae.train(model, read, features.n_chunks, tokens_per_image=tokens_per_image,
                       batch_images=cfg.batch_images, epochs=cfg.epochs, lr=cfg.lr, betas=tuple(cfg.betas),
                       k_aux=cfg.k_aux, auxk_coef=cfg.auxk_coef, dead_tokens=cfg.dead_tokens,
-                      buffer_tokens=cfg.buffer_tokens, seed=cfg.seed, device=device, mean=mean)
+                      buffer_tokens=cfg.buffer_tokens, seed=cfg.seed, device=device, mean=mean,
+                      checkpoint=checkpoint)
     final_fvu, dead_mask = sae.evaluate(model, read, features.n_chunks, device=device)
     # What later stages need to refuse a target store extracted differently from this SAE's tokens.
     provenance = {k: features.attrs[k] for k in ("dataset", "backbone", "weights_sha256", "layer", "image_size", "grid")}
@@ -63,7 +103,6 @@ def main(argv: list[str] | None = None) -> None:
         "fvu": final_fvu,
         "dead_fraction": float(dead_mask.float().mean()),
         "n_dead": int(dead_mask.sum()),
-        "tokens_per_s": stats.tokens_per_s,
         "epochs": stats.epochs,
         "tokens_seen": stats.tokens_seen,
         "n_latents": cfg.n_latents,
@@ -73,6 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     report.write_csv(args.report / "sae_curve.csv", stats.curve)
     report.plot_curves(args.report / "sae_curve.png", stats.curve, "step", ["fvu", "auxk"],
                        f"SAE on {provenance['dataset']}: n_latents {cfg.n_latents}, k {cfg.k}")
+    # Only now is the snapshot redundant: a kill before this line resumes and rewrites the same outputs.
+    checkpoint.remove()
     log.info("FVU %.4f, dead %.1f%% of latents, %.0f tokens/s", final_fvu, 100 * summary["dead_fraction"],
              stats.tokens_per_s)
 
