@@ -363,7 +363,12 @@ _PARTIAL = ".partial"
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``path`` whole or not at all: a temp file beside it, flushed to disk, then renamed over it."""
+    """Write ``path`` whole or not at all: a temp file beside it, flushed to disk, then renamed over it.
+
+    Not :func:`pipeline.files.atomic_write`: the temp name here is fixed (``<name>.partial``), so the
+    cleanup after a kill finds a half-written snapshot by name and deletes only that; and snapshots are
+    fsync'd, since resuming from a file the OS had not written yet would be worse than starting over.
+    """
     partial = path.with_name(path.name + _PARTIAL)
     with partial.open("wb") as fh:
         fh.write(data)
