@@ -1,0 +1,322 @@
+"""pipeline.predict against a small fake detector that keeps the Detector contract (issue 11, §2 and §3).
+
+The fake's map of an image is a horizontal ramp scaled by the image's mean red: map[y, x] = r * x / (S - 1)
+with r = mean(R) / 255 of the decoded RGB image, and its score is the map's maximum, r. So a uniform
+image with red value v scores exactly v / 255, and the map's values are known by hand everywhere.
+The real Detector is exercised in tests/test_predict_real.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import predict as P
+from pipeline.errors import NonFiniteError
+
+S = 16
+
+
+class FakeDetector:
+    """The contract's ``predict``/``threshold``/``info``/``image_size``, with hand-known outputs."""
+
+    def __init__(self, threshold: float | None = 0.5, size: int = S, nan_for_red: int | None = None):
+        self.threshold = threshold
+        self.image_size = size
+        self.seeds = [0]
+        self.info = {"format": "spg-detector/1", "backbone": "fake", "threshold": threshold,
+                     "threshold_rule": "fake rule", "image_size": size}
+        self.batches: list[int] = []
+        self.nan_for_red = nan_for_red
+
+    def predict(self, images):
+        self.batches.append(len(images))
+        ramp = np.arange(self.image_size, dtype=np.float64) / (self.image_size - 1)
+        maps, scores = [], []
+        for im in images:
+            assert im.mode == "RGB"  # the project's own conversion ran before the detector
+            red = np.asarray(im)[..., 0]
+            r = float(red.mean()) / 255
+            if self.nan_for_red is not None and int(red[0, 0]) == self.nan_for_red:
+                r = math.nan
+            maps.append(np.tile(ramp * r, (self.image_size, 1)).astype(np.float32))
+            scores.append(r)
+        return np.stack(maps), np.asarray(scores, dtype=np.float64)
+
+
+def solid(path: Path, size=(20, 12), red=255, mode="RGB", fmt=None) -> Path:
+    """A uniform image of ``size`` (W, H) whose decoded red value is ``red``."""
+    w, h = size
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rgb = np.zeros((h, w, 3), np.uint8)
+    rgb[..., 0] = red
+    Image.fromarray(rgb).convert(mode).save(path, format=fmt)
+    return path
+
+
+def rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Outputs
+
+
+def test_outputs_have_original_size_and_map_values_round_trip(tmp_path):
+    a = solid(tmp_path / "in" / "wide.png", size=(40, 24))
+    b = solid(tmp_path / "in" / "tall.jpg", size=(23, 30), fmt="PNG")  # content PNG, name .jpg: PIL reads it
+    out = tmp_path / "out"
+    summary = P.predict_files([tmp_path / "in"], FakeDetector(threshold=0.5), out)
+
+    table = rows(out / "scores.csv")
+    assert [r["path"] for r in table] == [str(b), str(a)]  # sorted walk: tall.jpg, wide.png
+    assert list(table[0]) == list(P.SCORE_COLUMNS)
+    for r, (w, h) in zip(table, [(23, 30), (40, 24)]):
+        assert float(r["score"]) == 1.0 and r["decision"] == "anomalous" and float(r["seconds"]) > 0
+        m = Image.open(out / r["map"])
+        assert m.mode == "I;16" and m.size == (w, h)
+        values = np.asarray(m).astype(np.float64) / P.MAP_SCALE
+        # by hand: upscaling, output pixel j samples the S-wide ramp at (j + 0.5) * S / w - 0.5, clamped
+        j = np.arange(w)
+        expected = np.clip((j + 0.5) * S / w - 0.5, 0, S - 1) / (S - 1)
+        for y in (0, h // 2, h - 1):
+            np.testing.assert_allclose(values[y], expected, atol=1 / P.MAP_SCALE)
+        o = Image.open(out / r["overlay"])
+        assert o.mode == "RGB" and o.size == (w, h)
+    assert {r["map"] for r in table} == {"maps/tall.jpg.png", "maps/wide.png.png"}
+    written = json.loads((out / "summary.json").read_text())
+    assert written == summary
+    assert summary["n_scored"] == 2 and summary["n_anomalous"] == 2 and summary["n_skipped"] == 0
+    assert summary["detector"]["backbone"] == "fake" and "65535" in summary["maps"]["value"]
+    assert summary["threshold"] == {"value": 0.5, "source": "detector", "rule": "fake rule"}
+    assert rows(out / "skipped.csv") == [] and (out / "skipped.csv").read_text().strip() == "path,input,reason"
+
+
+def test_shrunk_map_keeps_a_constant_value(tmp_path):
+    # downscaling (S=16 -> 10 x 7) averages neighbours: a constant map stays that constant exactly
+    image = solid(tmp_path / "small.png", size=(10, 7), red=51)
+    det = FakeDetector(size=S)
+    det.predict = lambda images: (np.full((len(images), S, S), 0.2, np.float32), np.full(len(images), 0.2))
+    P.predict_files([image], det, tmp_path / "out")
+    m = np.asarray(Image.open(tmp_path / "out" / "maps" / "small.png.png"))
+    assert m.shape == (7, 10) and m.dtype == np.uint16
+    assert (m == round(0.2 * 65535)).all()
+
+
+def test_overlay_outlines_the_thresholded_region():
+    image = Image.fromarray(np.zeros((30, 40, 3), np.uint8))
+    full = np.zeros((30, 40), np.float32)
+    full[10:20, 5:25] = 0.9  # the region at threshold 0.5
+    out = np.asarray(P.overlay(image, full, 0.5))
+    white = (out == 255).all(axis=-1)
+    # 1-pixel outline (longer side 40 < 450): the region's border pixels, nothing inside or outside it
+    expected = np.zeros_like(white)
+    expected[10:20, 5:25] = True
+    expected[11:19, 6:24] = False
+    np.testing.assert_array_equal(white, expected)
+    # elsewhere: half image (black), half jet colour of the value
+    jet0 = P._jet_lut()[0]
+    np.testing.assert_array_equal(out[0, 0], np.round(0.5 * jet0.astype(np.float32)).astype(np.uint8))
+
+
+def test_decisions_at_the_threshold_and_the_override(tmp_path):
+    # red 128 scores exactly 128/255 = the threshold: score >= threshold is anomalous
+    for red in (127, 128, 200):
+        solid(tmp_path / "in" / f"r{red}.png", red=red)
+    summary = P.predict_files([tmp_path / "in"], FakeDetector(threshold=0.9), tmp_path / "out", threshold=128 / 255)
+    got = {Path(r["path"]).name: (float(r["score"]), r["decision"]) for r in rows(tmp_path / "out" / "scores.csv")}
+    assert got == {"r127.png": (127 / 255, "normal"), "r128.png": (128 / 255, "anomalous"),
+                   "r200.png": (200 / 255, "anomalous")}
+    assert summary["threshold"]["source"] == "override" and summary["threshold"]["value"] == 128 / 255
+    assert summary["threshold"]["detector_threshold"] == 0.9
+    assert (summary["n_anomalous"], summary["n_normal"]) == (2, 1)
+    # the detector's own threshold, 0.9, flags none of them
+    summary = P.predict_files([tmp_path / "in"], FakeDetector(threshold=0.9), tmp_path / "out2")
+    assert (summary["n_anomalous"], summary["n_normal"]) == (0, 3)
+
+
+def test_threshold_errors(tmp_path):
+    image = solid(tmp_path / "a.png")
+    with pytest.raises(P.PredictError, match="no threshold"):
+        P.predict_files([image], FakeDetector(threshold=None), tmp_path / "out")
+    with pytest.raises(P.PredictError, match="not both"):
+        P.predict_files([image], FakeDetector(), tmp_path / "out", threshold=0.5, normals=[tmp_path])
+    with pytest.raises(P.PredictError, match="finite"):
+        P.predict_files([image], FakeDetector(), tmp_path / "out", threshold=math.nan)
+
+
+def test_batches_stream_and_a_non_finite_score_names_the_image(tmp_path):
+    for i in range(7):
+        solid(tmp_path / "in" / f"{i}.png", red=10 * i)
+    det = FakeDetector()
+    P.predict_files([tmp_path / "in"], det, tmp_path / "out", batch_size=3)
+    assert det.batches == [3, 3, 1]
+    with pytest.raises(NonFiniteError, match="4.png"):
+        P.predict_files([tmp_path / "in"], FakeDetector(nan_for_red=40), tmp_path / "out2", batch_size=3)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad files and modes
+
+
+def test_bad_files_are_skipped_with_a_reason_and_the_batch_goes_on(tmp_path):
+    folder = tmp_path / "in"
+    solid(folder / "a_good.png", size=(10, 10))
+    noise = np.random.default_rng(0).integers(0, 256, (12, 12, 3), dtype=np.uint8)  # 144 pixels
+    Image.fromarray(noise).save(tmp_path / "whole.png")
+    full = (tmp_path / "whole.png").read_bytes()
+    (folder / "b_truncated.png").write_bytes(full[: len(full) // 2])
+    (folder / "c_text.png").write_text("this is not an image\n")
+    solid(folder / "d_bomb.png", size=(30, 20))  # 600 pixels, over max_pixels=200
+    Image.fromarray(np.ones((8, 8), np.float32)).save(folder / "e_float.tif")  # mode F: refused
+    solid(folder / "f_good.png", size=(12, 9), red=30)
+    summary = P.predict_files([folder], FakeDetector(), tmp_path / "out", batch_size=2, max_pixels=200)
+    scored = [Path(r["path"]).name for r in rows(tmp_path / "out" / "scores.csv")]
+    assert scored == ["a_good.png", "f_good.png"]
+    skipped = {Path(r["path"]).name: r for r in rows(tmp_path / "out" / "skipped.csv")}
+    assert set(skipped) == {"b_truncated.png", "c_text.png", "d_bomb.png", "e_float.tif"}
+    assert all(r["input"] == "images" for r in skipped.values())
+    assert "cannot decode" in skipped["b_truncated.png"]["reason"]
+    assert "cannot decode" in skipped["c_text.png"]["reason"]
+    assert "600 pixels, over the limit" in skipped["d_bomb.png"]["reason"]
+    assert "'F'" in skipped["e_float.tif"]["reason"]
+    assert (summary["n_inputs"], summary["n_scored"], summary["n_skipped"]) == (6, 2, 4)
+
+
+def test_modes_are_converted_by_the_project_rules(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(np.full((9, 11), 128, np.uint8)).save(folder / "grey.png")  # mode L
+    rgba = np.zeros((9, 11, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 0  # fully transparent: the colour is kept, not composited
+    Image.fromarray(rgba).save(folder / "rgba.png")
+    Image.fromarray(np.full((9, 11), 0x3412, np.uint16)).save(folder / "deep.png")  # I;16: top 8 bits, 0x34
+    pal = Image.new("P", (11, 9), 1)
+    pal.putpalette([0, 0, 0, 77, 0, 0] + [0] * 762)
+    pal.save(folder / "palette.png")
+    solid(folder / "photo.jpg", size=(11, 9), red=255, fmt="JPEG")
+    P.predict_files([folder], FakeDetector(), tmp_path / "out")
+    got = {Path(r["path"]).name: float(r["score"]) for r in rows(tmp_path / "out" / "scores.csv")}
+    assert got["grey.png"] == 128 / 255
+    assert got["rgba.png"] == 200 / 255
+    assert got["deep.png"] == 0x34 / 255
+    assert got["palette.png"] == 77 / 255
+    assert abs(got["photo.jpg"] - 1.0) < 0.02  # JPEG is lossy
+    for name in got:
+        assert Image.open(tmp_path / "out" / "maps" / f"{name}.png").size == (11, 9)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def test_folders_globs_and_files_with_same_stems(tmp_path, monkeypatch):
+    root = tmp_path / "line"
+    solid(root / "a" / "x.png")
+    solid(root / "a" / "x.jpg", fmt="PNG")
+    solid(root / "b" / "x.png")
+    solid(root / "b" / "sub" / "y.PNG")
+    solid(root / "c" / "z.bmp")
+    (root / "a" / "notes.txt").write_text("not an image")
+    (root / "a" / ".DS_Store").write_bytes(b"\0\1")
+    (root / "a" / "Thumbs.db").write_bytes(b"\0\1")
+    solid(root / "a" / ".hidden" / "h.png")
+    monkeypatch.chdir(tmp_path)
+    # a folder, a glob (quoted: expanded by predict) matching a file and a folder, a file named twice,
+    # and a pattern that matches nothing
+    inputs = ["line/a", "line/b/*", "line/c/z.bmp", "line/a/x.png", "line/none/*.png"]
+    summary = P.predict_files(inputs, FakeDetector(), Path("out"))
+    table = rows(tmp_path / "out" / "scores.csv")
+    # argument order; within an argument sorted (the glob's matches: b/sub, then b/x.png)
+    assert [r["path"] for r in table] == ["line/a/x.jpg", "line/a/x.png", "line/b/sub/y.PNG", "line/b/x.png",
+                                          "line/c/z.bmp"]
+    assert [r["map"] for r in table] == ["maps/a/x.jpg.png", "maps/a/x.png.png", "maps/b/sub/y.PNG.png",
+                                         "maps/b/x.png.png", "maps/c/z.bmp.png"]
+    assert [r["overlay"] for r in table] == [m.replace("maps/", "overlays/") for m in (r["map"] for r in table)]
+    for r in table:
+        assert (tmp_path / "out" / r["map"]).is_file() and (tmp_path / "out" / r["overlay"]).is_file()
+    assert summary["unmatched"] == ["line/none/*.png"]
+
+
+def test_the_output_folder_is_never_an_input(tmp_path):
+    solid(tmp_path / "line" / "x.png")
+    out = tmp_path / "line" / "predictions"
+    P.predict_files([tmp_path / "line"], FakeDetector(), out)
+    summary = P.predict_files([tmp_path / "line", str(tmp_path / "line" / "**" / "*.png")], FakeDetector(), out)
+    assert [Path(r["path"]).name for r in rows(out / "scores.csv")] == ["x.png"]
+    assert summary["n_inputs"] == 1
+
+
+def test_an_empty_input_set_is_an_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("no images here")
+    with pytest.raises(P.PredictError, match="no image to score"):
+        P.predict_files([tmp_path / "empty"], FakeDetector(), tmp_path / "out")
+    with pytest.raises(P.PredictError, match="no image to score"):
+        P.predict_files([str(tmp_path / "nowhere" / "*.png")], FakeDetector(), tmp_path / "out")
+    with pytest.raises(P.PredictError, match="does not exist"):
+        P.predict_files([tmp_path / "missing.png"], FakeDetector(), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_relative_names_never_collide_or_leave_the_folder(tmp_path):
+    files = [tmp_path / "a" / "x.png", tmp_path / "b" / "x.png", tmp_path / "a" / ".." / "b" / "y.png"]
+    assert P.relative_names(files) == [("a", "x.png"), ("b", "x.png"), ("b", "y.png")]
+    assert P.relative_names([tmp_path / "one.png"]) == [("one.png",)]
+    assert P.output_path(tmp_path / "maps", ("a", "x.png")) == tmp_path / "maps" / "a" / "x.png.png"
+    with pytest.raises(P.PipelineError, match="path separator"):
+        P.output_path(tmp_path / "maps", ("a", "x\\..\\..\\y.png"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Threshold from known-good images
+
+
+def test_threshold_from_normals_by_hand():
+    scores = [0.10, 0.15, 0.20, 0.25, 0.30, 0.35, 0.40, 0.45, 0.50, 0.90]
+    # n = 10, far 0.1: k = 1; the threshold is just above the second highest, 0.50: only 0.90 flagged
+    t, k = P.threshold_from_normals(scores, 0.1)
+    assert k == 1 and t == np.nextafter(0.50, 1) and t > 0.50
+    assert sum(s >= t for s in scores) == 1
+    # far 0.25: k = floor(2.5) = 2, just above the third highest (0.45): 0.50 and 0.90 flagged
+    t, k = P.threshold_from_normals(scores, 0.25)
+    assert k == 2 and sum(s >= t for s in scores) == 2
+    # far 0: nothing flagged, the threshold sits just above the highest
+    t, k = P.threshold_from_normals(scores, 0.0)
+    assert k == 0 and t == np.nextafter(0.90, 1) and sum(s >= t for s in scores) == 0
+    # a tie at s(k+1): the whole tie passes, so fewer than k are flagged
+    tied = [0.1] * 7 + [0.5, 0.9, 0.9]
+    t, k = P.threshold_from_normals(tied, 0.1)
+    assert k == 1 and sum(s >= t for s in tied) == 0
+    t, k = P.threshold_from_normals(tied, 0.2)
+    assert k == 2 and sum(s >= t for s in tied) == 2
+    for far in (-0.1, 1.0, math.nan):
+        with pytest.raises(P.PredictError, match="--far"):
+            P.threshold_from_normals(scores, far)
+
+
+def test_predict_with_threshold_from_normals(tmp_path):
+    normals = tmp_path / "normals"
+    for i in range(10):
+        solid(normals / f"n{i}.png", red=10 * (i + 1))  # scores 10/255 ... 100/255
+    (normals / "broken.png").write_text("not a png")  # skipped, not counted among the normals
+    for red in (90, 91, 100, 101):
+        solid(tmp_path / "in" / f"r{red}.png", red=red)
+    summary = P.predict_files([tmp_path / "in"], FakeDetector(threshold=0.01), tmp_path / "out",
+                              normals=[normals], far=0.1)
+    th = summary["threshold"]
+    assert th["source"] == "normals" and th["k"] == 1 and th["n_normals"] == 10 and th["n_normals_skipped"] == 1
+    assert th["value"] == np.nextafter(90 / 255, 1) and th["n_normals_flagged"] == 1 and th["far_on_normals"] == 0.1
+    got = {Path(r["path"]).name: r["decision"] for r in rows(tmp_path / "out" / "scores.csv")}
+    assert got == {"r90.png": "normal", "r91.png": "anomalous", "r100.png": "anomalous", "r101.png": "anomalous"}
+    skipped = rows(tmp_path / "out" / "skipped.csv")
+    assert [(Path(r["path"]).name, r["input"]) for r in skipped] == [("broken.png", "normals")]
+    with pytest.raises(P.PredictError, match="no image"):
+        P.predict_files([tmp_path / "in"], FakeDetector(), tmp_path / "out", normals=[tmp_path / "in" / "*.jpg"])
