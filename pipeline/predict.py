@@ -2,7 +2,7 @@
 
     python -m pipeline.predict --detector models/synth_a/detector IMAGES... --out predictions/<name>
         [--threshold X | --threshold-from-normals DIR [--far 0.01]]
-        [--batch-size 8] [--device auto] [--seed S] [--weights FILE] [--max-pixels 50000000]
+        [--batch-size 8] [--writers 4] [--device auto] [--seed S] [--weights FILE] [--max-pixels 50000000]
 
 IMAGES are files, folders (searched recursively for the image extensions of
 :data:`pipeline.datasets.IMAGE_EXTENSIONS`, any case, skipping dot files, dot folders and OS litter such as
@@ -56,6 +56,7 @@ import logging
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -303,6 +304,17 @@ def _write_png(path: Path, image: Image.Image) -> None:
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG", compress_level=1))
 
 
+def _write_outputs(out: Path, parts: Sequence[str], image: Image.Image, amap: np.ndarray,
+                   threshold: float) -> tuple[Path, Path, float]:
+    """Write one image's map (16-bit, original size) and overlay PNGs; (map file, overlay file, seconds)."""
+    t0 = time.perf_counter()
+    full = map_at_size(amap, image.size)
+    map_file, overlay_file = output_path(out / "maps", parts), output_path(out / "overlays", parts)
+    _write_png(map_file, map_png(full))
+    _write_png(overlay_file, overlay(image, full, threshold))
+    return map_file, overlay_file, time.perf_counter() - t0
+
+
 # ---------------------------------------------------------------------------------------------------
 # Scoring
 
@@ -374,6 +386,7 @@ def predict_files(
     threshold: float | None = None,
     normals: Sequence[str | Path] | None = None,
     far: float = 0.01,
+    writers: int = 4,
     meta: Mapping[str, Any] | None = None,
 ) -> dict:
     """Score every image ``inputs`` name and write the outputs listed in the module docstring into ``out``.
@@ -389,6 +402,7 @@ def predict_files(
         threshold: overrides the detector's threshold.
         normals: known-good images (files, folders, patterns) to set the threshold from, at false-alarm
             rate ``far`` (:func:`threshold_from_normals`); not with ``threshold``.
+        writers: threads rendering and writing the PNGs while the next batch is decoded and scored.
         meta: extra entries for ``summary.json`` (the detector folder, its load time).
 
     Returns:
@@ -406,6 +420,8 @@ def predict_files(
         normals = [normals] if isinstance(normals, (str, Path)) else list(normals)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise PredictError(f"--batch-size must be a positive integer, got {batch_size!r}")
+    if not isinstance(writers, int) or writers < 1:
+        raise PredictError(f"--writers must be a positive integer, got {writers!r}")
     if threshold is not None and normals is not None:
         raise PredictError("give either --threshold or --threshold-from-normals, not both")
     found = collect_images(inputs, exclude=out)
@@ -476,30 +492,38 @@ def predict_files(
 
     def run_all(scores_tmp: Path) -> None:
         nonlocal score_min, score_max
-        with open(scores_tmp, "w", newline="", encoding="utf-8") as table:
+        with open(scores_tmp, "w", newline="", encoding="utf-8") as table, \
+                ThreadPoolExecutor(max_workers=writers, thread_name_prefix="predict-writer") as pool:
             table.write(_csv_line(SCORE_COLUMNS))
+
+            def finish(pending: list[tuple]) -> None:
+                """Wait for one batch's files and write its rows, in input order."""
+                nonlocal score_min, score_max
+                for path, score, decision, own_s, job in pending:
+                    map_file, overlay_file, write_s = job.result()
+                    timing["write_s"] += write_s
+                    counts[decision] += 1
+                    score_min, score_max = min(score_min, score), max(score_max, score)
+                    # repr: the score as computed (float64), so a decision can be checked against the threshold
+                    table.write(_csv_line((str(path), repr(score), decision, f"{own_s + write_s:.4f}",
+                                           map_file.relative_to(out).as_posix(),
+                                           overlay_file.relative_to(out).as_posix())))
+                table.flush()
+
+            pending: list[tuple] = []
             for b in _batches(files, file_names, batch_size, max_pixels, skipper("images"), "predict"):
                 maps, scores, score_s = _score(detector, b.images, b.paths)
                 verdicts = decisions(scores, t)
                 timing["score_s"] += score_s
                 timing["decode_s"] += sum(b.decode_s)
-                for i, (path, parts, image) in enumerate(zip(b.paths, b.names, b.images)):
-                    t0 = time.perf_counter()
-                    full = map_at_size(maps[i], image.size)
-                    map_file, overlay_file = output_path(out / "maps", parts), output_path(out / "overlays", parts)
-                    _write_png(map_file, map_png(full))
-                    _write_png(overlay_file, overlay(image, full, t))
-                    write_s = time.perf_counter() - t0
-                    timing["write_s"] += write_s
-                    decision = verdicts[i]
-                    counts[decision] += 1
-                    score_min, score_max = min(score_min, scores[i]), max(score_max, scores[i])
-                    seconds = b.decode_s[i] + score_s / len(b.images) + write_s
-                    # repr: the score as computed (float64), so a decision can be checked against the threshold
-                    table.write(_csv_line((str(path), repr(float(scores[i])), decision, f"{seconds:.4f}",
-                                           map_file.relative_to(out).as_posix(),
-                                           overlay_file.relative_to(out).as_posix())))
-                    table.flush()
+                # PNG encoding (PIL releases the GIL) runs in the writers while the next batch is decoded and
+                # scored; waiting for the previous batch first keeps at most two batches in memory
+                jobs = [pool.submit(_write_outputs, out, parts, image, maps[i], t)
+                        for i, (parts, image) in enumerate(zip(b.names, b.images))]
+                finish(pending)
+                pending = [(path, float(scores[i]), verdicts[i], b.decode_s[i] + score_s / len(b.images), jobs[i])
+                           for i, path in enumerate(b.paths)]
+            finish(pending)
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "scores.csv", run_all)
@@ -524,8 +548,11 @@ def predict_files(
         "overlays": {"folder": "overlays", "colours": "matplotlib jet, 0 to 1, alpha 0.5",
                      "outline": "white, pixels with map >= threshold"},
         "timing": {**{k: round(v, 4) for k, v in timing.items()}, "total_s": round(total_s, 4),
+                   "note": "write_s is summed over the writer threads, which run while batches are decoded "
+                           "and scored, so the parts add up to more than total_s",
                    "images_per_s": round(n_scored / total_s, 4) if n_scored and total_s > 0 else None},
         "batch_size": batch_size,
+        "writers": writers,
         "max_pixels": max_pixels,
         **dict(meta or {}),
         "detector": dict(getattr(detector, "info", {}) or {}),
@@ -553,6 +580,8 @@ def main(argv: list[str] | None = None) -> None:
                        help="known-good images (folders, files, patterns) to set the threshold on, at --far")
     parser.add_argument("--far", type=float, default=0.01, help="false-alarm rate allowed on the normals (default 0.01)")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--writers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="threads writing the PNGs (default: min(4, CPU count))")
     parser.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu or cuda")
     parser.add_argument("--seed", type=int, default=None,
                         help="score with this guide seed's vectors (default: the mean of every seed's map)")
@@ -578,7 +607,8 @@ def main(argv: list[str] | None = None) -> None:
     meta = {"detector_folder": str(args.detector), "seed": args.seed, "device": device,
             "detector_load_s": round(time.perf_counter() - t0, 4)}
     predict_files(args.images, detector, args.out, batch_size=args.batch_size, max_pixels=args.max_pixels,
-                  threshold=args.threshold, normals=args.threshold_from_normals, far=args.far, meta=meta)
+                  threshold=args.threshold, normals=args.threshold_from_normals, far=args.far,
+                  writers=args.writers, meta=meta)
 
 
 if __name__ == "__main__":
