@@ -397,7 +397,8 @@ def predict_files(
             (a list of B RGB PIL images -> maps (B, S, S) in [0, 1], scores (B,)), ``threshold``
             (float or None) and ``info`` (dict, copied into ``summary.json``).
         out: output folder (created).
-        batch_size: images decoded and scored together; memory holds one batch, whatever the count.
+        batch_size: images decoded and scored together; memory holds at most two batches (one being
+            scored, the one before it being written), whatever the count.
         max_pixels: refuse (skip) images with more pixels than this.
         threshold: overrides the detector's threshold.
         normals: known-good images (files, folders, patterns) to set the threshold from, at false-alarm
@@ -424,6 +425,8 @@ def predict_files(
         raise PredictError(f"--writers must be a positive integer, got {writers!r}")
     if threshold is not None and normals is not None:
         raise PredictError("give either --threshold or --threshold-from-normals, not both")
+    if normals is not None and not (isinstance(far, (int, float)) and 0.0 <= far < 1.0):
+        raise PredictError(f"--far must be a rate in [0, 1), got {far!r}")  # before any normal is scored
     found = collect_images(inputs, exclude=out)
     if not found.files:
         raise PredictError(f"no image to score in {' '.join(map(str, inputs)) or '(no input)'}: expected image files "
