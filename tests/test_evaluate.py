@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline import guides, sae, store
+from pipeline import guides, metrics, sae, store
 from pipeline.files import sha256_file
 from pipeline.errors import NonFiniteError, PipelineError
 from pipeline.stages import evaluate as evaluate_stage
@@ -117,6 +117,15 @@ def test_metrics_contract_controls_and_plots(setup):
     assert result["n_images"] == 30 and result["n_categories"] == 2
     assert result["backbone"] == "dinov2_vits14" and result["weights_sha256"] == "abc"
     assert set(result["controls"]) == {"untrained_init", "no_sae"}
+    # issue 11: the detector's mean-of-seeds scoring and how the aux threshold transfers, next to the oracle
+    assert set(result["seed_ensemble"]) == set(metrics.METRIC_KEYS)
+    assert result["aux_threshold"] == json.loads((setup / "detector" / "detector.json").read_text())["threshold"]
+    for key in metrics.THRESHOLD_KEYS:
+        assert 0.0 <= result[key] <= 1.0, key
+        assert per_category["t1"][key] is not None, key
+    # t1 is the only category with anomalies: the mean over categories of recall and F1 is t1's
+    assert result["image_recall_at_aux_threshold"] == per_category["t1"]["image_recall_at_aux_threshold"]
+    assert per_category["t2"]["image_recall_at_aux_threshold"] is None
     # the planted atom is found: learned guides segment the anomalies far better than untrained ones
     assert result["pixel_auroc"] > 0.95
     assert result["pixel_auroc"] > result["controls"]["untrained_init"]["pixel_auroc"] + 0.1
