@@ -1,6 +1,7 @@
 """Evaluation metrics, image and pixel level (DESIGN §4-§5): numpy in, Python floats out.
 
     image_auroc, image_ap, f1_max   labels (N,) {0, 1}, scores (N,)          1 = anomalous
+    f1_max_threshold, at_threshold  labels (N,), scores (N,)                 (a chosen image threshold)
     pixel_auroc, pixel_ap, aupro    masks (N, H, W) {0, 1}, maps (N, H, W)   1 = anomalous pixel
 
 Image AUROC and AP and the curves are scikit-learn's; pixel AUROC, AP and AUPRO share one sort of all
@@ -136,6 +137,60 @@ def f1_max(labels: np.ndarray, scores: np.ndarray) -> float:
     denom = precision + recall
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
     return float(f1.max())
+
+
+def f1_max_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
+    """(F1-max, its threshold): the image threshold t that maximises F1 when score ≥ t is anomalous.
+
+    labels (N,) {0, 1}, scores (N,). The candidates are every distinct score (as :func:`f1_max`, whose
+    value the first element equals). Where several thresholds reach the same F1, the highest one is
+    returned (the fewest alarms for the same F1). Two classes are required (ValueError otherwise).
+    """
+    labels, scores = _image_inputs(labels, scores)
+    _two_classes("labels", labels, "images")
+    precision, recall, thresholds = precision_recall_curve(labels, scores)
+    # scikit-learn's last point (recall 0, precision 1) has no threshold; its F1 is 0 and never the max
+    precision, recall = precision[:-1], recall[:-1]
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
+    best = np.flatnonzero(f1 == f1.max())[-1]  # thresholds ascend: the last tie is the highest threshold
+    return float(f1[best]), float(thresholds[best])
+
+
+THRESHOLD_KEYS = ("image_f1_at_aux_threshold", "image_precision_at_aux_threshold", "image_recall_at_aux_threshold")
+"""The keys of :func:`at_threshold`: a fixed threshold's F1, precision and recall over images."""
+
+
+def at_threshold(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, Any]:
+    """F1, precision and recall of the decisions ``score >= threshold`` (anomalous), keyed by
+    :data:`THRESHOLD_KEYS`, with ``null_reasons`` for those the data leave undefined.
+
+    labels (N,) {0, 1}, scores (N,). precision = TP / (TP + FP), None when no image reaches the
+    threshold; recall = TP / (TP + FN) and F1 = 2 TP / (2 TP + FP + FN), None when there is no anomalous
+    image (a set of normal images has no recall; its false alarms show in the precision).
+    """
+    labels, scores = _image_inputs(labels, scores)
+    if not math.isfinite(threshold):
+        raise ValueError(f"threshold: must be finite, got {threshold}")
+    alarm = scores >= threshold
+    tp = int(np.count_nonzero(alarm & labels))
+    fp = int(np.count_nonzero(alarm & ~labels))
+    fn = int(np.count_nonzero(~alarm & labels))
+    f1_key, precision_key, recall_key = THRESHOLD_KEYS
+    out: dict[str, Any] = dict.fromkeys(THRESHOLD_KEYS)
+    reasons: dict[str, str] = {}
+    if tp + fp:
+        out[precision_key] = tp / (tp + fp)
+    else:
+        reasons[precision_key] = f"no image scores at or above the threshold {threshold:.6g} ({labels.size} images)"
+    if tp + fn:
+        out[recall_key] = tp / (tp + fn)
+        out[f1_key] = 2 * tp / (2 * tp + fp + fn)
+    else:
+        reason = f"no anomalous images in this category ({labels.size} images, all normal)"
+        reasons[recall_key] = reasons[f1_key] = reason
+    out["null_reasons"] = reasons
+    return out
 
 
 def _thin(n: int, max_points: int) -> np.ndarray:

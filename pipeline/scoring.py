@@ -3,17 +3,37 @@
 map   = Gaussian blur (σ, per image) of the anomaly probability of :func:`guides.local_probabilities`
 score = max of the map (default) | log-sum-exp at a temperature | mean of the top fraction of pixels
         | the global-guide probability (softmax of the CLS-to-global-guide cosines)
+
+:func:`score_tokens` is the one place a map is computed from tokens: the evaluate stage (through
+:mod:`pipeline.evaluation`), the export stage and :class:`pipeline.detector.Detector` all call it, so
+their maps agree for the same tokens. Several guide seeds are combined by :func:`mean_of_seeds`.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from dataclasses import dataclass
+
 from scipy.ndimage import gaussian_filter
 
 from pipeline import guides as G
 
 IMAGE_SCORES = ("max", "lse", "top_mean", "global")
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    """How tokens become a map and a map an image score (params ``evaluate`` + the guides' τ)."""
+
+    temperature: float = 0.07
+    """Softmax temperature of the local cosines (the guides were fitted with it)."""
+    blur_sigma: float = 4.0
+    """σ in pixels of S of the per-image Gaussian blur."""
+    image_score: str = "max"
+    """One of :data:`IMAGE_SCORES`."""
+    lse_temperature: float = 0.01
+    top_fraction: float = 0.01
 
 
 def anomaly_maps(tokens: torch.Tensor, guide_vectors: torch.Tensor, grid: tuple[int, int], size: int, *,
@@ -58,3 +78,31 @@ def image_scores(maps: np.ndarray, mode: str = "max", *, lse_temperature: float 
             raise ValueError("evaluate.image_score 'global' needs the global-guide probabilities")
         return np.asarray(global_probs, dtype=np.float64)
     raise ValueError(f"evaluate.image_score must be one of {', '.join(IMAGE_SCORES)}, got {mode!r}")
+
+
+def score_tokens(tokens: torch.Tensor, cls: torch.Tensor, guide_vectors: torch.Tensor, grid: tuple[int, int],
+                 size: int, settings: ScoreSettings) -> tuple[np.ndarray, np.ndarray]:
+    """tokens (B, L, d), cls (B, d), guide vectors (4, d) -> maps (B, S, S) float32 in [0, 1] and the
+    global-guide probabilities (B,) float32 (:func:`anomaly_maps`, :func:`global_probability`)."""
+    maps = anomaly_maps(tokens, guide_vectors, grid, size, temperature=settings.temperature, sigma=settings.blur_sigma)
+    return maps, global_probability(cls, guide_vectors)
+
+
+def mean_of_seeds(maps: np.ndarray, global_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """maps (n_seeds, B, S, S), global probabilities (n_seeds, B) -> their means over the seeds,
+    (B, S, S) float32 and (B,) float32.
+
+    The seeds' maps are averaged first and the image score is then taken of the mean map (not the mean
+    of the seeds' image scores): one map is what a user sees, and its score should be that map's.
+    """
+    maps, global_probs = np.asarray(maps), np.asarray(global_probs)
+    if maps.ndim != 4 or global_probs.shape != maps.shape[:2]:
+        raise ValueError(f"maps {maps.shape} and global probabilities {global_probs.shape}: expected "
+                         "(n_seeds, B, S, S) and (n_seeds, B)")
+    return maps.mean(axis=0, dtype=np.float32), global_probs.mean(axis=0, dtype=np.float32)
+
+
+def score_images(maps: np.ndarray, global_probs: np.ndarray, settings: ScoreSettings) -> np.ndarray:
+    """maps (B, S, S), global probabilities (B,) -> image scores (B,) float64 by ``settings.image_score``."""
+    return image_scores(maps, settings.image_score, lse_temperature=settings.lse_temperature,
+                        top_fraction=settings.top_fraction, global_probs=global_probs)

@@ -9,10 +9,11 @@ import pytest
 import torch
 import yaml
 
-from pipeline import guides, sae, store
+from pipeline import guides, metrics, sae, store
 from pipeline.files import sha256_file
 from pipeline.errors import NonFiniteError, PipelineError
 from pipeline.stages import evaluate as evaluate_stage
+from pipeline.stages import export as export_stage
 from pipeline.stages import run as stage_run
 
 D_IN, N_LATENTS, GRID, SIZE, ATOM = 24, 32, 4, 16, 20
@@ -83,7 +84,16 @@ def setup(tmp_path_factory):
     params = {"evaluate": {"image_score": "max", "blur_sigma": 1.0, "batch_images": 5, "curve_points": 50,
                            "overlays_per_category": 4, "device": "cpu"}}
     (tmp / "params.yaml").write_text(yaml.safe_dump(params))
+    export(tmp)
     return tmp
+
+
+def export(tmp, out="detector", params="params.yaml", guides_dir="guides"):
+    """The export stage on the auxiliary store: the detector evaluate scores with."""
+    export_stage.main(["--features", str(tmp / "aux"), "--sae", str(tmp / "sae"), "--guides", str(tmp / guides_dir),
+                       "--weights", "models/backbones/dinov2_vits14.safetensors", "--out", str(tmp / out),
+                       "--params", str(tmp / params)])
+    return tmp / out
 
 
 def fingerprint(attrs):
@@ -91,10 +101,11 @@ def fingerprint(attrs):
     return {k: attrs.get(k) for k in ("dataset", "inputs_sha256", "weights_sha256", "backbone", "layer", "image_size")}
 
 
-def run(tmp, target="target", out="report", aux="aux", sae_dir="sae", guides_dir="guides"):
+def run(tmp, target="target", out="report", aux="aux", sae_dir="sae", guides_dir="guides", detector_dir="detector",
+        params="params.yaml"):
     evaluate_stage.main(["--target", str(tmp / target), "--aux", str(tmp / aux), "--sae", str(tmp / sae_dir),
-                         "--guides", str(tmp / guides_dir), "--out", str(tmp / out),
-                         "--params", str(tmp / "params.yaml")])
+                         "--guides", str(tmp / guides_dir), "--detector", str(tmp / detector_dir),
+                         "--out", str(tmp / out), "--params", str(tmp / params)])
     return json.loads((tmp / out / "metrics.json").read_text()), json.loads((tmp / out / "per_category.json").read_text())
 
 
@@ -106,6 +117,15 @@ def test_metrics_contract_controls_and_plots(setup):
     assert result["n_images"] == 30 and result["n_categories"] == 2
     assert result["backbone"] == "dinov2_vits14" and result["weights_sha256"] == "abc"
     assert set(result["controls"]) == {"untrained_init", "no_sae"}
+    # issue 11: the detector's mean-of-seeds scoring and how the aux threshold transfers, next to the oracle
+    assert set(result["seed_ensemble"]) == set(metrics.METRIC_KEYS)
+    assert result["aux_threshold"] == json.loads((setup / "detector" / "detector.json").read_text())["threshold"]
+    for key in metrics.THRESHOLD_KEYS:
+        assert 0.0 <= result[key] <= 1.0, key
+        assert per_category["t1"][key] is not None, key
+    # t1 is the only category with anomalies: the mean over categories of recall and F1 is t1's
+    assert result["image_recall_at_aux_threshold"] == per_category["t1"]["image_recall_at_aux_threshold"]
+    assert per_category["t2"]["image_recall_at_aux_threshold"] is None
     # the planted atom is found: learned guides segment the anomalies far better than untrained ones
     assert result["pixel_auroc"] > 0.95
     assert result["pixel_auroc"] > result["controls"]["untrained_init"]["pixel_auroc"] + 0.1
@@ -219,7 +239,8 @@ def test_one_class_target_exits_0_with_null_metrics_and_every_declared_output(se
     make_store(setup / name, setup / f"{name}_root", dictionary, ["u1", "u2"], [5, 4], [fraction, fraction], 3)
     out = setup / f"out_no_{absent}"
     argv = ["--target", str(setup / name), "--aux", str(setup / "aux"), "--sae", str(setup / "sae"),
-            "--guides", str(setup / "guides"), "--out", str(out), "--params", str(setup / "params.yaml")]
+            "--guides", str(setup / "guides"), "--detector", str(setup / "detector"), "--out", str(out),
+            "--params", str(setup / "params.yaml")]
     stage_run(evaluate_stage.main, argv)  # a PipelineError would exit 1 here; anything else raises
 
     missing = [str(p) for p in declared_outputs(out) if not p.exists()]

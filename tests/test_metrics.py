@@ -312,3 +312,68 @@ def test_curves_count_pixels_as_pixels_when_one_class():
         metrics.curves(np.ones(3, np.uint8), np.arange(3.0))
     assert metrics.one_class_reason(np.zeros((2, 4, 4), bool), "pixels") == "only one class (0 anomalous, 32 normal pixels)"
     assert metrics.one_class_reason([0, 1, 0], "images") is None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Issue 11: the auxiliary threshold (F1-max and its threshold) and how a fixed threshold transfers
+
+
+def brute_f1_threshold(labels, scores):
+    """Slow and obvious: every distinct score as threshold, F1 by counting; ties -> the highest threshold."""
+    labels = np.asarray(labels).astype(bool)
+    best = (-1.0, None)
+    for t in np.unique(scores):
+        alarm = scores >= t
+        tp, fp, fn = np.sum(alarm & labels), np.sum(alarm & ~labels), np.sum(~alarm & labels)
+        f1 = 2 * tp / (2 * tp + fp + fn)
+        if f1 >= best[0]:  # ascending t: a tie moves to the higher threshold
+            best = (f1, float(t))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_f1_max_threshold_equals_brute_force(seed):
+    g = np.random.default_rng(seed)
+    n = int(g.integers(4, 40))
+    labels = np.zeros(n, np.uint8)
+    labels[g.choice(n, int(g.integers(1, n)), replace=False)] = 1
+    # coarse scores: many ties, so the tie rule is exercised
+    scores = np.round(g.random(n) + 0.4 * labels, 1 if seed % 2 else 3)
+    f1, threshold = metrics.f1_max_threshold(labels, scores)
+    want_f1, want_threshold = brute_f1_threshold(labels, scores)
+    assert f1 == pytest.approx(want_f1, abs=1e-12) and threshold == want_threshold
+    assert f1 == pytest.approx(metrics.f1_max(labels, scores), abs=1e-12)
+    # the threshold realises the F1 it claims
+    assert metrics.at_threshold(labels, scores, threshold)["image_f1_at_aux_threshold"] == pytest.approx(f1)
+
+
+def test_f1_max_threshold_hand_worked_and_tie_rule():
+    # scores 0.1 0.4 0.35 0.8, labels 0 0 1 1: t = 0.35 gives TP 2, FP 1 -> F1 0.8; t = 0.8 gives TP 1 -> 2/3
+    assert metrics.f1_max_threshold([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == (pytest.approx(0.8), 0.35)
+    # a tie: t = 0.9 (TP 1, FN 1) and t = 0.1 (TP 2, FP 2) both give F1 2/3; the higher threshold is kept
+    labels, scores = np.array([1, 0, 0, 1]), np.array([0.9, 0.8, 0.7, 0.1])
+    assert metrics.f1_max_threshold(labels, scores) == (pytest.approx(2 / 3), 0.9)
+    assert brute_f1_threshold(labels, scores) == (pytest.approx(2 / 3), 0.9)
+    with pytest.raises(ValueError, match="only one class"):
+        metrics.f1_max_threshold([0, 0], [0.1, 0.2])
+
+
+def test_at_threshold_hand_worked_and_nulls():
+    labels, scores = np.array([0, 0, 1, 1, 1]), np.array([0.1, 0.6, 0.5, 0.7, 0.2])
+    got = metrics.at_threshold(labels, scores, 0.5)  # alarms: 0.6 (FP), 0.5 (TP), 0.7 (TP); 0.2 missed
+    assert got["image_precision_at_aux_threshold"] == pytest.approx(2 / 3)
+    assert got["image_recall_at_aux_threshold"] == pytest.approx(2 / 3)
+    assert got["image_f1_at_aux_threshold"] == pytest.approx(4 / 6)
+    assert got["null_reasons"] == {}
+    # normal images only: recall and F1 undefined; precision 0 (every alarm false)
+    normal = metrics.at_threshold([0, 0, 0], [0.1, 0.6, 0.9], 0.5)
+    assert normal["image_recall_at_aux_threshold"] is None and normal["image_f1_at_aux_threshold"] is None
+    assert normal["image_precision_at_aux_threshold"] == 0.0
+    assert "no anomalous images" in normal["null_reasons"]["image_recall_at_aux_threshold"]
+    # nothing reaches the threshold: precision undefined, recall and F1 0
+    quiet = metrics.at_threshold([0, 1], [0.1, 0.2], 0.5)
+    assert quiet["image_precision_at_aux_threshold"] is None and quiet["image_recall_at_aux_threshold"] == 0.0
+    assert quiet["image_f1_at_aux_threshold"] == 0.0
+    assert "at or above the threshold 0.5" in quiet["null_reasons"]["image_precision_at_aux_threshold"]
+    with pytest.raises(ValueError, match="threshold"):
+        metrics.at_threshold([0, 1], [0.1, 0.2], float("nan"))

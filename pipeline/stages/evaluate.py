@@ -1,7 +1,13 @@
 """Stage evaluate@<run>: score the target store with the guides fitted on the auxiliary set.
 
     python -m pipeline.stages.evaluate --target features/synth_b --aux features/synth_a \
-        --sae models/synth_a/sae --guides models/synth_a/guides --out reports/synth_a_to_synth_b
+        --sae models/synth_a/sae --guides models/synth_a/guides --detector models/synth_a/detector \
+        --out reports/synth_a_to_synth_b
+
+The learned guides scored are the detector's (``models/<A>/detector``, the export stage's), with its
+scoring settings, through the same library code as :class:`pipeline.detector.Detector`, so the maps here
+equal ``predict``'s for the same images. The method (guide sets, controls, scoring, summaries) lives in
+:mod:`pipeline.evaluation`; this module keeps paths, I/O and reports.
 
 Writes into ``--out``: ``metrics.json`` (means over categories; with several guide seeds the mean
 over seeds and ``<key>_std``; the two controls under ``controls``), ``per_category.json``, plot data
@@ -9,7 +15,21 @@ under ``plots/`` (image and pixel ROC/PR, thinned) and PNGs (``roc_pr.png``, ``p
 ``overlays/<category>.png``).
 
 Inputs must belong together: the guides' checkpoint records the sha256 of the SAE it was fitted on
-and the fingerprint of its auxiliary store, and both are checked (:func:`guides.check_provenance`).
+and the fingerprint of its auxiliary store, and both are checked (:func:`guides.check_provenance`); the
+detector records the sha256 of that SAE and of those guides, and its scoring settings must be params
+``evaluate``'s (else: re-run export).
+
+Keys of ``metrics.json`` beyond the six metrics of DESIGN §4 (each a mean over categories; per
+category in ``per_category.json``):
+
+- ``seed_ensemble``: the six metrics of the mean of the seeds' maps (the detector's default scoring),
+  next to the per-seed mean (the top-level keys), so the two ways of using several seeds compare;
+- ``image_f1_at_aux_threshold``, ``image_precision_at_aux_threshold``, ``image_recall_at_aux_threshold``:
+  the decisions ``score >= aux_threshold`` (detector.json's threshold, chosen on the auxiliary set) on
+  the target's images. The threshold belongs to the detector's scoring, so these are computed on the
+  mean-of-seeds map's scores, as ``seed_ensemble`` is; compare them with ``seed_ensemble.image_f1_max``
+  (the oracle: the best threshold chosen with the target's labels). Null with a reason where undefined
+  (recall and F1 without anomalous images, precision when no image reaches the threshold).
 Tokens and CLS read are checked finite (an error names the store, array, image and chunk).
 
 Outputs are all or nothing: everything (metrics, JSON text, CSV text, PNG bytes) is computed first and
@@ -35,10 +55,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline import guides, metrics, report, sae, scoring, store
+from pipeline import detector, evaluation, guides, metrics, report, sae, store
+from pipeline.evaluation import ENSEMBLE, mean_over_categories, seed_summary
 from pipeline.files import sha256_file
 from pipeline.config import load_params
 from pipeline.runtime import resolve_device
@@ -47,76 +67,10 @@ from pipeline.stages import run, setup_logging
 log = logging.getLogger("pipeline.stages.evaluate")
 
 KEYS = metrics.METRIC_KEYS
+THRESHOLD_KEYS = metrics.THRESHOLD_KEYS
 CHECKED = ("backbone", "weights_sha256", "layer", "image_size")
 CURVE_COLUMNS = {"roc": ("fpr", "tpr", "threshold"), "pr": ("recall", "precision", "threshold")}
 """Columns of the plot CSVs (metrics.curves' rows), also the header of an undefined curve's file."""
-
-
-def no_sae_guides(aux: store.FeatureStore, device: torch.device) -> torch.Tensor:
-    """(4, d) guide vectors from auxiliary means, in guides.ROWS order (the no-SAE control).
-
-    Normal patches are those with no anomalous pixel; the anomalous mean weights every patch by the
-    fraction of its pixels that are anomalous (small defects rarely cover half a patch, and a hard
-    threshold would leave the mean undefined on sets of small defects).
-    """
-    grid = tuple(aux.attrs["grid"])
-    d = aux.tokens.shape[-1]
-    sums = {name: torch.zeros(d, dtype=torch.float64) for name in ("pn", "pa", "cn", "ca")}
-    counts = dict.fromkeys(sums, 0.0)
-    for chunk in range(aux.n_chunks):
-        a = aux.read(chunk, ("tokens", "cls", "masks", "labels"), finite=True)
-        tokens = torch.from_numpy(a["tokens"].astype(np.float32)).reshape(-1, d)
-        cover = F.adaptive_avg_pool2d(torch.from_numpy(a["masks"]).float()[:, None], grid).reshape(-1)
-        cls = torch.from_numpy(a["cls"].astype(np.float32))
-        labels = torch.from_numpy(a["labels"].astype(bool))
-        weights = {"pn": (cover == 0).float(), "pa": cover, "cn": (~labels).float(), "ca": labels.float()}
-        for key, rows in (("pn", tokens), ("pa", tokens), ("cn", cls), ("ca", cls)):
-            sums[key] += (weights[key][:, None].double() * rows.double()).sum(0)
-            counts[key] += float(weights[key].sum())
-    empty = [k for k, n in counts.items() if n == 0]
-    if empty:
-        raise ValueError(f"{aux.path}: no {', '.join(empty)} samples for the no-SAE control "
-                         "(pn/pa: normal/anomalous patches, cn/ca: normal/anomalous images)")
-    mean = {k: (sums[k] / counts[k]).float() for k in sums}
-    return torch.stack([mean["cn"], mean["ca"], mean["pn"], mean["pa"]]).to(device)
-
-
-def category_ranges(target: store.FeatureStore) -> dict[str, tuple[int, int]]:
-    """Category name -> [start, stop) rows; the extract stage writes each category contiguously."""
-    category = target.category[:]
-    out = {}
-    for i, name in enumerate(target.attrs["categories"]):
-        rows = np.flatnonzero(category == i)
-        if len(rows) == 0:
-            continue
-        if rows[-1] - rows[0] + 1 != len(rows):
-            raise ValueError(f"{target.path}: category {name!r} is not contiguous in the store")
-        out[name] = (int(rows[0]), int(rows[-1]) + 1)
-    return out
-
-
-def score_rows(target, start, stop, vectors: dict[str, torch.Tensor], cfg, temperature, device):
-    """Maps (n, S, S) and image scores (n,) of rows [start, stop) for every named guide set."""
-    grid, size = tuple(target.attrs["grid"]), target.masks.shape[-1]
-    maps = {name: [] for name in vectors}
-    probs = {name: [] for name in vectors}
-    for i in range(start, stop, cfg.batch_images):
-        j = min(i + cfg.batch_images, stop)
-        arrays = {"tokens": target.tokens[i:j], "cls": target.cls[i:j]}
-        for name, values in arrays.items():  # names the store, array, image and chunk of a NaN/Inf
-            target.check_finite(name, values, i)
-        tokens = torch.from_numpy(arrays["tokens"].astype(np.float32)).to(device)
-        cls = torch.from_numpy(arrays["cls"].astype(np.float32)).to(device)
-        for name, g in vectors.items():
-            maps[name].append(scoring.anomaly_maps(tokens, g, grid, size, temperature=temperature, sigma=cfg.blur_sigma))
-            probs[name].append(scoring.global_probability(cls, g))
-    out = {}
-    for name in vectors:
-        m = np.concatenate(maps[name])
-        s = scoring.image_scores(m, cfg.image_score, lse_temperature=cfg.lse_temperature,
-                                 top_fraction=cfg.top_fraction, global_probs=np.concatenate(probs[name]))
-        out[name] = (m, s)
-    return out
 
 
 def overlay_rows(target: store.FeatureStore, start: int, labels, masks, maps, n: int) -> list[tuple]:
@@ -135,32 +89,14 @@ def overlay_rows(target: store.FeatureStore, start: int, labels, masks, maps, n:
     return rows
 
 
-def mean_over_categories(per_category: dict[str, dict]) -> dict[str, float | None]:
-    """Mean of each key over the categories where it is defined (None where no category has it)."""
-    out = {}
-    for key in KEYS:
-        values = [m[key] for m in per_category.values() if m.get(key) is not None]
-        out[key] = float(np.mean(values)) if values else None
-    return out
-
-
-def seed_summary(per_seed: list[dict[str, float | None]]) -> dict[str, float | None]:
-    """Mean over seeds, plus ``<key>_std`` (sample std, ddof=1) when there are several."""
-    out: dict[str, float | None] = {}
-    for key in KEYS:
-        values = [m[key] for m in per_seed if m[key] is not None]
-        out[key] = float(np.mean(values)) if values else None
-        if len(per_seed) > 1:
-            out[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
-    return out
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", required=True, type=Path, help="the target dataset's feature store")
     parser.add_argument("--aux", required=True, type=Path, help="the auxiliary feature store (no-SAE control)")
     parser.add_argument("--sae", required=True, type=Path)
     parser.add_argument("--guides", required=True, type=Path)
+    parser.add_argument("--detector", required=True, type=Path,
+                        help="the detector exported from these SAE and guides, models/<A>/detector")
     parser.add_argument("--out", required=True, type=Path, help="report folder, reports/<A>_to_<T>")
     parser.add_argument("--params", default="params.yaml", type=Path)
     args = parser.parse_args(argv)
@@ -175,34 +111,37 @@ def main(argv: list[str] | None = None) -> None:
     target = store.open_store(args.target, expect=expect)
     aux = store.open_store(args.aux, expect=expect)
     # The guides must have been fitted on this SAE and this auxiliary store, or the report is mislabelled.
-    guides.check_provenance(guides_config, args.guides, sae_sha256=sha256_file(args.sae / "sae.safetensors"),
+    sae_sha256 = sha256_file(args.sae / "sae.safetensors")
+    guides.check_provenance(guides_config, args.guides, sae_sha256=sae_sha256,
                             sae_folder=args.sae, aux_attrs=aux.attrs, aux_path=args.aux)
-    ranges = category_ranges(target)
+    # ... and the detector must have been exported from them, with these scoring settings
+    det = detector.Detector.load(args.detector, device=device, with_backbone=False)
+    check_detector(det, args.detector, sae_sha256=sae_sha256, sae_folder=args.sae,
+                   guides_sha256=sha256_file(args.guides / "guides.safetensors"), guides_folder=args.guides,
+                   params={k: getattr(cfg, k) for k in detector.SETTINGS}, params_path=args.params)
+    ranges = evaluation.category_ranges(target)
     # category names become file names: refuse one that would leave overlays/ before any work is done
     overlay_paths = {category: report.report_path(args.out / "overlays", category, ".png") for category in ranges}
     training = guides_config["training"]
     dictionary = model.dictionary.detach()
 
-    vectors: dict[str, torch.Tensor] = {}
-    seeds = training["seeds"]
-    for s, codes in zip(seeds, codes_per_seed):
-        vectors[f"learned/{s}"] = guides.guide_vectors(codes.to(device), dictionary)
-        init = guides.GuideCodes(dictionary.shape[0], dead_mask, variant=training["variant"],
-                                 guide_topk=training["guide_topk"], init_mean=training["init_mean"],
-                                 init_std=training["init_std"], generator=torch.Generator().manual_seed(s))
-        vectors[f"untrained_init/{s}"] = guides.guide_vectors(init.effective().detach().to(device), dictionary)
-    vectors["no_sae/0"] = no_sae_guides(aux, device)
+    seeds = det.seeds
+    vectors = evaluation.guide_sets(det.vectors, seeds, dictionary, dead_mask, training, aux, device)
 
     files: dict[Path, bytes] = {}  # every output, rendered before the first one is written
-    per_category: dict[str, dict[str, dict]] = {name: {} for name in vectors}
+    per_category: dict[str, dict[str, dict]] = {name: {} for name in [*vectors, ENSEMBLE]}
     pooled_labels, pooled_scores, pixel_sample = [], [], ([], [])
     rng = np.random.default_rng(0)
     for category, (start, stop) in tqdm(ranges.items(), desc="evaluate", unit="category"):
         labels = target.labels[start:stop].astype(np.int64)
         masks = target.masks[start:stop]
-        scored = score_rows(target, start, stop, vectors, cfg, training["temperature"], device)
+        scored = evaluation.score_rows(target, start, stop, vectors, det.settings, cfg.batch_images, device)
         for name, (maps, scores) in scored.items():
             per_category[name][category] = metrics.compute_all(labels, scores, masks, maps)
+        # the aux threshold belongs to the detector's scoring: the mean of the seeds' maps
+        at = metrics.at_threshold(labels, scored[ENSEMBLE][1], det.threshold)
+        reasons = {**per_category[ENSEMBLE][category]["null_reasons"], **at.pop("null_reasons")}
+        per_category[ENSEMBLE][category].update(at, null_reasons=reasons)
         maps, scores = scored[f"learned/{seeds[0]}"]
         pooled_labels.append(labels)
         pooled_scores.append(scores)
@@ -225,8 +164,14 @@ def main(argv: list[str] | None = None) -> None:
         return seed_summary([mean_over_categories(per_category[n]) for n in names])
 
     learned = summary("learned")
+    # the detector's scoring (mean of the seeds' maps): its metrics, and how the aux threshold transfers
+    ensemble = mean_over_categories(per_category[ENSEMBLE], (*KEYS, *THRESHOLD_KEYS))
     result = {
         **learned,
+        **{k: ensemble[k] for k in THRESHOLD_KEYS},
+        "aux_threshold": det.threshold,
+        "threshold_rule": det.info["threshold_rule"],
+        "seed_ensemble": {k: ensemble[k] for k in KEYS},
         "n_images": int(target.n_images),
         "n_categories": len(ranges),
         "backbone": target.attrs["backbone"],
@@ -244,6 +189,12 @@ def main(argv: list[str] | None = None) -> None:
         reasons = {k: v for r in runs for k, v in r.get("null_reasons", {}).items()}
         if reasons:
             entry["null_reasons"] = reasons
+        mean_map = per_category[ENSEMBLE][category]
+        entry.update({k: mean_map[k] for k in THRESHOLD_KEYS})
+        entry["seed_ensemble"] = {k: mean_map[k] for k in KEYS}
+        threshold_reasons = {k: v for k, v in mean_map["null_reasons"].items() if k in THRESHOLD_KEYS}
+        if threshold_reasons:
+            entry["null_reasons"] = {**entry.get("null_reasons", {}), **threshold_reasons}
         entry["controls"] = {c: seed_summary([per_category[n][category] for n in vectors if n.startswith(c + "/")])
                              for c in ("untrained_init", "no_sae")}
         by_category[category] = entry
@@ -251,6 +202,9 @@ def main(argv: list[str] | None = None) -> None:
     null_reasons = {key: "undefined in every category; " + "; ".join(
                         f"{c}: {e['null_reasons'][key]}" for c, e in by_category.items() if key in e.get("null_reasons", {}))
                     for key in KEYS if learned[key] is None}
+    null_reasons.update({key: "undefined in every category; " + "; ".join(
+                             f"{c}: {e['null_reasons'][key]}" for c, e in by_category.items() if key in e.get("null_reasons", {}))
+                         for key in THRESHOLD_KEYS if result[key] is None})
     labels, scores = np.concatenate(pooled_labels), np.concatenate(pooled_scores)
     pix_masks, pix_maps = np.concatenate(pixel_sample[0]), np.concatenate(pixel_sample[1])
     curves = {}
@@ -283,8 +237,29 @@ def main(argv: list[str] | None = None) -> None:
              ", ".join(f"{k} {learned[k]:.3f}" for k in KEYS if learned[k] is not None))
     log.info("controls: %s", {c: {k: round(v, 3) for k, v in m.items() if v is not None and not k.endswith("_std")}
                               for c, m in result["controls"].items()})
+    log.info("aux threshold %.6g (%s) on the mean of the seeds' maps: %s", det.threshold, det.info["threshold_rule"],
+             ", ".join(f"{k} {result[k]:.3f}" for k in THRESHOLD_KEYS if result[k] is not None))
     for key, reason in null_reasons.items():
         log.warning("%s: %s", key, reason)
+
+
+def check_detector(det: detector.Detector, folder: Path, *, sae_sha256: str, sae_folder: Path, guides_sha256: str,
+                   guides_folder: Path, params: dict, params_path: Path) -> None:
+    """Refuse a detector exported from other SAE or guides, or with other scoring settings than params."""
+    where = folder / "detector.json"
+    hint = f"re-run the export stage (dvc repro export@{folder.parent.name})"
+    if det.info["sae_sha256"] != sae_sha256:
+        raise detector.DetectorError(f"{where}: exported from an SAE with sha256 {det.info['sae_sha256']}, but "
+                                     f"{sae_folder / 'sae.safetensors'} has {sae_sha256}; {hint}")
+    recorded = det.info["guides"].get("sha256")
+    if recorded != guides_sha256:
+        raise detector.DetectorError(f"{where}: exported from guides with sha256 {recorded}, but "
+                                     f"{guides_folder / 'guides.safetensors'} has {guides_sha256}; {hint}")
+    for key, value in params.items():
+        if det.info[key] != value:
+            raise detector.DetectorError(f"{where}: {key} is {det.info[key]!r} but evaluate.{key} in {params_path} is "
+                                         f"{value!r}; {hint}")
+
 
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
