@@ -1,9 +1,8 @@
 """``python -m pipeline.predict`` against the real Detector (pipeline/detector.py, issue 11 §1).
 
-Skipped until pipeline.detector exists (it is written in parallel); remove the importorskip guard once it
-is merged. The detector folder is written here by hand from the contract (detector.json +
-detector.safetensors with ``vectors`` (n_seeds, 4, d)), over a random-weight DINOv2-S/14 at 28 px, so the
-test needs no DVC run and no download.
+The detector folder is written with ``pipeline.detector.save`` from the contract's keys (random guide
+vectors (n_seeds, 4, d)), over a random-weight DINOv2-S/14 at 28 px, so the test needs no DVC run and no
+download. ``layer`` is the resolved block (12 of 12), as the feature store and the export stage record it.
 """
 
 from __future__ import annotations
@@ -18,10 +17,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-pytest.importorskip("pipeline.detector")
 
 from pipeline import predict as P  # noqa: E402
 from pipeline.datasets import load_image  # noqa: E402
+from pipeline import detector  # noqa: E402
 from pipeline.detector import Detector  # noqa: E402
 from pipeline.files import sha256_file  # noqa: E402
 from pipeline.stages import run  # noqa: E402
@@ -39,18 +38,16 @@ def write_detector(root: Path) -> Path:
     model = timm.create_model("vit_small_patch14_dinov2", pretrained=False)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
     folder = root / "models" / "bench" / "detector"
-    folder.mkdir(parents=True)
-    save_file({"vectors": torch.randn(2, 4, DIM, generator=torch.Generator().manual_seed(1))},
-              folder / "detector.safetensors")
+    vectors = torch.randn(2, 4, DIM, generator=torch.Generator().manual_seed(1))
     info = {
         "format": "spg-detector/1", "backbone": "dinov2_vits14", "weights_sha256": sha256_file(weights),
-        "weights_path": "models/backbones/w.safetensors", "layer": -1, "image_size": SIZE, "grid": [GRID, GRID],
+        "weights_path": "models/backbones/w.safetensors", "layer": 12, "image_size": SIZE, "grid": [GRID, GRID],
         "temperature": 0.07, "blur_sigma": 1.0, "image_score": "max", "lse_temperature": 0.01,
         "top_fraction": 0.01, "threshold": 0.5, "threshold_rule": "f1_max on the auxiliary set", "seeds": [0, 1],
         "map_range": [0, 1], "aux": {"dataset": "bench", "fingerprint": "0" * 64}, "sae_sha256": "0" * 64,
         "guides": {"seeds": [0, 1]},
     }
-    (folder / "detector.json").write_text(json.dumps(info, indent=2))
+    detector.save(folder, vectors, info)
     return folder
 
 
