@@ -315,7 +315,8 @@ def _evaluate(reference, target, tmp_path):
 
     out = tmp_path / "report"
     evaluate_stage.main(["--target", str(target.path), "--aux", str(reference.path), "--sae", str(tmp_path / "sae"),
-                         "--guides", str(tmp_path / "guides"), "--out", str(out), "--params", str(tmp_path / "eval.yaml")])
+                         "--guides", str(tmp_path / "guides"), "--out", str(out),
+                         "--params", str(tmp_path / "eval.yaml")])
     return (json.loads((out / "metrics.json").read_text()), json.loads((out / "per_category.json").read_text()), out)
 
 
