@@ -9,6 +9,10 @@ checks the extract stage makes), and exits non-zero. Without ``--decode`` images
 headers only, but the masks of anomalous images are always decoded (they are small, and a mask that
 binarises empty is otherwise found only by extract; ``data.allow_empty_masks`` accepts them).
 Generated datasets (``synthetic.datasets``) must have been generated first (``dvc repro data@synth_a``).
+
+A ``folder`` category without ``ground_truth/`` (labels only) is listed with ``no masks: pixel metrics
+will be null``; such a dataset can be a target but not an auxiliary set (fit_guides needs masks), so
+one listed in ``aux_datasets`` is an error.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline.config import ConfigError, load_params
-from pipeline.datasets import load_image, load_mask, load_table, mask_from_header, summarize
+from pipeline.datasets import DatasetError, load_image, load_mask, load_table, mask_from_header, summarize
 from pipeline.errors import PipelineError
 
 
@@ -32,7 +36,8 @@ def format_summary(name: str, fmt: str, root: str, summary: dict) -> str:
         entry = summary["per_category"][category]
         splits = "; ".join(f"{split}: " + ", ".join(f"{d} {n}" for d, n in sorted(defects.items()))
                            for split, defects in sorted(entry["splits"].items()))
-        lines.append(f"  {category:<16} {entry['n_images']:>5}  {splits}")
+        note = "" if entry.get("masks", True) else "  (no masks: pixel metrics will be null)"
+        lines.append(f"  {category:<16} {entry['n_images']:>5}  {splits}{note}")
     return "\n".join(lines)
 
 
@@ -43,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode", action="store_true", help="fully decode every image and mask")
     args = parser.parse_args(argv)
     try:
-        params = load_params(args.params, ["datasets", "data"])
+        params = load_params(args.params, ["datasets", "data", "aux_datasets"])
         if not params.datasets:
             raise ConfigError(f"{args.params}: the datasets section is empty or missing; nothing to check")
         names = args.datasets or list(params.datasets)
@@ -63,7 +68,16 @@ def main(argv: list[str] | None = None) -> int:
                 anomalous = [s for s in samples if s.mask is not None]
                 for s in tqdm(anomalous, desc=f"masks {name}", unit="mask"):
                     mask_from_header(s.mask, params.data.max_pixels, allow_empty=allow_empty)
-            print(format_summary(name, ds.format, ds.root, summarize(samples)), flush=True)
+            summary = summarize(samples)
+            no_masks = summary["categories_without_masks"]
+            if name in params.aux_datasets and no_masks:
+                which = (f"category {no_masks[0]} of {ds.root} has" if len(no_masks) == 1 else
+                         f"categories {', '.join(no_masks)} of {ds.root} have")
+                raise DatasetError(
+                    f"datasets.{name} is listed in aux_datasets, but {which} labels but no masks "
+                    "(no ground_truth/ folder): fit_guides needs pixel masks on an auxiliary set; add the "
+                    "masks, or use it as a target only (remove it from aux_datasets)")
+            print(format_summary(name, ds.format, ds.root, summary), flush=True)
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

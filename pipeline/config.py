@@ -396,8 +396,15 @@ SECTIONS: dict[str, type] = {
     "evaluate": EvaluateConfig,
 }
 """Section name in params.yaml -> its dataclass. ``datasets`` (name -> DatasetConfig) and ``runs``
-(name -> RunConfig) are mappings of entries instead."""
+(name -> RunConfig) are mappings of entries instead, and ``aux_datasets`` a list of dataset keys."""
 _MAPPINGS: dict[str, type] = {"datasets": DatasetConfig, "runs": RunConfig}
+_LISTS = ("aux_datasets",)
+"""Top-level keys that hold a list of dataset keys. ``aux_datasets`` lists the datasets that get
+``train_sae@<A>`` and ``fit_guides@<A>`` stages (dvc.yaml iterates over it: DVC's ``foreach`` cannot
+derive the set of auxiliary datasets from ``runs``, and iterating over ``runs`` would duplicate a stage
+when two runs share an aux). Every ``runs.*.aux`` must be listed; an entry no run uses is allowed (its
+detector serves ``python -m pipeline.predict`` only). A dataset that is only a target is extracted and
+scored, nothing more."""
 
 
 @dataclass(frozen=True)
@@ -413,6 +420,8 @@ class Params:
     guides: GuidesConfig | None = None
     evaluate: EvaluateConfig | None = None
     runs: Mapping[str, RunConfig] = field(default_factory=dict)
+    aux_datasets: tuple[str, ...] = ()
+    """Dataset keys fitted as auxiliary sets (SAE and guides), in params order (see :data:`_LISTS`)."""
 
 
 def _float_or_none(text: str) -> float | None:
@@ -498,7 +507,7 @@ def build(cls: type, data: Mapping[str, Any] | None, prefix: str) -> Any:
 
 def parse(raw: Mapping[str, Any], sections: typing.Iterable[str] | None = None) -> Params:
     """Build :class:`Params` from a params.yaml mapping, parsing only ``sections`` (all when None)."""
-    known = set(SECTIONS) | set(_MAPPINGS)
+    known = set(SECTIONS) | set(_MAPPINGS) | set(_LISTS)
     wanted = set(known if sections is None else sections)
     bad = sorted(wanted - known)
     if bad:
@@ -514,6 +523,8 @@ def parse(raw: Mapping[str, Any], sections: typing.Iterable[str] | None = None) 
                 _fail(name, f"expected a mapping of name -> {_MAPPINGS[name].__name__} fields")
             entries = {_check_key(name, k): v for k, v in entries.items()}
             out[name] = {k: build(_MAPPINGS[name], v, f"{name}.{k}") for k, v in entries.items()}
+        elif name in _LISTS:
+            out[name] = _key_list(name, raw.get(name))
         else:
             out[name] = build(SECTIONS[name], raw.get(name), name)
     params = Params(**out)
@@ -528,7 +539,36 @@ def parse(raw: Mapping[str, Any], sections: typing.Iterable[str] | None = None) 
                 _fail(f"runs.{run}", f"aux {rc.aux!r} and target {rc.target!r} are the same data (format "
                                      f"{aux.format}, root {_identity(aux)[1]}, same categories): the protocol "
                                      "is cross-dataset; point them at different datasets")
+    if "aux_datasets" in wanted and "datasets" in wanted:
+        for i, name in enumerate(params.aux_datasets):
+            if name not in params.datasets:
+                _fail(f"aux_datasets[{i}]", f"{name!r} is not a key of datasets ({', '.join(params.datasets)})")
+    if "aux_datasets" in wanted and "runs" in wanted:
+        for run, rc in params.runs.items():
+            if rc.aux not in params.aux_datasets:
+                listed = ", ".join(params.aux_datasets) or "none"
+                _fail(f"runs.{run}.aux", f"{rc.aux!r} is not listed in aux_datasets (listed: {listed}); "
+                                         f"add it (aux_datasets: [{', '.join([*params.aux_datasets, rc.aux])}]) "
+                                         "so that its train_sae and fit_guides stages exist")
     return params
+
+
+def _key_list(name: str, value: Any) -> tuple[str, ...]:
+    """A top-level list of dataset keys (``aux_datasets``): plain names, no duplicates; missing = []."""
+    if value is None:
+        return ()
+    if not isinstance(value, (list, tuple)):
+        _fail(name, f"expected a list of dataset keys, got {value!r}")
+    keys: list[str] = []
+    for i, key in enumerate(value):
+        if isinstance(key, int) and not isinstance(key, bool):
+            key = str(key)  # YAML reads a key 2024 as an int, as in the datasets section
+        if not isinstance(key, str) or not KEY_PATTERN.fullmatch(key):
+            _fail(f"{name}[{i}]", f"{key!r} is not a dataset key (letters, digits, _ or -)")
+        if key in keys:
+            _fail(f"{name}[{i}]", f"{key!r} is listed twice; list each dataset once")
+        keys.append(key)
+    return tuple(keys)
 
 
 def _identity(ds: DatasetConfig) -> tuple[str, str, tuple[str, ...] | None]:

@@ -17,6 +17,19 @@ care where a dataset came from. Three formats are understood (DESIGN §7):
     or ``ground_truth/<defect>/<stem>.<ext>`` (BTAD). Normal folders are named ``good`` or ``ok``
     (BTAD); both are reported as the defect ``good``.
 
+    **Labels without masks.** A category with no ``ground_truth/`` folder at all (a line's photos sorted
+    into ``test/good`` and ``test/<defect>`` folders, nobody drew masks) is accepted: its anomalous
+    images are labelled 1 and get no mask (``Sample.mask`` is ``None``), so image metrics are computed
+    and pixel metrics are ``null``. The rule is per category and all or nothing: once
+    ``<category>/ground_truth/`` exists (even empty), every anomalous image of that category needs its
+    mask, exactly as before. :func:`categories_without_masks` names such categories; the feature store
+    records them (attr ``categories_without_masks``) because their all-zero masks do not mean "no
+    defect". The ``mvtec`` format always requires masks.
+
+A set with no labels at all (a flat folder of photos, or a split folder holding images instead of
+``good`` and ``<defect>`` folders) is refused with a message pointing at ``python -m pipeline.predict``,
+which scores unlabelled images.
+
 Extensions are matched case-insensitively everywhere (``000.JPG``). Operating-system litter is ignored in
 every folder listing of every format: names starting with a dot (``.DS_Store``, macOS ``._*`` resource
 forks, ``.gitignore``) and :data:`LITTER` (``Thumbs.db``, ``ehthumbs.db``, ``desktop.ini``, any case).
@@ -76,6 +89,10 @@ VISA_DEFECT = "anomaly"
 LITTER = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini"})
 """Lower-cased names of operating-system litter files, ignored in every listing (as are dot files)."""
 
+PREDICT_HINT = ("to score unlabelled images use `python -m pipeline.predict --detector models/<aux>/detector "
+                "IMAGES... --out predictions/<name>`")
+"""Quoted in the errors for a set with no labels (it belongs to predict, not to the DAG)."""
+
 LAYOUTS = {
     "mvtec": (
         "mvtec layout: <root>/<category>/train/good/*.png, <root>/<category>/test/<defect>/*.png, "
@@ -109,7 +126,9 @@ class Sample:
     image: Path
     """Absolute path of the image."""
     mask: Path | None
-    """Absolute path of the mask; ``None`` for normal images (their mask is all zeros)."""
+    """Absolute path of the mask; ``None`` for normal images (their mask is all zeros) and for the
+    anomalous images of a ``folder`` category without ``ground_truth/`` (labels only: the mask is
+    unknown, not empty; see :func:`categories_without_masks`)."""
     label: int
     """0 normal, 1 anomalous."""
     category: str
@@ -129,6 +148,16 @@ def _check_category(name: str, where: str) -> None:
             f"{where}: category name {problem}; a category must be a plain file name "
             "(no / or \\, not . or .., not starting with '.', no control characters)"
         )
+
+
+def categories_without_masks(samples: Iterable[Sample]) -> list[str]:
+    """Sorted categories holding an anomalous sample without a mask file (labels only).
+
+    The rule of the ``folder`` format makes this all or nothing per category, so such a category's
+    stored masks (all zero) say nothing about where its defects are: pixel metrics are undefined there,
+    and it cannot serve to fit guides.
+    """
+    return sorted({s.category for s in samples if s.label and s.mask is None})
 
 
 def _sort_key(s: Sample) -> tuple[str, str, str, str]:
@@ -372,10 +401,13 @@ def summarize(samples: Iterable[Sample]) -> dict:
     Returns a JSON-ready dict::
 
         {"n_images": N, "n_normal": ..., "n_anomalous": ..., "categories": [...],
+         "categories_without_masks": [...],
          "per_category": {category: {"n_images": ..., "n_normal": ..., "n_anomalous": ...,
+                                     "masks": true | false,
                                      "splits": {split: {defect: count}}}}}
 
-    with every mapping sorted by key.
+    with every mapping sorted by key; ``masks`` is false for a category whose anomalous images have
+    labels but no masks (:func:`categories_without_masks`).
     """
     samples = list(samples)
     per: dict[str, dict] = {}
@@ -385,11 +417,13 @@ def summarize(samples: Iterable[Sample]) -> dict:
         counts[s.category]["n_images"] += 1
         counts[s.category]["n_anomalous" if s.label else "n_normal"] += 1
         splits[s.category][s.split][s.defect] += 1
+    no_masks = categories_without_masks(samples)
     for cat in sorted(counts):
         per[cat] = {
             "n_images": counts[cat]["n_images"],
             "n_normal": counts[cat]["n_normal"],
             "n_anomalous": counts[cat]["n_anomalous"],
+            "masks": cat not in no_masks,
             "splits": {
                 sp: {d: n for d, n in sorted(splits[cat][sp].items())} for sp in sorted(splits[cat])
             },
@@ -400,6 +434,7 @@ def summarize(samples: Iterable[Sample]) -> dict:
         "n_normal": len(samples) - n_anom,
         "n_anomalous": n_anom,
         "categories": sorted(per),
+        "categories_without_masks": no_masks,
         "per_category": per,
     }
 
@@ -515,8 +550,16 @@ def _tree_categories(fmt: str, root: Path) -> list[str]:
         extra = ""
         if any((root / sub).is_dir() for sub in ("train", "test")):
             extra = f" ({root} itself looks like one category: pass its parent folder as the root)"
+        elif _holds_images(root):
+            extra = (f" ({root} holds images without labels (no <category>/test/good or <category>/test/<defect> "
+                     f"folders); {PREDICT_HINT})")
         raise DatasetError(f"no category folders found in {root}{extra}; expected the {LAYOUTS[fmt]}")
     return cats
+
+
+def _holds_images(folder: Path) -> bool:
+    """True when an image file (:data:`IMAGE_EXTENSIONS`) lies anywhere under ``folder``."""
+    return any(p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() for p in folder.rglob("*"))
 
 
 def _list_images(fmt: str, folder: Path) -> list[Path]:
@@ -564,6 +607,8 @@ def _mask_index(fmt: str, gt_dir: Path) -> dict[str, Path]:
 
 
 def _find_mask(fmt: str, image: Path, gt_dir: Path, index: dict[str, Path]) -> Path:
+    """The mask of anomalous ``image`` in ``gt_dir`` (whose files ``index`` lists by stem), or a
+    DatasetError naming the names expected."""
     stem = image.stem
     keys = [f"{stem}_mask"] if fmt == "mvtec" else [f"{stem}_mask", stem]
     found = [index[k] for k in keys if k in index]
@@ -576,7 +621,10 @@ def _find_mask(fmt: str, image: Path, gt_dir: Path, index: dict[str, Path]) -> P
             expected = str(gt_dir / f"{stem}_mask.png")
         else:
             expected = f"{gt_dir / stem}_mask.<ext> or {gt_dir / stem}.<ext>"
-        raise DatasetError(f"anomalous image {image} has no mask; expected {expected} ({LAYOUTS[fmt]})")
+        hint = ""
+        if fmt == "mvtec" and not os.path.lexists(gt_dir.parent):
+            hint = "; a set with labels but no masks takes format folder, without a ground_truth/ folder"
+        raise DatasetError(f"anomalous image {image} has no mask; expected {expected} ({LAYOUTS[fmt]}){hint}")
     return found[0]
 
 
@@ -597,6 +645,9 @@ def _tree_table(
     for cat in available:
         cat_dir = root / cat
         gt_root = cat_dir / "ground_truth"
+        # labels only (see the module docstring): lexists, so a dangling link (a DVC-tracked
+        # ground_truth/ not pulled) is not taken for "no masks" and fails on the first mask instead
+        labels_only = fmt == "folder" and not os.path.lexists(gt_root)
         claimed: set[Path] = set()
         test_defects: set[str] = set()
         for split in splits:
@@ -606,7 +657,14 @@ def _tree_table(
                     f"missing folder {split_dir} (split {split!r} requested); expected the {LAYOUTS[fmt]}"
                 )
             n_before = len(samples)
-            for defect_dir in _visible(split_dir.iterdir()):
+            entries = _visible(split_dir.iterdir())
+            if entries and not any(p.is_dir() for p in entries) and _holds_images(split_dir):
+                raise DatasetError(
+                    f"{split_dir} holds images but no {' or '.join(normal_dirs)} and <defect> folders: they have "
+                    f"no labels. A dataset needs {split_dir}/{normal_dirs[0]}/ and {split_dir}/<defect>/ "
+                    f"({LAYOUTS[fmt]}); {PREDICT_HINT}"
+                )
+            for defect_dir in entries:
                 if not defect_dir.is_dir():
                     raise DatasetError(
                         f"unexpected file {defect_dir}: images belong in {split_dir}/<defect>/; "
@@ -625,7 +683,7 @@ def _tree_table(
                 index = _mask_index(fmt, gt_dir) if not normal and gt_dir.is_dir() else {}
                 for image in _list_images(fmt, defect_dir):
                     mask = None
-                    if normal:
+                    if normal or labels_only:
                         _header_size(image, max_pixels)
                     else:
                         mask = _find_mask(fmt, image, gt_dir, index)

@@ -439,14 +439,20 @@ def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float:
 # Everything for one category
 
 
+NO_MASKS_REASON = "the target has no masks (labels only)"
+"""The ``null_reasons`` entry of a pixel metric when the target has labels but no masks."""
+
+
 def compute_all(labels: np.ndarray, image_scores: np.ndarray, masks: np.ndarray,
-                maps: np.ndarray) -> dict[str, Any]:
+                maps: np.ndarray, *, has_masks: bool = True) -> dict[str, Any]:
     """The six metrics of :data:`METRIC_KEYS` for one category, and ``null_reasons``.
 
     labels (N,) {0, 1}, image_scores (N,), masks (N, H, W) {0, 1}, maps (N, H, W). A metric that the
     data leave undefined (a category without normal or without anomalous images; masks without
-    anomalous or without normal pixels) is None, and ``null_reasons[key]`` says why. Invalid inputs
-    raise a ValueError.
+    anomalous or without normal pixels) is None, and ``null_reasons[key]`` says why. ``has_masks``
+    False (a target with labels but no masks: its ``masks`` are zeros that say nothing) makes the
+    pixel metrics None with the reason :data:`NO_MASKS_REASON`; the image metrics are computed as
+    usual. Invalid inputs raise a ValueError.
     """
     labels, image_scores = _image_inputs(labels, image_scores, "image_scores")
     masks, maps = _pixel_inputs(masks, maps)
@@ -466,7 +472,9 @@ def compute_all(labels: np.ndarray, image_scores: np.ndarray, masks: np.ndarray,
         out["image_f1_max"] = f1_max(labels, image_scores)
 
     n_bad_px = int(np.count_nonzero(masks))
-    if n_bad_px == 0 or n_bad_px == masks.size:
+    if not has_masks:
+        reasons.update(dict.fromkeys(_PIXEL_KEYS, NO_MASKS_REASON))
+    elif n_bad_px == 0 or n_bad_px == masks.size:
         reason = (f"no {'anomalous' if n_bad_px == 0 else 'normal'} pixels in the masks of this category "
                   f"({masks.shape[0]} masks)")
         reasons.update(dict.fromkeys(_PIXEL_KEYS, reason))

@@ -3,8 +3,10 @@
     python -m pipeline.preset configs/paper.yaml        # then: dvc repro, or dvc exp run -n paper
     python -m pipeline.preset configs/paper.yaml --dry-run
 
-The mapping sections ``datasets`` and ``runs`` and the list ``synthetic.datasets`` are replaced
-whole (they define which stages exist); every other section is merged key by key. The result is
+The mapping sections ``datasets`` and ``runs`` and the lists ``aux_datasets`` and ``synthetic.datasets``
+are replaced whole (they define which stages exist); every other section is merged key by key. A
+preset that replaces ``runs`` must list their auxiliary datasets in ``aux_datasets`` too, or the
+validation below refuses it naming the run. The result is
 validated with :mod:`pipeline.config` before anything is written, so a bad preset changes nothing.
 Undo with ``git checkout params.yaml``.
 """
@@ -22,7 +24,7 @@ from ruamel.yaml import YAML  # round-trip YAML: params.yaml keeps its comments 
 
 from pipeline.config import ConfigError, parse, read_yaml
 
-REPLACED = ("datasets", "runs")
+REPLACED = ("datasets", "runs", "aux_datasets")
 
 
 def merge(base: Any, preset: Mapping[str, Any]) -> Any:
@@ -52,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"{args.preset}: expected a mapping of sections at top level")
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    if "runs" in preset and "aux_datasets" not in preset:
+        # the params' aux_datasets name the old runs' datasets, which the preset has just replaced
+        aux = list(dict.fromkeys(r.get("aux") for r in (preset["runs"] or {}).values() if isinstance(r, Mapping)))
+        print(f"error: {args.preset} replaces runs but sets no aux_datasets; add "
+              f"`aux_datasets: [{', '.join(map(str, aux))}]` (every aux of its runs)", file=sys.stderr)
         return 1
     base = rt.load(args.params.read_text())
     merged = merge(base, preset)

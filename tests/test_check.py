@@ -86,3 +86,56 @@ def test_check_yaml_syntax_error_is_one_line(tmp_path, capsys):
     assert check.main(["--params", str(params)]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"error: {params}, line ") and err.count("\n") == 1
+
+
+# ------------------------------------------------------------------------------- issue 11 §4
+
+
+def _labels_only_tree(tmp_path):
+    """A folder tree whose category ``line`` has test/good and test/dent but no ground_truth/."""
+    from tests.conftest import make_mvtec_tree
+
+    root = make_mvtec_tree(tmp_path / "f", categories=("line", "press"))
+    for p in sorted((root / "line" / "ground_truth").rglob("*"), reverse=True):
+        p.rmdir() if p.is_dir() else p.unlink()
+    (root / "line" / "ground_truth").rmdir()
+    return root
+
+
+def test_check_says_a_category_has_no_masks(tmp_path, capsys):
+    root = _labels_only_tree(tmp_path)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"datasets": {"f": {"format": "folder", "root": str(root)}}}))
+    for extra in ([], ["--decode"]):
+        assert check.main(["--params", str(params), *extra]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0].startswith("f (folder") and "14 images, 6 normal, 8 anomalous, 2 categories" in lines[0]
+        line = next(x for x in lines if x.strip().startswith("line "))
+        press = next(x for x in lines if x.strip().startswith("press "))
+        assert line.endswith("test: good 3, scratch 4  (no masks: pixel metrics will be null)")
+        assert "no masks" not in press
+
+
+def test_check_refuses_an_aux_dataset_without_masks(tmp_path, capsys):
+    root = _labels_only_tree(tmp_path)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"datasets": {"f": {"format": "folder", "root": str(root)}},
+                                      "aux_datasets": ["f"]}))
+    assert check.main(["--params", str(params)]) == 1
+    err = capsys.readouterr().err.rstrip("\n").split("\n")[-1]
+    assert err == (f"error: datasets.f is listed in aux_datasets, but category line of {root} has labels but "
+                   "no masks (no ground_truth/ folder): fit_guides needs pixel masks on an auxiliary set; add "
+                   "the masks, or use it as a target only (remove it from aux_datasets)")
+
+
+def test_check_gives_the_predict_hint_for_a_flat_folder(tmp_path, capsys):
+    root = tmp_path / "photos"
+    root.mkdir()
+    for i in range(2):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(root / f"IMG_{i}.jpg")
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"datasets": {"mine": {"format": "folder", "root": str(root)}}}))
+    assert check.main(["--params", str(params)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: no category folders found") and err.count("\n") == 1
+    assert "holds images without labels" in err and "python -m pipeline.predict --detector" in err

@@ -171,7 +171,7 @@ def test_run_on_the_same_data_under_two_keys_is_refused(tmp_path, monkeypatch, r
 def test_runs_on_different_data_pass(change):
     raw = {"datasets": {"a": {"format": "mvtec", "root": "data/a", "categories": ["p", "q"]},
                         "b": {"format": "mvtec", "root": "data/a", "categories": ["p", "q"], **change}},
-           "runs": {"a_to_b": {"aux": "a", "target": "b"}}}
+           "runs": {"a_to_b": {"aux": "a", "target": "b"}}, "aux_datasets": ["a"]}
     assert parse(raw).runs["a_to_b"].target == "b"
 
 
@@ -179,3 +179,49 @@ def test_allow_empty_masks_defaults_off_and_is_in_params_yaml():
     assert parse({}, ["data"]).data.allow_empty_masks is False
     assert load_params("params.yaml", ["data"]).data.allow_empty_masks is False
     assert parse({"data": {"allow_empty_masks": True}}, ["data"]).data.allow_empty_masks is True
+
+
+# ------------------------------------------------------------------------------- issue 11 §4
+
+
+def _two_datasets(**extra):
+    return {"datasets": {"a": {"format": "mvtec", "root": "d/a"}, "b": {"format": "folder", "root": "d/b"}},
+            "runs": {"a_to_b": {"aux": "a", "target": "b"}}, **extra}
+
+
+def test_aux_datasets_is_parsed_and_may_list_a_dataset_no_run_uses():
+    """b is fitted for predict only: allowed."""
+    params = parse(_two_datasets(aux_datasets=["a", "b"]))
+    assert params.aux_datasets == ("a", "b")
+    assert load_params("params.yaml").aux_datasets == ("synth_a", "synth_b")
+
+
+@pytest.mark.parametrize("aux, message", [
+    (["a", "c"], r"^aux_datasets\[1\]: 'c' is not a key of datasets \(a, b\)$"),
+    (["a", "a"], r"^aux_datasets\[1\]: 'a' is listed twice; list each dataset once$"),
+    (["a", "b c"], r"^aux_datasets\[1\]: 'b c' is not a dataset key"),
+    ("a", r"^aux_datasets: expected a list of dataset keys, got 'a'$"),
+    ({"a": 1}, r"^aux_datasets: expected a list"),
+])
+def test_bad_aux_datasets_name_the_entry(aux, message):
+    with pytest.raises(ConfigError, match=message):
+        parse(_two_datasets(aux_datasets=aux))
+
+
+@pytest.mark.parametrize("aux, listed", [(None, "none"), ([], "none"), (["b"], "b")])
+def test_every_aux_of_runs_must_be_in_aux_datasets(aux, listed):
+    raw = _two_datasets() if aux is None else _two_datasets(aux_datasets=aux)
+    with pytest.raises(ConfigError) as err:
+        parse(raw)
+    add = ", ".join([*(aux or []), "a"])
+    assert str(err.value) == (f"runs.a_to_b.aux: 'a' is not listed in aux_datasets (listed: {listed}); add it "
+                              f"(aux_datasets: [{add}]) so that its train_sae and fit_guides stages exist")
+
+
+def test_aux_datasets_is_checked_only_with_the_sections_it_relates_to():
+    """A stage that parses only its own section is not failed by another section's cross-check."""
+    raw = _two_datasets(aux_datasets=["zzz"])
+    assert parse(raw, ["runs"]).runs["a_to_b"].aux == "a"
+    assert parse(raw, ["aux_datasets"]).aux_datasets == ("zzz",)
+    with pytest.raises(ConfigError, match=r"^aux_datasets\[0\]: 'zzz' is not a key of datasets"):
+        parse(raw, ["datasets", "aux_datasets"])

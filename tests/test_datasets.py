@@ -13,6 +13,7 @@ from pipeline.datasets import (
     DatasetError,
     Sample,
     binarise,
+    categories_without_masks,
     category_name_problem,
     load_image,
     load_mask,
@@ -301,6 +302,7 @@ def test_anomalous_image_without_mask(tmp_path):
         load_table("mvtec", root)
     froot = tmp_path / "f"
     _img(froot / "c/test/hole/x.jpg")
+    (froot / "c/ground_truth").mkdir()  # ground_truth/ present: every anomalous image needs its mask
     with pytest.raises(DatasetError, match=r"x\.jpg.*ground_truth/hole/x_mask\.<ext> or .*hole/x\.<ext>"):
         load_table("folder", froot)
 
@@ -692,3 +694,77 @@ def test_defect_vanishing_in_the_resize_is_not_an_error(tmp_path):
     p = _mask(tmp_path / "tiny.png", arr, size=(40, 40))
     assert load_mask(p, (40, 40)).sum() == 1
     assert load_mask(p, (40, 40), resize_to=4).sum() == 0
+
+
+# ------------------------------------------------------------------------------- issue 11 §4
+
+
+def _labels_only(root: Path) -> Path:
+    """A folder tree: category ``line`` has test/good and test/dent but no ground_truth/ at all;
+    category ``press`` is a normal one with masks."""
+    _img(root / "line/test/good/a.jpg")
+    _img(root / "line/test/good/b.png", seed=1)
+    _img(root / "line/test/dent/c.JPG", seed=2)
+    _img(root / "line/test/dent/d.bmp", seed=3)
+    _img(root / "press/test/good/000.png")
+    _img(root / "press/test/crack/001.png")
+    _mask(root / "press/ground_truth/crack/001_mask.png")
+    return root
+
+
+def test_folder_category_without_ground_truth_has_labels_but_no_masks(tmp_path):
+    table = load_table("folder", _labels_only(tmp_path / "f"))
+    line = [s for s in table if s.category == "line"]
+    assert [(Path(s.relpath).name, s.label, s.defect, s.mask) for s in line] == [
+        ("c.JPG", 1, "dent", None), ("d.bmp", 1, "dent", None), ("a.jpg", 0, "good", None), ("b.png", 0, "good", None)]
+    press = [s for s in table if s.category == "press" and s.label]
+    assert [s.mask.name for s in press] == ["001_mask.png"]  # the other category keeps its masks
+    assert categories_without_masks(table) == ["line"]
+    summary = summarize(table)
+    assert summary["categories_without_masks"] == ["line"]
+    assert summary["per_category"]["line"]["masks"] is False and summary["per_category"]["press"]["masks"] is True
+    assert summary["per_category"]["line"]["n_anomalous"] == 2
+
+
+def test_labels_without_masks_is_all_or_nothing_per_category(tmp_path):
+    """ground_truth/ present but a mask (or a defect's folder) missing is still an error."""
+    root = _labels_only(tmp_path / "f")
+    (root / "line/ground_truth/dent").mkdir(parents=True)
+    _mask(root / "line/ground_truth/dent/c_mask.png")
+    with pytest.raises(DatasetError, match=r"anomalous image .*d\.bmp has no mask; expected .*dent/d_mask\.<ext>"):
+        load_table("folder", root)
+    (root / "line/ground_truth/dent/c_mask.png").unlink()
+    (root / "line/ground_truth/dent").rmdir()  # an empty ground_truth/ still says "masks exist"
+    with pytest.raises(DatasetError, match=r"c\.JPG has no mask"):
+        load_table("folder", root)
+
+
+def test_mvtec_format_still_requires_masks_and_says_where_labels_only_go(tmp_path):
+    root = tmp_path / "m"
+    _img(root / "c/test/good/000.png")
+    _img(root / "c/test/dent/001.png")
+    with pytest.raises(DatasetError, match=r"001\.png has no mask; .*a set with labels but no masks takes "
+                                           r"format folder, without a ground_truth/ folder$"):
+        load_table("mvtec", root)
+
+
+@pytest.mark.parametrize("layout", ["flat", "one_folder", "split"])
+def test_a_set_without_labels_points_at_predict(tmp_path, layout):
+    root = tmp_path / "photos"
+    where = {"flat": root, "one_folder": root / "line7", "split": root / "line7/test"}[layout]
+    _img(where / "IMG_0001.jpg")
+    _img(where / "IMG_0002.png", seed=1)
+    for fmt in ("folder", "mvtec"):
+        with pytest.raises(DatasetError) as err:
+            load_table(fmt, root)
+        msg = str(err.value)
+        assert "without labels" in msg or "no labels" in msg, msg
+        assert "python -m pipeline.predict --detector models/<aux>/detector" in msg and "\n" not in msg
+
+
+def test_a_folder_without_images_keeps_its_old_message(tmp_path):
+    (tmp_path / "r/notes").mkdir(parents=True)
+    (tmp_path / "r/notes/readme.txt").write_text("x")
+    with pytest.raises(DatasetError) as err:
+        load_table("folder", tmp_path / "r")
+    assert "predict" not in str(err.value) and str(err.value).startswith("no category folders found")

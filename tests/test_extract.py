@@ -267,3 +267,97 @@ def test_empty_out_folder_is_used(setup, reference, tmp_path):
     (tmp_path / "out").mkdir()
     extract_stage.main(stage_args(tmp, tmp_path / "out"))
     assert_same_store(tmp_path / "out", reference)
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 11 §4: a folder target with labels but no masks extracts and evaluates (image metrics only)
+
+
+def _labels_only_target(setup, tmp_path, categories, without_masks):
+    """Extract a folder tree whose categories ``without_masks`` have no ground_truth/ folder."""
+    from tests.conftest import make_mvtec_tree
+
+    tmp, _, _ = setup
+    root = make_mvtec_tree(tmp_path / "line", categories=categories, n_good=3, n_bad=4, seed=1)
+    for category in without_masks:
+        shutil.rmtree(root / category / "ground_truth")
+    params = yaml.safe_load((tmp / "params.yaml").read_text())
+    params["datasets"] = {"line": {"format": "folder", "root": str(root)}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = tmp_path / "features"
+    extract_stage.main(["--dataset", "line", "--weights", str(tmp / "weights" / "dinov2_vits14.safetensors"),
+                        "--out", str(out), "--params", str(tmp_path / "params.yaml")])
+    return store.open_store(out)
+
+
+def _fitted_on(reference, tmp_path):
+    """A seeded random SAE and guide codes recorded as fitted on ``reference`` (the aux store), as
+    fit_guides writes them: evaluate checks the provenance, not the quality."""
+    from pipeline import guides, sae
+    from pipeline.files import sha256_file
+
+    torch.manual_seed(0)
+    d, n_latents = reference.tokens.shape[-1], 64
+    model = sae.TopKSAE(d, n_latents, 8)
+    provenance = {k: reference.attrs[k] for k in ("backbone", "weights_sha256", "layer", "image_size", "dataset")}
+    sae.save(model, tmp_path / "sae", torch.zeros(n_latents, dtype=torch.bool), extra={"features": provenance})
+    training = {"variant": "l1", "guide_topk": 8, "init_mean": 0.1, "init_std": 0.01, "temperature": 0.07, "seeds": [0]}
+    codes = torch.rand(1, 4, n_latents, generator=torch.Generator().manual_seed(0))
+    guides.save(tmp_path / "guides", codes, {"training": training, "features": provenance,
+                                             "sae_sha256": sha256_file(tmp_path / "sae" / "sae.safetensors"),
+                                             "aux_store": guides.store_fingerprint(reference.attrs)})
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump({"evaluate": {"blur_sigma": 1.0, "device": "cpu",
+                                                                     "overlays_per_category": 2}}))
+
+
+def _evaluate(reference, target, tmp_path):
+    from pipeline.stages import evaluate as evaluate_stage
+
+    out = tmp_path / "report"
+    evaluate_stage.main(["--target", str(target.path), "--aux", str(reference.path), "--sae", str(tmp_path / "sae"),
+                         "--guides", str(tmp_path / "guides"), "--out", str(out),
+                         "--params", str(tmp_path / "eval.yaml")])
+    return (json.loads((out / "metrics.json").read_text()), json.loads((out / "per_category.json").read_text()), out)
+
+
+def test_a_target_without_masks_extracts_and_evaluates_to_image_metrics_only(setup, reference, tmp_path):
+    target = _labels_only_target(setup, tmp_path, ("line",), ("line",))
+    assert target.attrs["categories_without_masks"] == ["line"]
+    labels = target.labels[:]
+    assert labels.sum() == 4 and len(labels) == 7  # anomalous by their folder, with no mask file
+    assert not target.masks[:].any()  # stored as zeros, which the attr says are no ground truth
+    _fitted_on(reference, tmp_path)
+    result, per_category, out = _evaluate(reference, target, tmp_path)
+    for key in ("image_auroc", "image_ap", "image_f1_max"):
+        assert 0.0 <= result[key] <= 1.0 and per_category["line"][key] == result[key], key
+    for key in ("pixel_auroc", "pixel_ap", "pixel_aupro"):
+        assert result[key] is None and per_category["line"][key] is None, key
+        assert per_category["line"]["null_reasons"][key] == "the target has no masks (labels only)"
+        assert result["null_reasons"][key] == "undefined in every category; line: the target has no masks (labels only)"
+    assert result["null_reasons"]["pixel_curves"] == ("plots/pixel_roc.csv and plots/pixel_pr.csv are empty: "
+                                                     "the target has no masks (labels only)")
+    assert (out / "plots" / "pixel_roc.csv").read_text().splitlines() == ["fpr,tpr,threshold"]
+    assert (out / "plots" / "pixel_pr.csv").read_text().splitlines() == ["recall,precision,threshold"]
+    assert len((out / "plots" / "image_roc.csv").read_text().splitlines()) > 2
+
+
+def test_a_category_without_masks_stays_out_of_the_pixel_metrics(setup, reference, tmp_path):
+    """One category with masks, one without: pixel metrics come from the first alone (the second's
+    zero masks counted as normal pixels would change them)."""
+    target = _labels_only_target(setup, tmp_path, ("line", "press"), ("line",))
+    assert target.attrs["categories_without_masks"] == ["line"]
+    _fitted_on(reference, tmp_path)
+    result, per_category, out = _evaluate(reference, target, tmp_path)
+    assert per_category["line"]["pixel_auroc"] is None and per_category["press"]["pixel_auroc"] is not None
+    assert result["pixel_auroc"] == per_category["press"]["pixel_auroc"]
+    assert "pixel_curves" not in result.get("null_reasons", {})
+    # the pooled pixel curve is press's alone (every pixel is sampled at this size): at the lowest
+    # threshold every pixel is flagged, so the PR curve's last precision is press's anomalous fraction
+    press = target.category[:] == target.attrs["categories"].index("press")
+    last = (out / "plots" / "pixel_pr.csv").read_text().splitlines()[-1].split(",")
+    assert float(last[0]) == 1.0 and float(last[1]) == pytest.approx(target.masks[:][press].mean())
+
+
+def test_a_store_with_masks_everywhere_has_no_categories_without_masks_attr(reference):
+    """Absent, not []: the stores extracted before the attr existed stay valid (and are not redone)."""
+    assert "categories_without_masks" not in reference.attrs

@@ -90,3 +90,21 @@ def test_checkpoint_records_sae_hash_and_aux_fingerprint_and_reports_are_strict_
     assert set(summary["final_terms"]) == {"seed_0", "seed_1"}
     assert (setup / "report" / "guides_curve.csv").read_text().splitlines()[0].startswith("seed,epoch,step")
     assert (setup / "report" / "guides_curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_aux_store_without_masks_is_refused_before_anything_is_written(setup):
+    """A labels-only store (issue 11 §4): its all-zero masks would teach the guides "no defect"."""
+    src = store.open_store(setup / "aux")
+    layout = store.StoreLayout(src.n_images, GRID * GRID, D_IN, SIZE, src.chunk_images)
+    attrs = {k: v for k, v in src.attrs.items() if k not in ("schema", "complete")}
+    group, pending = store.prepare(setup / "aux_labels", layout, {**attrs, "categories_without_masks": ["a1"]})
+    for c in pending:
+        store.write_chunk(group, layout, c, src.read(c, list(layout.shapes())))
+    store.finalize(group, setup / "aux_labels")
+    with pytest.raises(store.StoreError) as err:
+        run(setup, features="aux_labels")
+    assert str(err.value) == (f"{setup / 'aux_labels'}: category a1 has labels but no masks (attr "
+                              "categories_without_masks; its dataset has no ground_truth/ folder); fit_guides needs "
+                              "pixel masks on the auxiliary set: add the masks, or use the dataset as a target only "
+                              "(remove it from aux_datasets in params.yaml)")
+    assert not (setup / "guides").exists() and not (setup / "report").exists()

@@ -14,6 +14,7 @@ def test_paper_preset_replaces_datasets_and_merges_sections(tmp_path):
     p = load_params(params)
     assert set(p.datasets) == {"mvtec_ad", "visa"} and p.datasets["visa"].format == "visa"
     assert set(p.runs) == {"visa_to_mvtec_ad", "mvtec_ad_to_visa"} and p.synthetic.datasets == ()
+    assert p.aux_datasets == ("visa", "mvtec_ad")  # replaced whole, not merged with synth_a, synth_b
     assert (p.backbone.name, p.backbone.layer, p.backbone.image_size) == ("dinov3_vitl16", 24, 448)
     assert (p.sae.n_latents, p.sae.k, p.sae.epochs, p.sae.dead_tokens) == (4096, 32, 50, 10_000_000)
     assert (p.guides.epochs, p.guides.ema_decay) == (15, 0.999)
@@ -35,3 +36,19 @@ def test_mvtec_visa_preset_is_valid(tmp_path):
     shutil.copy(ROOT / "params.yaml", params)
     assert preset.main([str(ROOT / "configs" / "mvtec_visa.yaml"), "--params", str(params)]) == 0
     assert load_params(params).backbone.name == "dinov2_vits14"
+
+
+def test_preset_whose_runs_miss_aux_datasets_is_refused_naming_the_run(tmp_path, capsys):
+    """A preset written before aux_datasets existed (runs, no aux_datasets) changes nothing and says
+    what to add."""
+    params = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params)
+    before = params.read_text()
+    (tmp_path / "old.yaml").write_text("datasets:\n  m: {format: mvtec, root: data/m}\n"
+                                       "  v: {format: visa, root: data/v}\n"
+                                       "runs:\n  v_to_m: {aux: v, target: m}\n")
+    assert preset.main([str(tmp_path / "old.yaml"), "--params", str(params)]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: {tmp_path / 'old.yaml'} replaces runs but sets no aux_datasets; add " \
+                  "`aux_datasets: [v]` (every aux of its runs)\n"
+    assert params.read_text() == before

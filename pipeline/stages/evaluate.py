@@ -132,12 +132,15 @@ def main(argv: list[str] | None = None) -> None:
     per_category: dict[str, dict[str, dict]] = {name: {} for name in [*vectors, ENSEMBLE]}
     pooled_labels, pooled_scores, pixel_sample = [], [], ([], [])
     rng = np.random.default_rng(0)
+    # labels-only categories (a folder target without ground_truth/): their zero masks are no ground truth
+    no_masks = set(target.attrs.get("categories_without_masks", []))
     for category, (start, stop) in tqdm(ranges.items(), desc="evaluate", unit="category"):
         labels = target.labels[start:stop].astype(np.int64)
         masks = target.masks[start:stop]
         scored = evaluation.score_rows(target, start, stop, vectors, det.settings, cfg.batch_images, device)
         for name, (maps, scores) in scored.items():
-            per_category[name][category] = metrics.compute_all(labels, scores, masks, maps)
+            per_category[name][category] = metrics.compute_all(labels, scores, masks, maps,
+                                                               has_masks=category not in no_masks)
         # the aux threshold belongs to the detector's scoring: the mean of the seeds' maps
         at = metrics.at_threshold(labels, scored[ENSEMBLE][1], det.threshold)
         reasons = {**per_category[ENSEMBLE][category]["null_reasons"], **at.pop("null_reasons")}
@@ -146,8 +149,9 @@ def main(argv: list[str] | None = None) -> None:
         pooled_labels.append(labels)
         pooled_scores.append(scores)
         take = rng.random(masks.shape) < min(1.0, 2_000_000 / max(1, target.masks.shape[0] * masks[0].size))
-        pixel_sample[0].append(masks[take])
-        pixel_sample[1].append(maps[take])
+        if category not in no_masks:  # else its zero masks would count as normal pixels in the pooled curve
+            pixel_sample[0].append(masks[take])
+            pixel_sample[1].append(maps[take])
         # rendered here so that no category's maps outlive its turn (all of them would not fit on MVTec
         # at 448 px); a PNG's bytes are small
         rows = overlay_rows(target, start, labels, masks, maps, cfg.overlays_per_category)
@@ -206,10 +210,12 @@ def main(argv: list[str] | None = None) -> None:
                              f"{c}: {e['null_reasons'][key]}" for c, e in by_category.items() if key in e.get("null_reasons", {}))
                          for key in THRESHOLD_KEYS if result[key] is None})
     labels, scores = np.concatenate(pooled_labels), np.concatenate(pooled_scores)
-    pix_masks, pix_maps = np.concatenate(pixel_sample[0]), np.concatenate(pixel_sample[1])
+    pix_masks, pix_maps = (np.concatenate(a) if a else np.zeros(0, np.uint8) for a in pixel_sample)
     curves = {}
     for level, (y, score, unit) in {"image": (labels, scores, "images"), "pixel": (pix_masks, pix_maps, "pixels")}.items():
         reason = metrics.one_class_reason(y, unit)
+        if level == "pixel" and not pixel_sample[0]:
+            reason = metrics.NO_MASKS_REASON
         if reason:
             # DVC declares the CSVs as outputs: an undefined curve is its header alone, not a missing file
             null_reasons[f"{level}_curves"] = f"plots/{level}_roc.csv and plots/{level}_pr.csv are empty: {reason}"

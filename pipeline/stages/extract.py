@@ -7,6 +7,10 @@ On several GPUs (or CPU processes, with gloo):
 
     torchrun --nproc_per_node 4 -m pipeline.stages.extract --dataset ... (same arguments)
 
+A ``folder`` category without ``ground_truth/`` (labels only) is stored with all-zero masks for its
+anomalous images and named in the attr ``categories_without_masks`` (absent when every category has
+masks): readers must not take those zeros for "no defect".
+
 A killed run re-run with the same config resumes from the last complete chunk (the DVC output is
 ``persist: true`` so that ``dvc repro`` does not delete the partial store first).
 """
@@ -75,6 +79,12 @@ def main(argv: list[str] | None = None) -> None:
                                   max_pixels=data.max_pixels)
     categories = sorted({s.category for s in samples})
     defects = sorted({s.defect for s in samples})
+    no_masks = datasets.categories_without_masks(samples)
+    if no_masks:
+        log.warning("%s: categor%s %s ha%s labels but no masks (no ground_truth/ folder): their anomalous "
+                    "images are stored with all-zero masks, recorded in attrs categories_without_masks; pixel "
+                    "metrics will be null there", args.dataset, "y" if len(no_masks) == 1 else "ies",
+                    ", ".join(no_masks), "s" if len(no_masks) == 1 else "ve")
     log.info("%s: %d images, %d categories, backbone %s (weights from %s)",
              args.dataset, len(samples), len(categories), bcfg.name, record["source"])
 
@@ -102,6 +112,10 @@ def main(argv: list[str] | None = None) -> None:
             "defects": defects,
             "inputs_sha256": fingerprint(samples),
         }
+        if no_masks:
+            # Only when there are some: a store without the attr has masks in every category, so the
+            # stores extracted before this attr existed stay valid (store.prepare compares attrs).
+            attrs["categories_without_masks"] = no_masks
         extract(samples, backbone, backbones.image_transform(backbone), args.out, attrs,
                 categories=categories, defects=defects, batch_size=ecfg.batch_size,
                 chunk_images=ecfg.chunk_images, num_workers=ecfg.num_workers, max_pixels=data.max_pixels,

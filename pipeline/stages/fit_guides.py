@@ -48,6 +48,14 @@ def main(argv: list[str] | None = None) -> None:
     # The SAE was trained on this store's tokens: refuse a store re-extracted differently since.
     features = store.open_store(args.features, expect={k: provenance[k] for k in
                                                        ("backbone", "weights_sha256", "layer", "image_size")})
+    # Guides are fitted against pixel masks: a labels-only store's all-zero masks would teach "no defect".
+    no_masks = features.attrs.get("categories_without_masks") or []
+    if no_masks:
+        which = f"category {no_masks[0]} has" if len(no_masks) == 1 else f"categories {', '.join(no_masks)} have"
+        raise store.StoreError(f"{args.features}: {which} labels but no masks (attr categories_without_masks; its "
+                               "dataset has no ground_truth/ folder); fit_guides needs pixel masks on the auxiliary "
+                               "set: add the masks, or use the dataset as a target only (remove it from "
+                               "aux_datasets in params.yaml)")
     device = resolve_device(cfg.device)
     grid = tuple(features.attrs["grid"])
 
