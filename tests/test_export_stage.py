@@ -120,14 +120,14 @@ def test_dvc_yaml_declares_one_artifact_per_embedded_aux():
     dvc_yaml = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     artifacts = dvc_yaml["artifacts"]
-    auxes = sorted({run["aux"] for run in params["runs"].values()})
+    auxes = sorted(params["aux_datasets"])  # the datasets export runs for
     assert sorted(artifacts) == [f"detector-{a}" for a in auxes]
     for a in auxes:
         entry = artifacts[f"detector-{a}"]
         assert entry["path"] == f"models/{a}/detector" and entry["type"] == "model" and entry["desc"]
         assert f"aux-{a}" in entry["labels"] and f"backbone-{params['backbone']['name']}" in entry["labels"]
         # the path is the export stage's output
-        assert "models/${key}/detector" in dvc_yaml["stages"]["export"]["do"]["outs"]
+        assert "models/${item}/detector" in dvc_yaml["stages"]["export"]["do"]["outs"]
 
 
 def test_artifacts_show_finds_the_detector(tmp_path):

@@ -311,12 +311,17 @@ def _fitted_on(reference, tmp_path):
 
 
 def _evaluate(reference, target, tmp_path):
+    """export (the detector evaluate scores through), then evaluate, as dvc.yaml runs them."""
     from pipeline.stages import evaluate as evaluate_stage
+    from pipeline.stages import export as export_stage
 
-    out = tmp_path / "report"
-    evaluate_stage.main(["--target", str(target.path), "--aux", str(reference.path), "--sae", str(tmp_path / "sae"),
-                         "--guides", str(tmp_path / "guides"), "--out", str(out),
-                         "--params", str(tmp_path / "eval.yaml")])
+    out, detector = tmp_path / "report", tmp_path / "detector"
+    fitted = ["--sae", str(tmp_path / "sae"), "--guides", str(tmp_path / "guides"),
+              "--params", str(tmp_path / "eval.yaml")]
+    export_stage.main(["--features", str(reference.path), "--weights", str(tmp_path / "unused.safetensors"),
+                       "--out", str(detector), *fitted])
+    evaluate_stage.main(["--target", str(target.path), "--aux", str(reference.path), "--detector", str(detector),
+                         "--out", str(out), *fitted])
     return (json.loads((out / "metrics.json").read_text()), json.loads((out / "per_category.json").read_text()), out)
 
 
