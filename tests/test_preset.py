@@ -52,3 +52,41 @@ def test_preset_whose_runs_miss_aux_datasets_is_refused_naming_the_run(tmp_path,
     assert err == f"error: {tmp_path / 'old.yaml'} replaces runs but sets no aux_datasets; add " \
                   "`aux_datasets: [v]` (every aux of its runs)\n"
     assert params.read_text() == before
+
+
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def test_real_preset_fits_only_on_embedded_sets_and_reads_shared_data(tmp_path):
+    """configs/real.yaml: the real sets are targets only (never an aux, so never fitted on), their roots
+    are ../shared/data (never copied into the repository), and every embedded run stays beside them."""
+    params = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params)
+    assert preset.main([str(ROOT / "configs" / "real.yaml"), "--params", str(params)]) == 0
+    p = load_params(params)
+    real = {"kolektorsdd", "bsdata"}
+    assert real <= set(p.datasets) and set(p.aux_datasets) == {"synth_a", "synth_b"}
+    assert all(run.aux not in real for run in p.runs.values())
+    assert {run.target for run in p.runs.values()} == real | {"synth_a", "synth_b"}
+    for name in real:
+        assert p.datasets[name].root == f"../shared/data/{name}" and p.datasets[name].format == "folder"
+
+
+def test_real_preset_datasets_pass_check_where_shared_data_is_present(tmp_path, capsys):
+    """Where ../shared/data exists (the project's machines and CI), `check` reads both real sets with the
+    counts their SOURCE.md gives; elsewhere the test says why it cannot run."""
+    import pytest
+
+    from pipeline import check
+
+    if not (SHARED_DATA / "kolektorsdd").is_dir() or not (SHARED_DATA / "bsdata").is_dir():
+        pytest.skip(f"{SHARED_DATA} does not hold kolektorsdd and bsdata (they are not in the repository)")
+    params = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params)
+    assert preset.main([str(ROOT / "configs" / "real.yaml"), "--params", str(params)]) == 0
+    text = params.read_text().replace("../shared/data", str(SHARED_DATA))  # the roots are relative to the repo
+    params.write_text(text)
+    capsys.readouterr()
+    assert check.main(["kolektorsdd", "bsdata", "--params", str(params)]) == 0
+    out = capsys.readouterr().out
+    assert "383 images, 333 normal, 50 anomalous" in out and "394 images, 0 normal, 394 anomalous" in out
