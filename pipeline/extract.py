@@ -75,9 +75,10 @@ class _Images(Dataset):
         sample = self.samples[index]
         image = load_image(sample.image, self.max_pixels)
         mask = load_mask(sample.mask, image.size, resize_to=self.mask_size, allow_empty=self.allow_empty_masks)
-        small = np.asarray(image.resize((self.mask_size, self.mask_size), Image.Resampling.BILINEAR))
+        # np.array, not asarray: a writable copy (torch warns on wrapping a read-only array)
+        small = np.array(image.resize((self.mask_size, self.mask_size), Image.Resampling.BILINEAR))
         return (index, self.transform(image), torch.from_numpy(np.ascontiguousarray(mask)),
-                torch.from_numpy(np.ascontiguousarray(small)))
+                torch.from_numpy(small))
 
 
 def _worker_error(err: PipelineError) -> PipelineError:
