@@ -13,6 +13,11 @@ Named guide sets (:func:`guide_sets`), each (4, d) in :data:`guides.ROWS` order:
 
 :func:`score_rows` adds :data:`ENSEMBLE`, the mean of the ``learned/*`` seeds' maps
 (:func:`scoring.mean_of_seeds`): the detector's default scoring, which the auxiliary threshold belongs to.
+
+:func:`baseline_rows` scores the training-free baselines of :mod:`pipeline.baselines` from the same
+tokens, with the same upsampling, blur and image scores (:func:`scoring.patch_maps`,
+:func:`scoring.scores_by_mode`); :func:`baseline_metrics` and :func:`image_by_score` turn maps and
+scores into per-category metrics with the metric code the learned result uses (:mod:`pipeline.metrics`).
 """
 
 from __future__ import annotations
@@ -23,9 +28,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline import guides, metrics, scoring, store
+from pipeline import baselines, guides, metrics, scoring, store
 
 KEYS = metrics.METRIC_KEYS
+IMAGE_KEYS = KEYS[:3]
 THRESHOLD_KEYS = metrics.THRESHOLD_KEYS
 LEARNED = "learned"
 ENSEMBLE = "seed_ensemble"
@@ -103,19 +109,22 @@ def guide_sets(vectors: torch.Tensor, seeds: Sequence[int], dictionary: torch.Te
 
 def score_rows(target: store.FeatureStore, start: int, stop: int, vectors: Mapping[str, torch.Tensor],
                settings: scoring.ScoreSettings, batch_images: int, device: torch.device,
-               keep_maps: bool = True) -> dict[str, tuple[np.ndarray | None, np.ndarray]]:
+               keep_maps: bool = True, by_mode: dict | None = None) -> dict[str, tuple[np.ndarray | None, np.ndarray]]:
     """Maps (n, S, S) float32 and image scores (n,) float64 of rows [start, stop) for every named guide set.
 
     With ``learned/*`` sets among ``vectors``, the result also holds :data:`ENSEMBLE`: the mean of their
     maps and its image score (:func:`scoring.mean_of_seeds`), as the detector computes it. Tokens and
     CLS are checked finite as read (the error names the store, array, image and chunk). With
     ``keep_maps=False`` the maps are dropped batch by batch (None in the result): memory stays flat.
+    A dict passed as ``by_mode`` is filled with name -> {mode: image scores (n,) float64} for every mode
+    of :data:`scoring.IMAGE_SCORES` (the score of ``settings.image_score`` is the result's own).
     """
     grid, size = tuple(target.attrs["grid"]), target.masks.shape[-1]
     learned = [name for name in vectors if name.startswith(LEARNED + "/")]
     names = [*vectors, *([ENSEMBLE] if learned else [])]
     maps: dict[str, list] = {name: [] for name in names}
     scores: dict[str, list] = {name: [] for name in names}
+    modes: dict[str, list] = {name: [] for name in names}
     for i in range(start, stop, batch_images):
         j = min(i + batch_images, stop)
         arrays = {"tokens": target.tokens[i:j], "cls": target.cls[i:j]}
@@ -129,9 +138,119 @@ def score_rows(target: store.FeatureStore, start: int, stop: int, vectors: Mappi
                                                     np.stack([batch[n][1] for n in learned]))
         for name, (m, global_probs) in batch.items():
             scores[name].append(scoring.score_images(m, global_probs, settings))
+            if by_mode is not None:
+                modes[name].append(scoring.scores_by_mode(m, global_probs, settings))
             if keep_maps:
                 maps[name].append(m)
+    if by_mode is not None:
+        by_mode.update({name: {mode: np.concatenate([b[mode] for b in modes[name]]) for mode in scoring.IMAGE_SCORES}
+                        for name in names})
     return {name: (np.concatenate(maps[name]) if keep_maps else None, np.concatenate(scores[name])) for name in names}
+
+
+def baseline_rows(target: store.FeatureStore, start: int, stop: int, settings: scoring.ScoreSettings,
+                  batch_images: int, device: torch.device) -> dict[str, tuple[np.ndarray | None, dict | None, str | None]]:
+    """The baselines of rows [start, stop) (one category): name -> (maps (n, S, S) float32, {mode: image
+    scores (n,) float64, ``global`` None}, None), or (None, None, reason) where a baseline is undefined
+    (``mutual`` on a category of one image).
+
+    Maps are the patch scores upsampled and blurred like the guide maps (:func:`scoring.patch_maps`,
+    ``settings.blur_sigma``). ``mutual`` sees every image of [start, stop), so the rows must be one
+    whole category. Tokens are checked finite as read.
+    """
+    grid, size = tuple(target.attrs["grid"]), target.masks.shape[-1]
+    tokens = target.tokens[start:stop]  # (n, L, d) float16: mutual needs the whole category at once
+    target.check_finite("tokens", tokens, start)
+    n = len(tokens)
+    patch = {baselines.SELF_DISSIMILARITY: np.concatenate([
+        baselines.self_dissimilarity(torch.from_numpy(tokens[i:i + batch_images].astype(np.float32)).to(device)).cpu().numpy()
+        for i in range(0, n, batch_images)])}
+    reasons = {}
+    if n >= 2:
+        patch[baselines.MUTUAL] = baselines.mutual(torch.from_numpy(tokens), device=device)
+    else:
+        reasons[baselines.MUTUAL] = baselines.ONE_IMAGE
+    out: dict[str, tuple] = {name: (None, None, reason) for name, reason in reasons.items()}
+    for name, values in patch.items():
+        maps = np.concatenate([scoring.patch_maps(torch.from_numpy(values[i:i + batch_images]), grid, size,
+                                                  sigma=settings.blur_sigma) for i in range(0, n, batch_images)])
+        out[name] = (maps, scoring.scores_by_mode(maps, None, settings), None)
+    return {name: out[name] for name in baselines.SETTINGS}
+
+
+def image_by_score(labels: np.ndarray, by_mode: Mapping[str, np.ndarray | None] | None,
+                   reason: str | None = None) -> dict[str, Any]:
+    """labels (n,), {mode: image scores (n,) or None} -> {mode: {image_auroc, image_ap, image_f1_max}} and
+    ``null_reasons`` ({``image_by_score.<mode>``: why}) for one category. A mode whose scores are None
+    (no CLS guide: ``global`` of a baseline) is null with :data:`scoring.GLOBAL_WITHOUT_CLS_GUIDE`;
+    ``by_mode`` None (the scoring is undefined) makes every mode null with ``reason``."""
+    out: dict[str, Any] = {}
+    reasons: dict[str, str] = {}
+    for mode in scoring.IMAGE_SCORES:
+        scores = None if by_mode is None else by_mode[mode]
+        if scores is None:
+            out[mode] = dict.fromkeys(IMAGE_KEYS)
+            reasons[f"image_by_score.{mode}"] = reason if by_mode is None else scoring.GLOBAL_WITHOUT_CLS_GUIDE
+            continue
+        m = metrics.image_metrics(labels, scores)
+        if m["null_reasons"]:
+            reasons[f"image_by_score.{mode}"] = next(iter(m["null_reasons"].values()))
+        out[mode] = {k: m[k] for k in IMAGE_KEYS}
+    out["null_reasons"] = reasons
+    return out
+
+
+def baseline_metrics(labels: np.ndarray, masks: np.ndarray, scored: tuple, image_score: str,
+                     has_masks: bool = True) -> dict[str, Any]:
+    """One baseline's metrics on one category: the six metrics of :func:`metrics.compute_all` (image
+    metrics by ``image_score``; null for ``global``, which needs a CLS guide), ``image_by_score`` and
+    ``null_reasons``. ``scored`` is an entry of :func:`baseline_rows`; an undefined baseline (maps None)
+    has every metric null with its reason. labels (n,), masks (n, S, S)."""
+    maps, by_mode, reason = scored
+    if maps is None:
+        out: dict[str, Any] = dict.fromkeys(KEYS)
+        reasons = dict.fromkeys(KEYS, reason)
+    else:
+        # a global score does not exist here: any map score stands in, then the image metrics are nulled
+        scores = by_mode["max"] if by_mode[image_score] is None else by_mode[image_score]
+        out = metrics.compute_all(labels, scores, masks, maps, has_masks=has_masks)
+        reasons = out.pop("null_reasons")
+        if by_mode[image_score] is None:
+            out.update(dict.fromkeys(IMAGE_KEYS))
+            reasons.update(dict.fromkeys(IMAGE_KEYS, f"evaluate.image_score is {image_score!r}: "
+                                                     + scoring.GLOBAL_WITHOUT_CLS_GUIDE))
+    by_score = image_by_score(labels, by_mode, reason)
+    reasons.update(by_score.pop("null_reasons"))
+    out["image_by_score"] = by_score
+    out["null_reasons"] = reasons
+    return out
+
+
+def summarise(per_category: Mapping[str, Mapping[str, Any]], keys: Sequence[str] = KEYS) -> dict[str, Any]:
+    """Means over categories (:func:`mean_over_categories`) of ``keys`` and of every mode of
+    ``image_by_score``, with ``null_reasons`` for what is undefined in every category (each category's
+    reason quoted). ``per_category``: category -> a dict of :func:`baseline_metrics`' form."""
+    out: dict[str, Any] = mean_over_categories(per_category, keys)
+    out["image_by_score"] = {mode: mean_over_categories({c: m["image_by_score"][mode] for c, m in per_category.items()},
+                                                        IMAGE_KEYS) for mode in scoring.IMAGE_SCORES}
+    undefined = [k for k in keys if out[k] is None]
+    undefined += [f"image_by_score.{mode}" for mode, m in out["image_by_score"].items() if all(v is None for v in m.values())]
+    reasons = {}
+    for key in undefined:
+        quoted = {r for m in per_category.values() if (r := m.get("null_reasons", {}).get(key))}
+        if len(quoted) == 1 and len(per_category) > 1:  # one reason for all: say it once
+            reasons[key] = "undefined in every category: " + quoted.pop()
+        else:
+            reasons[key] = "undefined in every category; " + "; ".join(
+                f"{c}: {m['null_reasons'][key]}" for c, m in per_category.items() if key in m.get("null_reasons", {}))
+    if reasons:
+        out["null_reasons"] = reasons
+    return out
+
+
+def seed_summary_by_score(per_seed: Sequence[Mapping[str, Mapping]]) -> dict[str, dict]:
+    """[{mode: {image keys}} per seed] -> {mode: :func:`seed_summary` of the image keys} (mean, ``_std``)."""
+    return {mode: seed_summary([s[mode] for s in per_seed], IMAGE_KEYS) for mode in scoring.IMAGE_SCORES}
 
 
 def mean_over_categories(per_category: Mapping[str, Mapping], keys: Sequence[str] = KEYS) -> dict[str, float | None]:

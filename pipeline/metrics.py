@@ -483,3 +483,17 @@ def compute_all(labels: np.ndarray, image_scores: np.ndarray, masks: np.ndarray,
 
     out["null_reasons"] = reasons
     return out
+
+
+def image_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
+    """The three image metrics of :data:`METRIC_KEYS` for one category and ``null_reasons``, exactly as
+    :func:`compute_all` gives them (None with the same reason without normal or anomalous images).
+    labels (N,) {0, 1}, scores (N,)."""
+    labels, scores = _image_inputs(labels, scores)
+    n_bad = int(np.count_nonzero(labels))
+    if n_bad == 0 or n_bad == labels.size:
+        reason = (f"no {'anomalous' if n_bad == 0 else 'normal'} images in this category "
+                  f"({labels.size} images, all {'normal' if n_bad == 0 else 'anomalous'})")
+        return {**dict.fromkeys(_IMAGE_KEYS), "null_reasons": dict.fromkeys(_IMAGE_KEYS, reason)}
+    return {"image_auroc": image_auroc(labels, scores), "image_ap": image_ap(labels, scores),
+            "image_f1_max": f1_max(labels, scores), "null_reasons": {}}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from dataclasses import dataclass
 
 from scipy.ndimage import gaussian_filter
@@ -45,10 +46,27 @@ def anomaly_maps(tokens: torch.Tensor, guide_vectors: torch.Tensor, grid: tuple[
     """
     probs = G.local_probabilities(tokens, guide_vectors[G.NORMAL_LOCAL], guide_vectors[G.ANOMALY_LOCAL],
                                   grid, size, temperature)[:, 1]
-    maps = probs.float().cpu().numpy()
+    return blur_maps(probs.float().cpu().numpy(), sigma)
+
+
+def blur_maps(maps: np.ndarray, sigma: float) -> np.ndarray:
+    """maps (B, S, S) -> (B, S, S) float32, each image blurred on its own (σ in pixels of S; 0: none)."""
     if sigma > 0:
         maps = np.stack([gaussian_filter(m, sigma=sigma, mode="reflect") for m in maps])
     return maps.astype(np.float32, copy=False)
+
+
+def patch_maps(values: torch.Tensor, grid: tuple[int, int], size: int, *, sigma: float) -> np.ndarray:
+    """Patch scores (B, L) -> maps (B, S, S) float32: bilinear upsampling of the (gh, gw) grid to S x S
+    exactly as :func:`guides.local_probabilities` upsamples the guide probabilities (``align_corners``
+    False), then :func:`blur_maps`. Bilinear interpolation acts on each channel alone, so a score map
+    made here and a guide map of the same patch values agree pixel for pixel."""
+    b, length = values.shape
+    gh, gw = grid
+    if length != gh * gw:
+        raise ValueError(f"patch scores have {length} patches but the grid is {gh}x{gw}")
+    up = F.interpolate(values.float().reshape(b, 1, gh, gw), size=(size, size), mode="bilinear", align_corners=False)
+    return blur_maps(up[:, 0].cpu().numpy(), sigma)
 
 
 def global_probability(cls: torch.Tensor, guide_vectors: torch.Tensor) -> np.ndarray:
@@ -100,6 +118,21 @@ def mean_of_seeds(maps: np.ndarray, global_probs: np.ndarray) -> tuple[np.ndarra
         raise ValueError(f"maps {maps.shape} and global probabilities {global_probs.shape}: expected "
                          "(n_seeds, B, S, S) and (n_seeds, B)")
     return maps.mean(axis=0, dtype=np.float32), global_probs.mean(axis=0, dtype=np.float32)
+
+
+GLOBAL_WITHOUT_CLS_GUIDE = ("the global image score is the CLS token's probability under the global guides; "
+                            "this scoring has no CLS guide, so it has no global score (its map-based modes are "
+                            "under image_by_score)")
+"""The null reason of the ``global`` mode for scores without global guides (the baselines)."""
+
+
+def scores_by_mode(maps: np.ndarray, global_probs: np.ndarray | None, settings: ScoreSettings) -> dict[str, np.ndarray | None]:
+    """maps (B, S, S), global probabilities (B,) or None -> {mode: image scores (B,) float64} for every
+    mode of :data:`IMAGE_SCORES`; ``global`` is None without global probabilities (no CLS guide)."""
+    return {mode: None if mode == "global" and global_probs is None else
+            image_scores(maps, mode, lse_temperature=settings.lse_temperature, top_fraction=settings.top_fraction,
+                         global_probs=global_probs)
+            for mode in IMAGE_SCORES}
 
 
 def score_images(maps: np.ndarray, global_probs: np.ndarray, settings: ScoreSettings) -> np.ndarray:

@@ -313,3 +313,110 @@ def test_category_name_cannot_leave_the_overlays_folder(setup, bad):
     assert repr(bad) in str(err.value)
     assert not list(setup.rglob("PWNED*")) and not list(setup.rglob("b.png"))
     assert files_under(setup / f"pwn_{tag}") == []
+
+
+# ----------------------------------------------------------------------------------------------------
+# Issue 12: training-free baselines and every image score, against slow references
+
+
+def slow_baseline_maps(tokens, sigma):
+    """tokens (n, L, d) of one category -> {name: maps (n, S, S)} by loops over images and patches."""
+    from scipy.ndimage import gaussian_filter
+    unit = tokens / np.linalg.norm(tokens, axis=-1, keepdims=True)
+    n, length, _ = tokens.shape
+    patch = {"self_dissimilarity": np.zeros((n, length)), "mutual": np.zeros((n, length))}
+    k = max(1, int(0.3 * (n - 1) + 1e-9))
+    for i in range(n):
+        mean = tokens[i].mean(0)
+        for p in range(length):
+            patch["self_dissimilarity"][i, p] = 1 - unit[i, p] @ mean / np.linalg.norm(mean)
+            others = sorted(min(1 - unit[i, p] @ unit[j, q] for q in range(length)) for j in range(n) if j != i)
+            patch["mutual"][i, p] = np.mean(others[:k])
+    out = {}
+    for name, values in patch.items():
+        up = torch.nn.functional.interpolate(torch.tensor(values, dtype=torch.float32).reshape(n, 1, GRID, GRID),
+                                             size=(SIZE, SIZE), mode="bilinear", align_corners=False)[:, 0].numpy()
+        out[name] = np.stack([gaussian_filter(m, sigma=sigma, mode="reflect") for m in up])
+    return out
+
+
+def test_baselines_and_image_by_score_equal_a_slow_reference(setup):
+    result, per_category = run(setup, out="report_baselines")
+    target = store.open_store(setup / "target")
+    category = target.category[:]
+    want = {name: {} for name in ("self_dissimilarity", "mutual")}
+    for ci, cat in enumerate(target.attrs["categories"]):
+        rows = np.flatnonzero(category == ci)
+        labels, masks = target.labels[rows].astype(int), target.masks[rows]
+        for name, maps in slow_baseline_maps(target.tokens[rows].astype(np.float64), sigma=1.0).items():
+            got = per_category[cat]["baselines"][name]
+            ref = metrics.compute_all(labels, maps.reshape(len(rows), -1).max(1), masks, maps)
+            for key in metrics.METRIC_KEYS:
+                assert got[key] == pytest.approx(ref[key], abs=2e-4) if ref[key] is not None else got[key] is None
+            top = np.sort(maps.reshape(len(rows), -1), axis=1)[:, -max(1, round(0.01 * SIZE * SIZE)):].mean(1)
+            if labels.min() != labels.max():
+                assert got["image_by_score"]["top_mean"]["image_auroc"] == pytest.approx(metrics.image_auroc(labels, top))
+                want[name][cat] = ref
+            assert got["image_by_score"]["global"]["image_auroc"] is None
+            assert "no CLS guide" in got["null_reasons"]["image_by_score.global"]
+    for name, settings in (("self_dissimilarity", "single image"), ("mutual", "batch zero-shot")):
+        top = result["baselines"][name]
+        assert top["setting"].startswith(settings)
+        # t2 has no anomalous image: the mean over categories is t1's; the pixel means cover both
+        assert top["image_auroc"] == pytest.approx(want[name]["t1"]["image_auroc"], abs=2e-4)
+        assert top["pixel_auroc"] == pytest.approx(per_category["t1"]["baselines"][name]["pixel_auroc"])
+        for key in ("image_auroc", "image_ap", "image_f1_max"):  # the configured mode is the top-level one
+            assert top["image_by_score"]["max"][key] == top[key]
+    # the learned guides: image_by_score is the detector's scoring (mean of the seeds' maps)
+    assert set(result["image_by_score"]) == {"max", "lse", "top_mean", "global"}
+    assert "seed_ensemble" in result["image_by_score_of"]
+    for key in ("image_auroc", "image_ap", "image_f1_max"):
+        assert result["image_by_score"]["max"][key] == result["seed_ensemble"][key]
+        for control in ("untrained_init", "no_sae"):
+            assert result["controls"][control]["image_by_score"]["max"][key] == result["controls"][control][key]
+    assert "image_auroc_std" in result["controls"]["untrained_init"]["image_by_score"]["lse"]  # two seeds
+    assert per_category["t1"]["image_by_score"]["max"]["image_auroc"] == per_category["t1"]["seed_ensemble"]["image_auroc"]
+    strict_json(setup / "report_baselines" / "metrics.json")
+
+
+def test_image_by_score_of_a_hand_built_case_where_the_modes_differ():
+    from pipeline import evaluation, scoring
+    maps = np.zeros((4, 4, 4), np.float32)
+    maps[0, 0, 0] = 1.0             # normal, one hot pixel: max 1.0, top_mean (2 px) 0.5
+    maps[1] = 0.1                   # normal
+    maps[2, 0, :] = 0.8             # anomalous: max 0.8, top_mean 0.8
+    maps[3, 1, :2] = 0.9            # anomalous: max 0.9, top_mean 0.9
+    settings = scoring.ScoreSettings(top_fraction=2 / 16, lse_temperature=0.01)
+    by_mode = scoring.scores_by_mode(maps, np.array([0.9, 0.2, 0.1, 0.3]), settings)
+    got = evaluation.image_by_score(np.array([0, 0, 1, 1]), by_mode)
+    assert got["max"]["image_auroc"] == pytest.approx(0.5)        # 0.8, 0.9 vs 1.0, 0.1: 2 of 4 pairs
+    assert got["top_mean"]["image_auroc"] == pytest.approx(1.0)   # 0.8, 0.9 vs 0.5, 0.1
+    assert got["global"]["image_auroc"] == pytest.approx(0.25)    # 0.1, 0.3 vs 0.9, 0.2: 1 of 4 pairs
+    assert got["null_reasons"] == {}
+    no_global = evaluation.image_by_score(np.array([0, 0, 1, 1]), scoring.scores_by_mode(maps, None, settings))
+    assert no_global["global"] == {"image_auroc": None, "image_ap": None, "image_f1_max": None}
+    assert no_global["top_mean"] == got["top_mean"]
+
+
+def test_global_image_score_leaves_baseline_image_metrics_null_and_mutual_null_for_one_image(setup):
+    dictionary = sae.load(setup / "sae")[0].dictionary.detach().numpy().astype(np.float64)
+    make_store(setup / "target_solo", setup / "solo_root", dictionary, ["solo", "pair"], [1, 6], [1.0, 0.5], 4)
+    params = yaml.safe_load((setup / "params.yaml").read_text())
+    params["evaluate"]["image_score"] = "global"
+    (setup / "params_global.yaml").write_text(yaml.safe_dump(params))
+    export(setup, out="detector_global", params="params_global.yaml")
+    result, per_category = run(setup, target="target_solo", out="report_global", detector_dir="detector_global",
+                               params="params_global.yaml")
+    for key in ("image_auroc", "image_ap", "image_f1_max"):
+        assert result["image_by_score"]["global"][key] == result["seed_ensemble"][key]
+        for name in ("self_dissimilarity", "mutual"):
+            assert result["baselines"][name][key] is None
+            assert "no CLS guide" in result["baselines"][name]["null_reasons"][key]
+    solo = per_category["solo"]["baselines"]
+    assert all(solo["mutual"][k] is None for k in metrics.METRIC_KEYS)
+    assert "one image" in solo["mutual"]["null_reasons"]["pixel_auroc"]
+    assert solo["self_dissimilarity"]["pixel_auroc"] is not None  # a single-image method needs no other image
+    # the mean over categories of mutual is pair's alone
+    assert result["baselines"]["mutual"]["pixel_auroc"] == per_category["pair"]["baselines"]["mutual"]["pixel_auroc"]
+    strict_json(setup / "report_global" / "metrics.json")
+    strict_json(setup / "report_global" / "per_category.json")

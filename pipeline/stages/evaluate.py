@@ -40,6 +40,17 @@ CSV header alone, so every declared plot exists, with the reason under ``null_re
 (``image_curves``, ``pixel_curves``). Per-category file names come from :func:`report.report_path`,
 which refuses a category name that would leave ``overlays/``.
 
+- ``image_by_score``: image AUROC, AP and F1-max for every image score (``max``, ``lse``, ``top_mean``,
+  ``global``; means over categories) of the detector's scoring, the mean of the seeds' maps (so
+  ``image_by_score[image_score]`` equals ``seed_ensemble``'s image metrics); the controls and the
+  baselines carry their own ``image_by_score``. ``image_score`` itself is unchanged.
+- ``baselines``: training-free scorings of the same target tokens (:mod:`pipeline.baselines`), with the
+  same upsampling, blur, image score and metric code, per category then the mean over categories, each
+  labelled with its ``setting``: ``self_dissimilarity`` (single image) and ``mutual`` (batch zero-shot:
+  it sees the other unlabelled target images of its category; null for a category of one image). They
+  have no CLS guide: their ``global`` image score is null with a reason, so with ``image_score: global``
+  their top-level image metrics are null and ``image_by_score`` holds the map-based ones.
+
 Controls, scored exactly like the result:
 - ``untrained_init``: the guide codes as initialised, before any training (what the learned
   coefficients add);
@@ -57,7 +68,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline import detector, evaluation, guides, metrics, report, sae, store
+from pipeline import baselines, detector, evaluation, guides, metrics, report, sae, store
+from pipeline import scoring
 from pipeline.evaluation import ENSEMBLE, mean_over_categories, seed_summary
 from pipeline.files import sha256_file
 from pipeline.config import load_params
@@ -130,6 +142,8 @@ def main(argv: list[str] | None = None) -> None:
 
     files: dict[Path, bytes] = {}  # every output, rendered before the first one is written
     per_category: dict[str, dict[str, dict]] = {name: {} for name in [*vectors, ENSEMBLE]}
+    by_score: dict[str, dict[str, dict]] = {name: {} for name in [*vectors, ENSEMBLE]}  # image_by_score per set
+    per_baseline: dict[str, dict[str, dict]] = {name: {} for name in baselines.SETTINGS}
     pooled_labels, pooled_scores, pixel_sample = [], [], ([], [])
     rng = np.random.default_rng(0)
     # labels-only categories (a folder target without ground_truth/): their zero masks are no ground truth
@@ -137,10 +151,17 @@ def main(argv: list[str] | None = None) -> None:
     for category, (start, stop) in tqdm(ranges.items(), desc="evaluate", unit="category"):
         labels = target.labels[start:stop].astype(np.int64)
         masks = target.masks[start:stop]
-        scored = evaluation.score_rows(target, start, stop, vectors, det.settings, cfg.batch_images, device)
+        modes: dict = {}
+        scored = evaluation.score_rows(target, start, stop, vectors, det.settings, cfg.batch_images, device,
+                                       by_mode=modes)
         for name, (maps, scores) in scored.items():
             per_category[name][category] = metrics.compute_all(labels, scores, masks, maps,
                                                                has_masks=category not in no_masks)
+            by_score[name][category] = evaluation.image_by_score(labels, modes[name])
+        for name, entry in evaluation.baseline_rows(target, start, stop, det.settings, cfg.batch_images,
+                                                    device).items():
+            per_baseline[name][category] = evaluation.baseline_metrics(labels, masks, entry, cfg.image_score,
+                                                                       has_masks=category not in no_masks)
         # the aux threshold belongs to the detector's scoring: the mean of the seeds' maps
         at = metrics.at_threshold(labels, scored[ENSEMBLE][1], det.threshold)
         reasons = {**per_category[ENSEMBLE][category]["null_reasons"], **at.pop("null_reasons")}
@@ -167,6 +188,16 @@ def main(argv: list[str] | None = None) -> None:
         names = [n for n in vectors if n.startswith(prefix + "/")]
         return seed_summary([mean_over_categories(per_category[n]) for n in names])
 
+    def modes_of(name: str) -> dict:
+        """{mode: image metrics} of one scored set, means over categories (and null_reasons)."""
+        return evaluation.summarise({c: {"image_by_score": {m: v[m] for m in scoring.IMAGE_SCORES},
+                                         "null_reasons": v["null_reasons"]} for c, v in by_score[name].items()}, ())
+
+    def control(prefix: str) -> dict:
+        names = [n for n in vectors if n.startswith(prefix + "/")]
+        return {**summary(prefix), "image_by_score": evaluation.seed_summary_by_score(
+            [modes_of(n)["image_by_score"] for n in names])}
+
     learned = summary("learned")
     # the detector's scoring (mean of the seeds' maps): its metrics, and how the aux threshold transfers
     ensemble = mean_over_categories(per_category[ENSEMBLE], (*KEYS, *THRESHOLD_KEYS))
@@ -184,7 +215,11 @@ def main(argv: list[str] | None = None) -> None:
         "target": target.attrs["dataset"],
         "image_score": cfg.image_score,
         "seeds": seeds,
-        "controls": {"untrained_init": summary("untrained_init"), "no_sae": summary("no_sae")},
+        "image_by_score_of": "seed_ensemble: the mean of the learned seeds' maps (the detector's scoring)",
+        "image_by_score": modes_of(ENSEMBLE)["image_by_score"],
+        "controls": {"untrained_init": control("untrained_init"), "no_sae": control("no_sae")},
+        "baselines": {name: {"setting": setting, **evaluation.summarise(per_baseline[name])}
+                      for name, setting in baselines.SETTINGS.items()},
     }
     by_category = {}
     for category in ranges:
@@ -201,6 +236,15 @@ def main(argv: list[str] | None = None) -> None:
             entry["null_reasons"] = {**entry.get("null_reasons", {}), **threshold_reasons}
         entry["controls"] = {c: seed_summary([per_category[n][category] for n in vectors if n.startswith(c + "/")])
                              for c in ("untrained_init", "no_sae")}
+        for c in entry["controls"]:
+            entry["controls"][c]["image_by_score"] = evaluation.seed_summary_by_score(
+                [by_score[n][category] for n in vectors if n.startswith(c + "/")])
+        ensemble_modes = by_score[ENSEMBLE][category]
+        entry["image_by_score"] = {m: ensemble_modes[m] for m in scoring.IMAGE_SCORES}
+        if ensemble_modes["null_reasons"]:
+            entry["null_reasons"] = {**entry.get("null_reasons", {}), **ensemble_modes["null_reasons"]}
+        entry["baselines"] = {name: {"setting": setting, **per_baseline[name][category]}
+                              for name, setting in baselines.SETTINGS.items()}
         by_category[category] = entry
 
     null_reasons = {key: "undefined in every category; " + "; ".join(
@@ -222,6 +266,7 @@ def main(argv: list[str] | None = None) -> None:
             curves[level] = {"roc": [], "pr": []}
         else:
             curves[level] = metrics.curves(y, score, cfg.curve_points, unit=unit)
+    null_reasons.update(modes_of(ENSEMBLE).get("null_reasons", {}))
     if null_reasons:
         result["null_reasons"] = null_reasons
 
@@ -241,8 +286,10 @@ def main(argv: list[str] | None = None) -> None:
         report.write_bytes(path, data)
     log.info("%s -> %s: %s", result["aux"], result["target"],
              ", ".join(f"{k} {learned[k]:.3f}" for k in KEYS if learned[k] is not None))
-    log.info("controls: %s", {c: {k: round(v, 3) for k, v in m.items() if v is not None and not k.endswith("_std")}
-                              for c, m in result["controls"].items()})
+    plain = lambda m: {k: round(v, 3) for k, v in m.items()  # noqa: E731
+                       if isinstance(v, float) and not k.endswith("_std")}
+    log.info("controls: %s", {c: plain(m) for c, m in result["controls"].items()})
+    log.info("baselines: %s", {b: plain(m) for b, m in result["baselines"].items()})
     log.info("aux threshold %.6g (%s) on the mean of the seeds' maps: %s", det.threshold, det.info["threshold_rule"],
              ", ".join(f"{k} {result[k]:.3f}" for k in THRESHOLD_KEYS if result[k] is not None))
     for key, reason in null_reasons.items():
