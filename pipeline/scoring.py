@@ -11,11 +11,11 @@ their maps agree for the same tokens. Several guide seeds are combined by :func:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
-from dataclasses import dataclass
-
 from scipy.ndimage import gaussian_filter
 
 from pipeline import guides as G
