@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 SCHEMA = 2
 """Version of the layout above; bump it when arrays or attrs change meaning (2: ``images`` added)."""
 
+TOKEN_SPACE = ("backbone", "weights_sha256", "layer", "image_size")
+"""The attrs that fix which space the tokens live in: two stores (or a store and a checkpoint fitted on
+one) whose values differ here cannot be scored against each other (``open_store(..., expect=)``)."""
+
 _DONE = "_done"
 
 # Tokens are not compressed: lossless compression of fp16 tokens measured only ~1.09x here, for a

@@ -80,7 +80,6 @@ log = logging.getLogger("pipeline.stages.evaluate")
 
 KEYS = metrics.METRIC_KEYS
 THRESHOLD_KEYS = metrics.THRESHOLD_KEYS
-CHECKED = ("backbone", "weights_sha256", "layer", "image_size")
 CURVE_COLUMNS = {"roc": ("fpr", "tpr", "threshold"), "pr": ("recall", "precision", "threshold")}
 """Columns of the plot CSVs (metrics.curves' rows), also the header of an undefined curve's file."""
 
@@ -118,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     model, dead_mask, sae_config = sae.load(args.sae, device)
     codes_per_seed, guides_config = guides.load(args.guides)
     provenance = guides_config["features"]
-    expect = {k: provenance[k] for k in CHECKED}
+    expect = {k: provenance[k] for k in store.TOKEN_SPACE}
     # A target extracted with another backbone, layer, image size or weights lives in another space.
     target = store.open_store(args.target, expect=expect)
     aux = store.open_store(args.aux, expect=expect)

@@ -47,8 +47,6 @@ from pipeline.stages import run, setup_logging
 
 log = logging.getLogger("pipeline.stages.export")
 
-CHECKED = ("backbone", "weights_sha256", "layer", "image_size")
-
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -66,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     model, _, sae_config = sae.load(args.sae)
     codes_per_seed, guides_config = guides.load(args.guides)
     provenance = guides_config["features"]
-    aux = store.open_store(args.features, expect={k: provenance[k] for k in CHECKED})
+    aux = store.open_store(args.features, expect={k: provenance[k] for k in store.TOKEN_SPACE})
     sae_sha256 = sha256_file(args.sae / "sae.safetensors")
     guides.check_provenance(guides_config, args.guides, sae_sha256=sae_sha256, sae_folder=args.sae,
                             aux_attrs=aux.attrs, aux_path=args.features)

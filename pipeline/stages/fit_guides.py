@@ -46,8 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     model, dead_mask, sae_config = sae.load(args.sae)
     provenance = sae_config["features"]
     # The SAE was trained on this store's tokens: refuse a store re-extracted differently since.
-    features = store.open_store(args.features, expect={k: provenance[k] for k in
-                                                       ("backbone", "weights_sha256", "layer", "image_size")})
+    features = store.open_store(args.features, expect={k: provenance[k] for k in store.TOKEN_SPACE})
     # Guides are fitted against pixel masks: a labels-only store's all-zero masks would teach "no defect".
     no_masks = features.attrs.get("categories_without_masks") or []
     if no_masks:
