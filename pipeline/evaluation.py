@@ -102,7 +102,8 @@ def guide_sets(vectors: torch.Tensor, seeds: Sequence[int], dictionary: torch.Te
         init = guides.GuideCodes(dictionary.shape[0], dead_mask, variant=training["variant"],
                                  guide_topk=training["guide_topk"], init_mean=training["init_mean"],
                                  init_std=training["init_std"], generator=torch.Generator().manual_seed(s))
-        out[f"untrained_init/{s}"] = guides.guide_vectors(init.effective().detach().to(device), dictionary)
+        # the module on the device first, then its effective codes: codes and dead mask meet on one device
+        out[f"untrained_init/{s}"] = guides.guide_vectors(init.to(device).effective().detach(), dictionary)
     out["no_sae/0"] = no_sae_guides(aux, device)
     return out
 

@@ -66,8 +66,11 @@ class GuideCodes(nn.Module):
         if variant == "topk" and not (guide_topk and 0 < guide_topk <= n_latents):
             raise ValueError(f"guides.guide_topk must be in [1, {n_latents}] for variant topk, got {guide_topk}")
         self.variant, self.guide_topk = variant, guide_topk
-        self.codes = nn.Parameter(torch.randn(len(ROWS), n_latents, generator=generator) * init_std + init_mean)
         alive = torch.ones(n_latents, dtype=torch.bool) if dead_mask is None else ~dead_mask.to(torch.bool)
+        # Codes and mask live on one device, the dead mask's (an SAE loaded onto the GPU gives a GPU mask):
+        # the codes are drawn on the CPU, so a seed gives the same initial codes on every device, then moved.
+        init = torch.randn(len(ROWS), n_latents, generator=generator) * init_std + init_mean
+        self.codes = nn.Parameter(init.to(alive.device))
         self.register_buffer("alive", alive)
 
     def effective(self, codes: torch.Tensor | None = None) -> torch.Tensor:

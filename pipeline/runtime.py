@@ -7,6 +7,13 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.errors import PipelineError
+
+
+class DeviceError(PipelineError, RuntimeError):
+    """A device asked for that this machine does not have (``device: cuda`` without a GPU). A
+    RuntimeError too, as it was before it became a PipelineError, so callers catching that still do."""
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -30,5 +37,5 @@ def resolve_device(name: str, dist_info: DistInfo = DistInfo()) -> torch.device:
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("device is 'cuda' but torch sees no CUDA device")
+        raise DeviceError("device is 'cuda' but torch sees no CUDA device")
     return torch.device("cuda", dist_info.local_rank)

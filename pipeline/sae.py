@@ -329,7 +329,10 @@ def train(sae: TopKSAE, read: Callable[[int], np.ndarray], n_chunks: int, *, tok
 @torch.no_grad()
 def evaluate(sae: TopKSAE, read: Callable[[int], np.ndarray], n_chunks: int, *, batch_tokens: int = 8192,
              device: torch.device = torch.device("cpu")) -> tuple[float, torch.Tensor]:
-    """One pass over every token: (FVU over the whole set, dead_mask (n_latents,) bool = never fired)."""
+    """One pass over every token: (FVU over the whole set, dead_mask (n_latents,) bool = never fired,
+    on ``device``). ``sae`` is moved to ``device`` (in place, as :func:`train` does), so a model on
+    another device than the one asked for is not combined with tokens and counters on this one."""
+    sae.to(device)
     fired = torch.zeros(sae.shape.n_latents, dtype=torch.bool, device=device)
     err, total_sq, total_sum, count = 0.0, 0.0, None, 0
     for _, tokens in ChunkReader(read, range(n_chunks)):
@@ -549,13 +552,14 @@ def save(sae: TopKSAE, folder: str | Path, dead_mask: torch.Tensor, extra: dict 
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    # float32 whatever the model was cast to (a bf16/fp16 model for speed): the checkpoint format is fp32
     tensors = {
-        "dictionary": sae.dictionary.detach().cpu().contiguous(),
-        "encoder": sae.encoder.detach().cpu().contiguous(),
+        "dictionary": sae.dictionary.detach().cpu().float().contiguous(),
+        "encoder": sae.encoder.detach().cpu().float().contiguous(),
         "dead_mask": dead_mask.detach().cpu().to(torch.bool).contiguous(),
     }
     if sae.shape.decoder_bias:
-        tensors["bias"] = sae.bias.detach().cpu().contiguous()
+        tensors["bias"] = sae.bias.detach().cpu().float().contiguous()
     save_file(tensors, str(folder / "sae.safetensors"))
     (folder / "config.json").write_text(json.dumps({**asdict(sae.shape), **(extra or {})}, indent=2) + "\n")
 

@@ -420,3 +420,34 @@ def test_global_image_score_leaves_baseline_image_metrics_null_and_mutual_null_f
     assert result["baselines"]["mutual"]["pixel_auroc"] == per_category["pair"]["baselines"]["mutual"]["pixel_auroc"]
     strict_json(setup / "report_global" / "metrics.json")
     strict_json(setup / "report_global" / "per_category.json")
+
+
+def test_guide_sets_live_on_the_device_asked_for_and_equal_a_cpu_reference(setup):
+    """The evaluate stage loads the SAE onto its device (dictionary and dead mask there) and builds
+    every guide set there. ``untrained_init`` used to take effective() of codes on the CPU times an
+    alive mask on the device before moving them, a device mix (issue 13). ``meta`` stands in for the
+    GPU (tests/devices.py): every set must come out on it; on the CPU the sets equal a reference
+    built by hand from the same seeds."""
+    from pipeline import detector, evaluation
+    from tests.devices import assert_on
+
+    tmp = setup
+    model, _, _ = sae.load(tmp / "sae")
+    dead = torch.zeros(N_LATENTS, dtype=torch.bool)
+    dead[[5, 9]] = True
+    _, vectors = detector.read(tmp / "detector")
+    codes, config = guides.load(tmp / "guides")
+    training = config["training"]
+    aux = store.open_store(tmp / "aux")
+    dictionary = model.dictionary.detach()
+    meta = torch.device("meta")
+    on_meta = evaluation.guide_sets(vectors.to(meta), [0, 1], dictionary.to(meta), dead.to(meta), training, aux, meta)
+    assert assert_on(on_meta, meta) == 5  # learned x2, untrained_init x2, no_sae
+    on_cpu = evaluation.guide_sets(vectors, [0, 1], dictionary, dead, training, aux, torch.device("cpu"))
+    assert_on(on_cpu, "cpu")
+    for s in (0, 1):
+        init = torch.randn(4, N_LATENTS, generator=torch.Generator().manual_seed(s)) * training["init_std"] + training["init_mean"]
+        init = torch.relu(init)
+        init[:, [5, 9]] = 0
+        torch.testing.assert_close(on_cpu[f"untrained_init/{s}"], init @ dictionary, rtol=0, atol=1e-6)
+        assert torch.equal(on_cpu[f"learned/{s}"], vectors[s])

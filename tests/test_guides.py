@@ -213,3 +213,27 @@ def test_load_refuses_a_checkpoint_with_non_finite_codes(tmp_path):
     (tmp_path / "g" / "config.json").write_text(json.dumps({"training": {"seeds": [0]}}))
     with pytest.raises(NonFiniteError, match=r"guides\.safetensors.*'normal_global' \(row 0\), latent 2"):
         guides.load(tmp_path / "g")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Devices (issue 13 §1). ``meta`` stands in for a second device on CPU-only machines: see tests/devices.py.
+
+
+def test_guide_codes_keep_codes_and_dead_mask_on_one_device():
+    """An SAE loaded onto a GPU gives a GPU dead mask: GuideCodes kept its codes on the CPU and only
+    the alive buffer on the mask's device, so effective() combined two devices. Both now live on the
+    mask's device, with the same initial codes as a CPU build (drawn on the CPU, then moved)."""
+    from tests.devices import assert_on
+
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[[3, 7]] = True
+    on_meta = GuideCodes(32, dead.to("meta"), generator=torch.Generator().manual_seed(0))
+    assert_on(on_meta, "meta")
+    assert_on(on_meta.effective(), "meta")
+    on_cpu = GuideCodes(32, dead, generator=torch.Generator().manual_seed(0))
+    assert_on(on_cpu, "cpu")
+    plain = GuideCodes(32, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(on_cpu.codes, plain.codes)
+    expected = torch.relu(plain.codes.detach()).clone()
+    expected[:, [3, 7]] = 0
+    assert torch.equal(on_cpu.effective().detach(), expected)

@@ -282,3 +282,37 @@ def test_token_batches_terminate_and_yield_every_token_once_for_any_buffer(buffe
     assert [len(b) for b in batches] == [batch] * (expected - 1) + [n_images * length - batch * (expected - 1)]
     seen = np.concatenate([b[:, 0] for b in batches])
     assert sorted(seen.tolist()) == list(range(n_images * length))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Devices (issue 13 §1). ``meta`` stands in for a second device on CPU-only machines: see tests/devices.py.
+
+
+def test_a_model_cast_to_bf16_still_saves_a_float32_checkpoint(tmp_path):
+    """The checkpoint format is fp32 safetensors: a model cast to bf16 for speed must not leak its
+    dtype into sae.safetensors (the values are the bf16 ones, widened exactly)."""
+    from safetensors.torch import load_file
+
+    model = TopKSAE(8, 16, 2, decoder_bias=True, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    sae.save(model, tmp_path, torch.zeros(16, dtype=torch.bool))
+    saved = load_file(str(tmp_path / "sae.safetensors"))
+    assert {k: v.dtype for k, v in saved.items()} == {"dictionary": torch.float32, "encoder": torch.float32,
+                                                     "bias": torch.float32, "dead_mask": torch.bool}
+    assert torch.equal(saved["dictionary"], model.dictionary.detach().float())
+
+
+def test_evaluate_moves_the_model_to_the_device_it_is_asked_for():
+    """sae.evaluate(device=D) on a model left on another device combined the model's weights with
+    tokens and counters on D ("Tensor on device meta is not on the expected device cpu!" here, the
+    same error as CPU weights with CUDA tokens). Now the model is moved to D first, as train does.
+    On meta the pass then stops at the first scalar read (meta tensors hold no values), which is
+    past every point where two devices could meet."""
+    from tests.devices import assert_on
+
+    tokens = np.random.default_rng(0).standard_normal((4, 16, 8)).astype(np.float16)
+    read, n_chunks = chunked(tokens, 2)
+    model = TopKSAE(8, 16, 2, generator=torch.Generator().manual_seed(0))
+    with pytest.raises((RuntimeError, NotImplementedError)) as err:
+        sae.evaluate(model, read, n_chunks, device=torch.device("meta"))
+    assert "expected device" not in str(err.value)
+    assert_on(model, "meta")
