@@ -58,7 +58,7 @@ def run_dag(tmp, tree, weights_file, device: str):
     params = {"datasets": {"tiny": {"format": "mvtec", "root": str(tree)}},
               **{k: ({**v, "device": device} if k in ("extract", "sae", "guides", "evaluate") else v)
                  for k, v in TINY.items()}}
-    out.mkdir()
+    out.mkdir(exist_ok=True)
     p = out / "params.yaml"
     p.write_text(yaml.safe_dump(params))
     feats, model, gd, det = out / "features", out / "sae", out / "guides", out / "detector"
