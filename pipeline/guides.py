@@ -23,7 +23,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from pipeline.errors import NonFiniteError, PipelineError
 from pipeline.files import write_bytes
+from pipeline.sae import shard_seeds, split_sizes
 from pipeline.store import ChunkReader
 
 log = logging.getLogger(__name__)
@@ -118,22 +119,27 @@ def global_logits(cls: torch.Tensor, normal: torch.Tensor, anomaly: torch.Tensor
 # Loss terms: pure functions
 
 
-def focal_loss(probs: torch.Tensor, mask: torch.Tensor, gamma: float = 2.0, eps: float = 1e-8) -> torch.Tensor:
-    """Mean over pixels of −(1 − p_t)^γ log p_t; probs (B, 2, S, S) [normal, anomaly], mask (B, S, S) {0,1}."""
+def focal_loss(probs: torch.Tensor, mask: torch.Tensor, gamma: float = 2.0, eps: float = 1e-8,
+               reduction: str = "mean") -> torch.Tensor:
+    """Mean over pixels of −(1 − p_t)^γ log p_t; probs (B, 2, S, S) [normal, anomaly], mask (B, S, S) {0,1}.
+
+    ``reduction="sum"``: the sum over pixels (a rank's share of a global batch's mean)."""
     p_t = probs.gather(1, mask.long().unsqueeze(1)).squeeze(1)
-    return (-(1 - p_t).pow(gamma) * p_t.clamp_min(eps).log()).mean()
+    per_pixel = -(1 - p_t).pow(gamma) * p_t.clamp_min(eps).log()
+    return per_pixel.sum() if reduction == "sum" else per_pixel.mean()
 
 
-def dice_loss(pred: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    """Mean over images of 1 − (2 Σ p·t + s) / (Σ p + Σ t + s); pred, target (B, S, S)."""
+def dice_loss(pred: torch.Tensor, target: torch.Tensor, smooth: float = 1.0, reduction: str = "mean") -> torch.Tensor:
+    """Mean over images of 1 − (2 Σ p·t + s) / (Σ p + Σ t + s); pred, target (B, S, S). ``reduction="sum"``: summed."""
     dims = tuple(range(1, pred.ndim))
     inter = (pred * target).sum(dims)
-    return (1 - (2 * inter + smooth) / (pred.sum(dims) + target.sum(dims) + smooth)).mean()
+    per_image = 1 - (2 * inter + smooth) / (pred.sum(dims) + target.sum(dims) + smooth)
+    return per_image.sum() if reduction == "sum" else per_image.mean()
 
 
-def global_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def global_ce(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy of the (B, 2) global cosines against image labels (B,) {0 normal, 1 anomalous}."""
-    return F.cross_entropy(logits, labels.long())
+    return F.cross_entropy(logits, labels.long(), reduction=reduction)
 
 
 def l1_penalty(codes: torch.Tensor) -> torch.Tensor:
@@ -160,6 +166,33 @@ def guide_loss(codes: torch.Tensor, dictionary: torch.Tensor, tokens: torch.Tens
     return total, {k: v.item() for k, v in terms.items()}
 
 
+TERMS = ("focal", "dice_anomaly", "dice_normal", "global_ce", "l1")
+"""Keys of :func:`guide_loss`'s terms, in its order."""
+
+
+def guide_loss_share(codes: torch.Tensor, dictionary: torch.Tensor, tokens: torch.Tensor, cls: torch.Tensor,
+                     masks: torch.Tensor, labels: torch.Tensor, grid: tuple[int, int], *, n_images: int,
+                     with_l1: bool, temperature: float, gamma: float, l1_coef: float) -> dict[str, torch.Tensor]:
+    """This rank's share of :func:`guide_loss`'s terms for a global batch of ``n_images`` images, as
+    tensors: every mean over images (or their pixels) becomes this rank's sum over the global count,
+    so the shares of all ranks add up to the global terms; the L1 term, which depends on the codes
+    only, is in the share of one rank (``with_l1``). Shapes as in :func:`guide_loss`; B may be 0."""
+    terms = {k: codes.sum() * 0.0 for k in TERMS}  # zero with a graph, for a rank without images
+    if len(labels):
+        g = guide_vectors(codes, dictionary)
+        size = masks.shape[-1]
+        probs = local_probabilities(tokens, g[NORMAL_LOCAL], g[ANOMALY_LOCAL], grid, size, temperature)
+        m = masks.float()
+        terms["focal"] = focal_loss(probs, masks, gamma, reduction="sum") / (n_images * size * size)
+        terms["dice_anomaly"] = dice_loss(probs[:, 1], m, reduction="sum") / n_images
+        terms["dice_normal"] = dice_loss(probs[:, 0], 1 - m, reduction="sum") / n_images
+        terms["global_ce"] = global_ce(global_logits(cls, g[NORMAL_GLOBAL], g[ANOMALY_GLOBAL]), labels,
+                                       reduction="sum") / n_images
+    if with_l1:
+        terms["l1"] = l1_coef * l1_penalty(codes)
+    return terms
+
+
 # ----------------------------------------------------------------------------------------------------
 # Training
 
@@ -177,12 +210,17 @@ class Batch:
     labels: torch.Tensor  # (B,) int64
 
 
-def image_batches(read: Callable[[int], Mapping[str, np.ndarray]], n_chunks: int, batch_images: int,
+def image_batches(read: Callable[[int], Mapping[str, np.ndarray]], n_chunks: int | Sequence[int], batch_images: int,
                   rng: np.random.Generator) -> Iterator[dict[str, np.ndarray]]:
     """One epoch of image batches: chunks in a seeded random order, images shuffled within each chunk,
-    every image exactly once. ``read(chunk)`` returns tokens, cls, masks, labels of that chunk."""
+    every image exactly once. ``read(chunk)`` returns tokens, cls, masks, labels of that chunk.
+    ``n_chunks``: every chunk ``0 .. n_chunks-1``, or the chunk indices of one shard (a sequence)."""
     carry: dict[str, np.ndarray] | None = None
-    for _, arrays in ChunkReader(read, rng.permutation(n_chunks)):
+    if isinstance(n_chunks, (int, np.integer)):
+        order = rng.permutation(n_chunks)
+    else:
+        order = np.asarray(n_chunks, dtype=np.int64)[rng.permutation(len(n_chunks))]
+    for _, arrays in ChunkReader(read, order):
         order = rng.permutation(len(arrays["labels"]))
         arrays = {k: v[order] for k, v in arrays.items()}
         if carry is not None:
@@ -193,6 +231,33 @@ def image_batches(read: Callable[[int], Mapping[str, np.ndarray]], n_chunks: int
         carry = {k: v[n_full:] for k, v in arrays.items()}
     if carry is not None and len(carry["labels"]):
         yield carry
+
+
+def local_image_steps(read: Callable[[int], Mapping[str, np.ndarray]], n_chunks: int, batch_images: int,
+                      rng: np.random.Generator, *, shards: int = 1, rank: int = 0,
+                      world: int = 1) -> Iterator[dict[str, np.ndarray] | None]:
+    """This process's images of each step of one epoch (None: none left on this rank).
+
+    As :func:`pipeline.sae.local_token_steps`: ``shards`` 1 is :func:`image_batches` over every chunk;
+    S > 1 is S streams (shard s over chunks s, s+S, ..., ``batch_images / S`` images a batch, its own
+    generator), a global step the concatenation of the shards' batches, rank r computing shards r,
+    r+world, ... Under torchrun (``world`` > 1) the stream then yields None for ever: the caller ends
+    the epoch when no rank has images.
+    """
+    if shards == 1:
+        yield from image_batches(read, n_chunks, batch_images, rng)
+    else:
+        seeds, sizes = shard_seeds(rng, shards), split_sizes(batch_images, shards)
+        streams = [image_batches(read, list(range(s, n_chunks, shards)), sizes[s], np.random.default_rng(seeds[s]))
+                   for s in range(rank, shards, world)]
+        while True:
+            parts = [part for part in (next(it, None) for it in streams) if part is not None]
+            if not parts:
+                break
+            yield {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if len(parts) > 1 else parts[0]
+    if world > 1:
+        while True:
+            yield None
 
 
 @dataclass
@@ -210,8 +275,15 @@ def fit(read: Callable[[int], Mapping[str, np.ndarray]], n_chunks: int, dictiona
         temperature: float = 0.07, gamma: float = 2.0, l1_coef: float = 1e-3, lr: float = 1e-2,
         betas: tuple[float, float] = (0.5, 0.999), batch_images: int = 8, epochs: int = 15,
         ema_decay: float = 0.999, seed: int = 0, device: torch.device = torch.device("cpu"),
-        desc: str = "fit_guides") -> FitResult:
-    """Fit one guide set. ``dictionary`` (n_latents, d) is frozen; only the codes get gradients."""
+        desc: str = "fit_guides", shards: int = 1, comm: Any = None) -> FitResult:
+    """Fit one guide set. ``dictionary`` (n_latents, d) is frozen; only the codes get gradients.
+
+    ``shards`` and ``comm`` as in :func:`pipeline.sae.train`: under torchrun each rank computes its
+    share of every global batch of ``batch_images`` images (:func:`guide_loss_share`), the gradient of
+    the codes and the loss terms are summed over the ranks, and every rank takes the step one process
+    with the same ``shards`` takes, up to float rounding.
+    """
+    rank, world = (comm.rank, comm.world) if comm is not None else (0, 1)
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     dictionary = dictionary.detach().to(device)
@@ -224,15 +296,22 @@ def fit(read: Callable[[int], Mapping[str, np.ndarray]], n_chunks: int, dictiona
     for epoch in tqdm(range(epochs), desc=desc, unit="epoch", mininterval=1.0):
         sums: dict[str, float] = {}
         n = 0
-        for arrays in image_batches(read, n_chunks, batch_images, rng):
-            b = _to_batch(arrays, device)
-            loss, terms = guide_loss(model.effective(), dictionary, b.tokens, b.cls, b.masks, b.labels, grid, **kw)
-            # the inputs were checked finite when read, so a NaN here comes from the dictionary or a
-            # diverging step; stop before the optimiser spreads it into every code
-            _check_finite_terms(terms, f"{desc}: epoch {epoch}, step {step + 1}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        for arrays in local_image_steps(read, n_chunks, batch_images, rng, shards=shards, rank=rank, world=world):
+            if world > 1:
+                terms = _distributed_step(model, opt, arrays, dictionary, grid, device, comm, kw)
+                if terms is None:  # no rank has images left: the epoch is over
+                    break
+                _check_finite_terms(terms, f"{desc}: epoch {epoch}, step {step + 1}")
+                opt.step()
+            else:
+                b = _to_batch(arrays, device)
+                loss, terms = guide_loss(model.effective(), dictionary, b.tokens, b.cls, b.masks, b.labels, grid, **kw)
+                # the inputs were checked finite when read, so a NaN here comes from the dictionary or a
+                # diverging step; stop before the optimiser spreads it into every code
+                _check_finite_terms(terms, f"{desc}: epoch {epoch}, step {step + 1}")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
             with torch.no_grad():
                 ema_update_(ema, model.codes, ema_decay)
             step += 1
@@ -244,9 +323,31 @@ def fit(read: Callable[[int], Mapping[str, np.ndarray]], n_chunks: int, dictiona
     with torch.no_grad():
         codes = model.effective(ema)
         check_finite_codes(codes, f"{desc}: the EMA codes after {epochs} epochs")
-        final = evaluate_terms(read, n_chunks, codes, dictionary, grid, device=device, **kw)
+        final = evaluate_terms(read, n_chunks, codes, dictionary, grid, device=device, comm=comm, **kw)
         _check_finite_terms(final, f"{desc}: the final loss of the EMA codes over the whole set")
     return FitResult(codes=codes.cpu(), final_terms=final, curve=curve)
+
+
+def _distributed_step(model: GuideCodes, opt: torch.optim.Optimizer, arrays: Mapping[str, np.ndarray] | None,
+                      dictionary: torch.Tensor, grid: tuple[int, int], device: torch.device, comm: Any,
+                      kw: Mapping) -> dict[str, float] | None:
+    """Gradients of this rank's share of a global batch, summed over the ranks (the step is the
+    caller's, after the finiteness check); the global loss terms, or None when no rank has images."""
+    n_local = 0 if arrays is None else len(arrays["labels"])
+    n_images = int(comm.all_reduce_sum_(torch.tensor([float(n_local)], device=device))[0])
+    if n_images == 0:
+        return None
+    codes = model.effective()
+    if n_local:
+        b = _to_batch(arrays, device)
+        inputs = (b.tokens, b.cls, b.masks, b.labels)
+    else:
+        inputs = (None, None, None, torch.zeros(0, device=device))
+    terms = guide_loss_share(codes, dictionary, *inputs, grid, n_images=n_images, with_l1=comm.rank == 0, **kw)
+    opt.zero_grad(set_to_none=True)
+    sum(terms.values()).backward()
+    values = comm.all_reduce_grads_([model.codes], torch.stack([terms[k] for k in TERMS]).detach())
+    return {k: float(v) for k, v in zip(TERMS, values)}
 
 
 def _check_finite_terms(terms: Mapping[str, float], where: str) -> None:
@@ -280,11 +381,14 @@ def _to_batch(arrays: Mapping[str, np.ndarray], device: torch.device) -> Batch:
 @torch.no_grad()
 def evaluate_terms(read, n_chunks: int, codes: torch.Tensor, dictionary: torch.Tensor, grid, *,
                    temperature: float, gamma: float, l1_coef: float, batch_images: int = 32,
-                   device: torch.device = torch.device("cpu")) -> dict[str, float]:
-    """Image-weighted mean of each loss term of fixed ``codes`` over the whole set."""
+                   device: torch.device = torch.device("cpu"), comm: Any = None) -> dict[str, float]:
+    """Image-weighted mean of each loss term of fixed ``codes`` over the whole set.
+
+    ``comm`` (under torchrun): rank r reads chunks r, r+world, ...; the sums are added over the ranks."""
+    rank, world = (comm.rank, comm.world) if comm is not None else (0, 1)
     sums: dict[str, float] = {}
     count = 0
-    for _, arrays in ChunkReader(read, range(n_chunks)):
+    for _, arrays in ChunkReader(read, range(rank, n_chunks, world)):
         for i in range(0, len(arrays["labels"]), batch_images):
             b = _to_batch({k: v[i : i + batch_images] for k, v in arrays.items()}, device)
             _, terms = guide_loss(codes, dictionary, b.tokens, b.cls, b.masks, b.labels, grid,
@@ -292,6 +396,10 @@ def evaluate_terms(read, n_chunks: int, codes: torch.Tensor, dictionary: torch.T
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v * len(b.labels)
             count += len(b.labels)
+    if world > 1:
+        packed = torch.tensor([sums.get(k, 0.0) for k in TERMS] + [count], dtype=torch.float64, device=device)
+        packed = comm.all_reduce_sum_(packed)
+        sums, count = {k: float(v) for k, v in zip(TERMS, packed)}, int(packed[-1])
     return {k: v / count for k, v in sums.items()}
 
 

@@ -125,32 +125,41 @@ def decode_rows(values: torch.Tensor, indices: torch.Tensor, dictionary: torch.T
     return codes @ dictionary
 
 
-def fvu(target: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
-    """Fraction of variance unexplained: ‖target − recon‖² / ‖target − mean(target)‖², both (B, d)."""
-    total = (target - target.mean(dim=0, keepdim=True)).pow(2).sum()
+def fvu(target: torch.Tensor, recon: torch.Tensor, total: torch.Tensor | None = None) -> torch.Tensor:
+    """Fraction of variance unexplained: ‖target − recon‖² / ‖target − mean(target)‖², both (B, d).
+
+    ``total`` (scalar): the denominator when it is a statistic of a larger batch than ``target`` (a
+    rank's share of a global batch under torchrun), else computed from ``target``.
+    """
+    if total is None:
+        total = (target - target.mean(dim=0, keepdim=True)).pow(2).sum()
     return (target - recon).pow(2).sum() / total.clamp_min(1e-12)
 
 
-def auxk_loss(sae: TopKSAE, pre: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor, k_aux: int) -> torch.Tensor:
+def auxk_loss(sae: TopKSAE, pre: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor, k_aux: int,
+              total: torch.Tensor | None = None) -> torch.Tensor:
     """FVU of the residual e (B, d) reconstructed by the top-``k_aux`` dead latents of ``pre`` (B, n).
 
     ``dead`` (n_latents,) bool. Zero (with a graph, so callers need no branch) when nothing is dead.
+    ``total``: the FVU's denominator when it is a global-batch statistic (see :func:`fvu`).
     """
     n_dead = int(dead.sum())
     if n_dead == 0:
         return pre.sum() * 0.0
     values, indices = pre.masked_fill(~dead, -1.0).topk(min(k_aux, n_dead), dim=-1, sorted=False)
     values = values.clamp_min(0.0)  # a live latent's -1 can never be chosen over a dead one's >= 0
-    return fvu(residual, decode_rows(values, indices, sae.dictionary))
+    return fvu(residual, decode_rows(values, indices, sae.dictionary), total)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Streaming tokens from the feature store
 
 
-def token_batches(read: Callable[[int], np.ndarray], n_chunks: int, batch_tokens: int, buffer_tokens: int,
-                  rng: np.random.Generator) -> Iterator[np.ndarray]:
+def token_batches(read: Callable[[int], np.ndarray], n_chunks: int | Sequence[int], batch_tokens: int,
+                  buffer_tokens: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
     """One epoch of shuffled token batches (b, d) float32 from chunks read in a seeded random order.
+
+    ``n_chunks``: every chunk ``0 .. n_chunks-1``, or the chunk indices of one shard (a sequence).
 
     Chunks (n, L, d) are flattened to tokens and mixed in a buffer of at most ``buffer_tokens`` rows:
     whenever it holds that many, it is shuffled and its first half (rounded down, but at least one
@@ -158,7 +167,10 @@ def token_batches(read: Callable[[int], np.ndarray], n_chunks: int, batch_tokens
     everything left is shuffled and emitted, so an epoch yields every token exactly once. Memory is bounded by the buffer plus two chunks, whatever
     the store's size. Non-finite tokens stop the run, naming the chunk.
     """
-    order = rng.permutation(n_chunks)
+    if isinstance(n_chunks, (int, np.integer)):
+        order = rng.permutation(n_chunks)
+    else:
+        order = np.asarray(n_chunks, dtype=np.int64)[rng.permutation(len(n_chunks))]
     buffer: np.ndarray | None = None
     carry: np.ndarray | None = None  # rows emitted from the buffer but not yet a full batch
 
@@ -185,6 +197,53 @@ def token_batches(read: Callable[[int], np.ndarray], n_chunks: int, batch_tokens
         yield from emit(buffer[rng.permutation(len(buffer))])
     if carry is not None and len(carry):
         yield carry  # the last, smaller batch: no token is dropped
+
+
+def split_sizes(total: int, parts: int) -> list[int]:
+    """``total`` items over ``parts`` shards, the first ``total % parts`` one larger: [5, 5, 4] for 14 over 3."""
+    return [total // parts + (i < total % parts) for i in range(parts)]
+
+
+def shard_seeds(rng: np.random.Generator, shards: int) -> list[int]:
+    """One seed per shard for an epoch, drawn from the run's generator (the same on every rank)."""
+    return [int(v) for v in rng.integers(0, 2**63 - 1, size=shards)]
+
+
+def sharded_steps(streams: Sequence[Iterator[np.ndarray]], width: int) -> Iterator[np.ndarray]:
+    """Zip shard streams into steps: step t is the concatenation of every shard's t-th batch (rows of
+    a shard whose stream has ended count as none). Ends when every stream has; each yield (b, width)."""
+    streams = list(streams)
+    while True:
+        parts = [part for part in (next(it, None) for it in streams) if part is not None]
+        if not parts:
+            return
+        yield np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+def local_token_steps(read: Callable[[int], np.ndarray], n_chunks: int, batch_tokens: int, buffer_tokens: int,
+                      rng: np.random.Generator, *, shards: int = 1, rank: int = 0, world: int = 1,
+                      width: int = 0) -> Iterator[np.ndarray]:
+    """This process's rows of each step of one epoch: (b_local, d) float32.
+
+    ``shards`` 1: :func:`token_batches` over every chunk, as a single process always did. ``shards`` S
+    > 1: the epoch is S streams, shard s over chunks s, s+S, ... with its own buffer and a generator
+    seeded by :func:`shard_seeds`, batches of ``batch_tokens / S`` tokens (:func:`split_sizes`);
+    the global step is the concatenation of the shards' batches, so it holds ``batch_tokens`` tokens
+    whatever the number of processes. Rank r of ``world`` computes shards r, r+world, ...; once its
+    shards are exhausted it yields empty (0, ``width``) rows until the caller sees that every rank's
+    are (the global count is 0). One process with ``shards`` S sees exactly the global steps of S ranks.
+    """
+    if shards == 1:
+        yield from token_batches(read, n_chunks, batch_tokens, buffer_tokens, rng)
+    else:
+        seeds, sizes = shard_seeds(rng, shards), split_sizes(batch_tokens, shards)
+        buffers = split_sizes(buffer_tokens, shards)
+        mine = range(rank, shards, world)
+        yield from sharded_steps([token_batches(read, list(range(s, n_chunks, shards)), sizes[s], max(1, buffers[s]),
+                                                np.random.default_rng(seeds[s])) for s in mine], width)
+    if world > 1:
+        while True:
+            yield np.zeros((0, width), dtype=np.float32)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -247,11 +306,68 @@ def _curve_row(state: TrainState, epoch: int, dead_tokens: int) -> dict:
             "dead": float((state.since_fired >= dead_tokens).float().mean())}
 
 
+def _local_step(sae: TopKSAE, opt: torch.optim.Optimizer, x: torch.Tensor, state: TrainState, *, k_aux: int,
+                auxk_coef: float, dead_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimisation step of a single process on x (B, d); returns (loss, fvu, auxk) scalars."""
+    recon, values, indices, pre = sae(x)
+    main = fvu(x, recon)
+    fired = torch.zeros_like(state.since_fired, dtype=torch.bool)
+    fired[indices[values > 0]] = True
+    state.since_fired += len(x)
+    state.since_fired[fired] = 0
+    aux = auxk_loss(sae, pre, (x - recon).detach(), state.since_fired >= dead_tokens, k_aux)
+    loss = main + auxk_coef * aux
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    sae.remove_parallel_grad_()
+    opt.step()
+    sae.unit_norm_dictionary_()
+    return loss, main, aux
+
+
+def _distributed_step(sae: TopKSAE, opt: torch.optim.Optimizer, x: torch.Tensor, state: TrainState,
+                      params: Sequence[nn.Parameter], *, k_aux: int, auxk_coef: float, dead_tokens: int,
+                      comm: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
+    """One step of the global batch whose rows x (b_r, d) are this rank's (b_r may be 0).
+
+    Three all-reduces: (Σx, Σe, fired, count) for the global means, the dead latents and the end of
+    the epoch; (Σ‖x − x̄‖², Σ‖e − ē‖²), the FVU denominators of the global batch; then the gradients
+    with the loss terms. Each rank's loss is its share of the numerators over the global denominators,
+    so the summed gradient is the global batch's. Returns (loss, fvu, auxk, global count), or None
+    when no rank has rows left.
+    """
+    n_latents, d = sae.shape.n_latents, sae.shape.d_in
+    recon, values, indices, pre = sae(x)
+    residual = (x - recon).detach()
+    fired = torch.zeros(n_latents, dtype=x.dtype, device=x.device)
+    fired[indices[values > 0]] = 1.0
+    count = torch.full((1,), float(len(x)), dtype=x.dtype, device=x.device)
+    sums = comm.all_reduce_sum_(torch.cat([x.sum(0), residual.sum(0), fired, count]))
+    n_global = int(sums[-1])
+    if n_global == 0:
+        return None
+    mean_x, mean_e = sums[:d] / n_global, sums[d : 2 * d] / n_global
+    totals = comm.all_reduce_sum_(torch.stack([(x - mean_x).pow(2).sum(), (residual - mean_e).pow(2).sum()]))
+    state.since_fired += n_global
+    state.since_fired[sums[2 * d : 2 * d + n_latents] > 0] = 0
+    main = fvu(x, recon, totals[0].clamp_min(1e-12))
+    aux = auxk_loss(sae, pre, residual, state.since_fired >= dead_tokens, k_aux, totals[1].clamp_min(1e-12))
+    loss = main + auxk_coef * aux
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    terms = comm.all_reduce_grads_(params, torch.stack([loss, main, aux]).detach())
+    sae.remove_parallel_grad_()
+    opt.step()
+    sae.unit_norm_dictionary_()
+    return terms[0], terms[1], terms[2], n_global
+
+
 def train(sae: TopKSAE, read: Callable[[int], np.ndarray], n_chunks: int, *, tokens_per_image: int,
           batch_images: int, epochs: int, lr: float, betas: tuple[float, float], k_aux: int,
           auxk_coef: float, dead_tokens: int, buffer_tokens: int, seed: int,
           device: torch.device = torch.device("cpu"), mean: torch.Tensor | None = None,
-          log_every: int = 10, checkpoint: "TrainCheckpoint | None" = None) -> TrainStats:
+          log_every: int = 10, checkpoint: "TrainCheckpoint | None" = None, shards: int = 1,
+          comm: Any = None) -> TrainStats:
     """Train ``sae`` in place on tokens streamed from ``read(chunk) -> (n, L, d)`` for ``epochs`` epochs.
 
     Batches hold ``batch_images * tokens_per_image`` tokens. ``mean`` (d,) initialises the decoder bias
@@ -261,8 +377,17 @@ def train(sae: TopKSAE, read: Callable[[int], np.ndarray], n_chunks: int, *, tok
     ``checkpoint``: when it holds a snapshot of a run with the same key (:meth:`TrainCheckpoint.load`),
     training continues from it (weights, Adam, dead-latent counters, stream position, curve) instead of
     from ``sae``'s initial weights, and ends with the same weights as an uninterrupted run. After every
-    step it is offered the state, and saves it when its interval is due.
+    step it is offered the state, and saves it when its interval is due (rank 0 only).
+
+    ``shards``: the epoch's stream as that many interleaved shards (:func:`local_token_steps`); 1 is
+    the single stream. ``comm`` (a :class:`pipeline.distributed.Comm`, under torchrun): this process
+    trains on its shards' rows of every global step; the FVU and AuxK denominators, the fired latents
+    and the gradients are summed over the ranks, so every rank takes the same step, the one a single
+    process with the same ``shards`` takes, up to float rounding. None: one process, today's step.
     """
+    rank, world = (comm.rank, comm.world) if comm is not None else (0, 1)
+    if world > 1 and shards % world:
+        raise ValueError(f"shards {shards} is not a multiple of the world size {world}")
     rng = np.random.default_rng(seed)
     sae.to(device)
     if sae.shape.decoder_bias and mean is not None:
@@ -285,27 +410,25 @@ def train(sae: TopKSAE, read: Callable[[int], np.ndarray], n_chunks: int, *, tok
             # regenerates it and skips (reads, but does not train on) the batches already done.
             rng.bit_generator.state = state.epoch_rng
             skip = state.batches_done
-            for batch in token_batches(read, n_chunks, batch_tokens, buffer_tokens, rng):
+            for batch in local_token_steps(read, n_chunks, batch_tokens, buffer_tokens, rng, shards=shards,
+                                           rank=rank, world=world, width=sae.shape.d_in):
                 if skip:
                     skip -= 1
                     continue
                 t0 = time.perf_counter()
                 x = torch.from_numpy(batch).to(device, non_blocking=True)
-                recon, values, indices, pre = sae(x)
-                main = fvu(x, recon)
-                fired = torch.zeros_like(state.since_fired, dtype=torch.bool)
-                fired[indices[values > 0]] = True
-                state.since_fired += len(x)
-                state.since_fired[fired] = 0
-                aux = auxk_loss(sae, pre, (x - recon).detach(), state.since_fired >= dead_tokens, k_aux)
-                loss = main + auxk_coef * aux
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                sae.remove_parallel_grad_()
-                opt.step()
-                sae.unit_norm_dictionary_()
+                if world > 1:
+                    step = _distributed_step(sae, opt, x, state, [p for _, p in named], k_aux=k_aux,
+                                             auxk_coef=auxk_coef, dead_tokens=dead_tokens, comm=comm)
+                    if step is None:  # every rank's shards are exhausted: the epoch is over
+                        break
+                    loss, main, aux, n_global = step
+                else:
+                    n_global = len(x)
+                    loss, main, aux = _local_step(sae, opt, x, state, k_aux=k_aux, auxk_coef=auxk_coef,
+                                                  dead_tokens=dead_tokens)
                 state.train_time += time.perf_counter() - t0
-                state.tokens_seen += len(x)
+                state.tokens_seen += n_global
                 state.step += 1
                 state.batches_done += 1
                 for key, value in (("loss", loss), ("fvu", main), ("auxk", aux)):
@@ -314,7 +437,7 @@ def train(sae: TopKSAE, read: Callable[[int], np.ndarray], n_chunks: int, *, tok
                 if state.step % log_every == 0:
                     state.curve.append(_curve_row(state, state.epoch, dead_tokens))
                     state.running = _zero_running()
-                if checkpoint is not None:
+                if checkpoint is not None and rank == 0:  # the other ranks hold the same state
                     checkpoint.offer(sae, opt, state)
             state.epoch, state.batches_done, state.epoch_rng = state.epoch + 1, 0, rng.bit_generator.state
             bar.set_postfix(fvu=f"{state.curve[-1]['fvu']:.3f}" if state.curve else "-",
@@ -328,14 +451,19 @@ def train(sae: TopKSAE, read: Callable[[int], np.ndarray], n_chunks: int, *, tok
 
 @torch.no_grad()
 def evaluate(sae: TopKSAE, read: Callable[[int], np.ndarray], n_chunks: int, *, batch_tokens: int = 8192,
-             device: torch.device = torch.device("cpu")) -> tuple[float, torch.Tensor]:
+             device: torch.device = torch.device("cpu"), comm: Any = None) -> tuple[float, torch.Tensor]:
     """One pass over every token: (FVU over the whole set, dead_mask (n_latents,) bool = never fired,
     on ``device``). ``sae`` is moved to ``device`` (in place, as :func:`train` does), so a model on
-    another device than the one asked for is not combined with tokens and counters on this one."""
+    another device than the one asked for is not combined with tokens and counters on this one.
+
+    ``comm`` (under torchrun): rank r reads chunks r, r+world, ...; the error, the moments and the
+    fired latents are summed over the ranks, so every rank returns the whole set's values.
+    """
     sae.to(device)
+    rank, world = (comm.rank, comm.world) if comm is not None else (0, 1)
     fired = torch.zeros(sae.shape.n_latents, dtype=torch.bool, device=device)
     err, total_sq, total_sum, count = 0.0, 0.0, None, 0
-    for _, tokens in ChunkReader(read, range(n_chunks)):
+    for _, tokens in ChunkReader(read, range(rank, n_chunks, world)):
         flat = torch.from_numpy(np.asarray(tokens, dtype=np.float32).reshape(-1, tokens.shape[-1]))
         for i in range(0, len(flat), batch_tokens):
             x = flat[i : i + batch_tokens].to(device)
@@ -346,6 +474,14 @@ def evaluate(sae: TopKSAE, read: Callable[[int], np.ndarray], n_chunks: int, *, 
             s = x.sum(dim=0, dtype=torch.float64)
             total_sum = s if total_sum is None else total_sum + s
             count += len(x)
+    if world > 1:
+        if total_sum is None:  # a rank without chunks
+            total_sum = torch.zeros(sae.shape.d_in, dtype=torch.float64, device=device)
+        packed = torch.cat([torch.tensor([err, total_sq, count], dtype=torch.float64, device=device),
+                            total_sum, fired.to(torch.float64)])
+        packed = comm.all_reduce_sum_(packed)
+        err, total_sq, count = float(packed[0]), float(packed[1]), int(packed[2])
+        total_sum, fired = packed[3 : 3 + sae.shape.d_in], packed[3 + sae.shape.d_in :] > 0
     # Σ‖x − mean‖² = Σ‖x‖² − ‖Σx‖² / N, accumulated in float64 over the stream.
     variance = total_sq - float(total_sum.pow(2).sum()) / count
     return err / variance, ~fired

@@ -11,6 +11,11 @@ The checkpoint's config records the SAE's content hash (``sae_sha256``) and the 
 fingerprint (``aux_store``), which evaluate checks. Every array read is checked finite (an error names
 the store, array, image and chunk), and so are the losses, the codes and the reports, before any file
 is written: a failed run leaves the previous outputs as they were.
+
+Under torchrun (``torchrun --nproc_per_node N -m pipeline.stages.fit_guides ... --shards N``) each
+rank streams its own chunks and computes its share of every global batch of ``guides.batch_images``
+images; the codes' gradients and the loss terms are summed over the ranks and only rank 0 writes.
+``--shards`` fixes the image stream as in train_sae.
 """
 
 from __future__ import annotations
@@ -22,10 +27,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline import guides, report, sae, store
+from pipeline import distributed, guides, report, sae, store
 from pipeline.files import sha256_file
 from pipeline.config import load_params
-from pipeline.runtime import resolve_device
 from pipeline.stages import run, setup_logging
 
 log = logging.getLogger("pipeline.stages.fit_guides")
@@ -40,6 +44,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, type=Path, help="checkpoint folder, models/<A>/guides")
     parser.add_argument("--report", required=True, type=Path, help="report folder, reports/<A>")
     parser.add_argument("--params", default="params.yaml", type=Path)
+    parser.add_argument("--shards", type=int, default=None,
+                        help="streams each epoch is split into, a multiple of the torchrun processes "
+                             "(default: their number; 1 when run plainly); fixes the result")
     args = parser.parse_args(argv)
     setup_logging()
     cfg = load_params(args.params, ["guides"]).guides
@@ -55,7 +62,15 @@ def main(argv: list[str] | None = None) -> None:
                                "dataset has no ground_truth/ folder); fit_guides needs pixel masks on the auxiliary "
                                "set: add the masks, or use the dataset as a target only (remove it from "
                                "aux_datasets in params.yaml)")
-    device = resolve_device(cfg.device)
+    with distributed.process_group(cfg.device) as (info, device):
+        _fit(args, cfg, features, model, dead_mask, sae_config, provenance, device, info.world_size)
+
+
+def _fit(args, cfg, features: store.FeatureStore, model: sae.TopKSAE, dead_mask: torch.Tensor, sae_config: dict,
+         provenance: dict, device: torch.device, world: int) -> None:
+    shards = args.shards or world
+    distributed.check_shards(shards, world, cfg.batch_images, "guides.batch_images")
+    comm = distributed.Comm() if world > 1 else None
     grid = tuple(features.attrs["grid"])
 
     def read(chunk: int):
@@ -68,15 +83,19 @@ def main(argv: list[str] | None = None) -> None:
                             init_std=cfg.init_std, temperature=cfg.temperature, gamma=cfg.focal_gamma,
                             l1_coef=cfg.l1_coef, lr=cfg.lr, betas=tuple(cfg.betas), batch_images=cfg.batch_images,
                             epochs=cfg.epochs, ema_decay=cfg.ema_decay, seed=seed, device=device,
-                            desc=f"fit_guides seed {seed}")
+                            desc=f"fit_guides seed {seed}", shards=shards, comm=comm)
         log.info("seed %d: final terms %s", seed, {k: round(v, 4) for k, v in result.final_terms.items()})
         results.append(result)
+    if not distributed.is_main():  # every rank holds the same codes; rank 0 writes them
+        return
     codes = torch.stack([r.codes for r in results])
     config = {"training": asdict(cfg), "features": provenance,
               "sae": {k: sae_config[k] for k in ("d_in", "n_latents", "k")},
               # what evaluate checks: these guides belong with this SAE and this auxiliary store
               "sae_sha256": sha256_file(args.sae / "sae.safetensors"),
               "aux_store": guides.store_fingerprint(features.attrs)}
+    if shards > 1:  # only then, so a single-process checkpoint stays byte for byte what it was
+        config["shards"] = shards
     summary = {
         "seeds": list(cfg.seeds),
         "final_terms": {f"seed_{s}": r.final_terms for s, r in zip(cfg.seeds, results)},

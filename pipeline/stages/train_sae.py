@@ -13,6 +13,16 @@ While it trains, a snapshot (weights, Adam, dead-latent counters, stream positio
 and store resumes from it and ends with the same weights as an uninterrupted run. The folder is not a
 DVC output (DVC keeps stages with persistent outputs out of its run cache) and is deleted once the
 model is saved.
+
+On several GPUs (NCCL) or CPU processes (gloo), the same arguments under torchrun:
+
+    torchrun --nproc_per_node 4 -m pipeline.stages.train_sae ... --shards 4
+
+Each rank streams its own chunks (shard s of ``--shards`` S reads chunks s, s+S, ...), every global
+step holds ``sae.batch_images`` images (batch/S per shard), gradients, FVU and dead-latent counters are
+summed over the ranks, and only rank 0 writes. ``--shards`` (default: the number of processes) fixes
+the token stream: one process with ``--shards 4`` takes the same steps as 4 ranks, up to float
+rounding. The checkpoint folder must be one every rank can read.
 """
 
 from __future__ import annotations
@@ -26,9 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import report, sae, store
+from pipeline import distributed, report, sae, store
 from pipeline.config import load_params
-from pipeline.runtime import resolve_device
 from pipeline.stages import run, setup_logging
 
 log = logging.getLogger("pipeline.stages.train_sae")
@@ -37,10 +46,11 @@ STORE_FINGERPRINT = ("dataset", "inputs_sha256", "weights_sha256", "backbone", "
 """Store attrs that identify its tokens; with the tokens' shape and chunking they key a snapshot."""
 
 
-def resume_key(cfg, device: torch.device, features: store.FeatureStore) -> dict:
+def resume_key(cfg, device: torch.device, features: store.FeatureStore, shards: int = 1, world: int = 1) -> dict:
     """Everything that determines the trained weights, so a snapshot made with any of it different is
     not resumed: the sae params (``device`` as resolved, since CPU and CUDA round differently), the
-    store's fingerprint and layout, and the code and library versions that compute the steps."""
+    store's fingerprint and layout, the code and library versions that compute the steps, and the
+    shards and processes (they fix the stream and the order of the sums)."""
     code = {name: hashlib.sha256(Path(path).read_bytes()).hexdigest()
             for name, path in (("sae", sae.__file__), ("train_sae", __file__))}
     return {
@@ -49,6 +59,7 @@ def resume_key(cfg, device: torch.device, features: store.FeatureStore) -> dict:
                   "tokens": list(features.tokens.shape), "chunk_images": features.chunk_images},
         "code": code,
         "versions": {"torch": torch.__version__, "numpy": np.__version__},
+        "parallel": {"shards": shards, "world_size": world},
     }
 
 
@@ -63,6 +74,9 @@ def main(argv: list[str] | None = None) -> None:
                              "not a DVC output, deleted once the model is saved")
     parser.add_argument("--checkpoint-minutes", type=float, default=10.0,
                         help="minutes between snapshots, 0 for after every step (does not change the result)")
+    parser.add_argument("--shards", type=int, default=None,
+                        help="streams the epoch is split into, a multiple of the torchrun processes "
+                             "(default: their number; 1 when run plainly); fixes the result")
     args = parser.parse_args(argv)
     if not args.checkpoint_minutes >= 0:
         parser.error(f"--checkpoint-minutes must be >= 0, got {args.checkpoint_minutes}")
@@ -70,8 +84,15 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     cfg = load_params(args.params, ["sae"]).sae
     features = store.open_store(args.features)
-    device = resolve_device(cfg.device)
+    with distributed.process_group(cfg.device) as (info, device):
+        _train(args, cfg, features, device, info.world_size, checkpoint_dir)
+
+
+def _train(args, cfg, features: store.FeatureStore, device: torch.device, world: int, checkpoint_dir: Path) -> None:
     n, tokens_per_image, d = features.tokens.shape
+    shards = args.shards or world
+    distributed.check_shards(shards, world, cfg.batch_images * tokens_per_image, "sae.batch_images x tokens")
+    comm = distributed.Comm() if world > 1 else None
 
     def read(chunk: int):
         # finite=True: a NaN/Inf token stops the run with the store, image and chunk named
@@ -88,17 +109,25 @@ def main(argv: list[str] | None = None) -> None:
         for _, tokens in features.iter_chunks():
             total += torch.from_numpy(tokens.astype("float32")).reshape(-1, d).sum(0, dtype=torch.float64)
         mean = (total / (n * tokens_per_image)).float()
-    checkpoint = sae.TrainCheckpoint(checkpoint_dir, resume_key(cfg, device, features),
+    if shards > 1:
+        log.info("%d shards over %d process(es), rank %d; %d tokens per global step", shards, world,
+                 distributed.rank(), cfg.batch_images * tokens_per_image)
+    checkpoint = sae.TrainCheckpoint(checkpoint_dir, resume_key(cfg, device, features, shards, world),
                                      every_s=60 * args.checkpoint_minutes)
     stats = sae.train(model, read, features.n_chunks, tokens_per_image=tokens_per_image,
                       batch_images=cfg.batch_images, epochs=cfg.epochs, lr=cfg.lr, betas=tuple(cfg.betas),
                       k_aux=cfg.k_aux, auxk_coef=cfg.auxk_coef, dead_tokens=cfg.dead_tokens,
                       buffer_tokens=cfg.buffer_tokens, seed=cfg.seed, device=device, mean=mean,
-                      checkpoint=checkpoint)
-    final_fvu, dead_mask = sae.evaluate(model, read, features.n_chunks, device=device)
+                      checkpoint=checkpoint, shards=shards, comm=comm)
+    final_fvu, dead_mask = sae.evaluate(model, read, features.n_chunks, device=device, comm=comm)
+    if not distributed.is_main():  # every rank holds the same model and reports; rank 0 writes them
+        return
     # What later stages need to refuse a target store extracted differently from this SAE's tokens.
     provenance = {k: features.attrs[k] for k in ("dataset", "backbone", "weights_sha256", "layer", "image_size", "grid")}
-    sae.save(model, args.out, dead_mask, extra={"training": asdict(cfg), "features": provenance})
+    extra = {"training": asdict(cfg), "features": provenance}
+    if shards > 1:  # only then, so a single-process checkpoint stays byte for byte what it was
+        extra["shards"] = shards
+    sae.save(model, args.out, dead_mask, extra=extra)
     summary = {
         "fvu": final_fvu,
         "dead_fraction": float(dead_mask.float().mean()),

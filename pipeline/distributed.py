@@ -1,0 +1,131 @@
+"""Training across processes with torch.distributed (``torchrun``), and no-ops when run plainly.
+
+The stages ``train_sae`` and ``fit_guides`` call :func:`init` once: under ``torchrun`` (``WORLD_SIZE``
+> 1 in the environment) it opens the process group (NCCL when the device is CUDA, gloo on CPU) and
+pins CUDA device ``LOCAL_RANK``; run plainly it does nothing. The reductions below return their input
+untouched when there is no group, so the library's single-process path is exactly today's.
+
+Why an explicit all-reduce and not DistributedDataParallel: the SAE's loss is an FVU whose denominator
+is a statistic of the *global* batch (‖x − mean‖² over every rank's tokens), the AuxK term needs the
+dead-latent counters of the global batch before the forward is done, and the dictionary's gradient is
+projected and its rows renormalised after the reduction. DDP averages per-rank gradients of per-rank
+losses, which would be the wrong loss here; one all-reduce of the flattened gradients after a loss
+scaled by the global denominator is the exact global gradient and keeps every step visible.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+
+from pipeline.errors import PipelineError
+from pipeline.runtime import DistInfo, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+class DistributedError(PipelineError):
+    """A multi-process launch that cannot work as asked (shards vs world size, batch too small)."""
+
+
+def rank() -> int:
+    """This process's rank in the group, 0 without one."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """Processes in the group, 1 without one."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    """True on the one process that writes files (rank 0, or the only process)."""
+    return rank() == 0
+
+
+def init(device_name: str) -> tuple[DistInfo, torch.device]:
+    """Read ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``; under torchrun open the group. Returns (info, device).
+
+    ``device_name`` as in params (``auto``/``cpu``/``cuda``); on CUDA each rank gets device
+    ``LOCAL_RANK``. The backend follows the device: NCCL for CUDA, gloo for CPU.
+    """
+    info = DistInfo.from_env()
+    device = resolve_device(device_name, info)
+    if info.world_size > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        log.info("process group: rank %d of %d on %s", info.rank, info.world_size, device)
+    return info, device
+
+
+def shutdown() -> None:
+    """Close the group when there is one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextmanager
+def process_group(device_name: str) -> Iterator[tuple[DistInfo, torch.device]]:
+    """:func:`init` for the duration of a ``with`` block, closing the group however it ends."""
+    try:
+        yield init(device_name)
+    finally:
+        shutdown()
+
+
+def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over the ranks, in place, and return it; unchanged without a group."""
+    if world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_grads_(params: Sequence[torch.nn.Parameter], extra: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Sum the gradients of ``params`` (and the 1-d ``extra``) over the ranks in one call, in place.
+
+    A parameter without a gradient (no tokens on this rank) counts as zeros. Returns ``extra`` summed.
+    One flat buffer, so a step costs one all-reduce whatever the number of parameters.
+    """
+    if world_size() == 1:
+        return extra
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    parts = [g.reshape(-1) for g in grads] + ([extra.reshape(-1)] if extra is not None else [])
+    flat = torch.cat(parts)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset : offset + g.numel()].view_as(p).clone()
+        offset += g.numel()
+    return flat[offset:].clone() if extra is not None else None
+
+
+class Comm:
+    """The reductions the training loops need, as one object they receive (``comm=``): ``rank``,
+    ``world``, :func:`all_reduce_sum_`, :func:`all_reduce_grads_`. The library takes it as an argument
+    instead of importing this module, so stages that only load models do not depend on it."""
+
+    @property
+    def rank(self) -> int:
+        return rank()
+
+    @property
+    def world(self) -> int:
+        return world_size()
+
+    all_reduce_sum_ = staticmethod(all_reduce_sum_)
+    all_reduce_grads_ = staticmethod(all_reduce_grads_)
+
+
+def check_shards(shards: int, world: int, per_step: int, what: str) -> None:
+    """Refuse a shard count the world size does not divide, or a step too small to give every shard one item."""
+    if shards < 1 or shards % world:
+        raise DistributedError(f"--shards {shards} must be a positive multiple of the {world} processes "
+                               f"torchrun started; pass --shards {world} (or a multiple)")
+    if per_step < shards:
+        raise DistributedError(f"{what} {per_step} per step cannot be split over {shards} shards; raise "
+                               f"{what} or lower --shards")
