@@ -126,13 +126,17 @@ class PixelStream:
     """One category's pixels under one scoring, added batch by batch; :meth:`result` gives
     :func:`metrics.compute_all`'s three pixel metrics and their null reasons (module docstring).
 
-    ``rank=False`` (a target without masks): maps and masks are only validated and counted.
+    ``rank=False`` (a target without masks): maps and masks are only validated and counted. Run files
+    are ``folder/<name>.u64``: ``name`` must be unique among the open streams of ``folder``.
     """
 
-    def __init__(self, folder: Path, name: str = "stream", *, rank: bool = True, block_words: int = BLOCK_WORDS,
-                 fan_in: int = FAN_IN):
+    def __init__(self, folder: Path, name: str = "stream", *, rank: bool = True, block_words: int | None = None,
+                 fan_in: int | None = None):
         self.path = Path(folder) / f"{name}.u64"
-        self.rank, self.block_words, self.fan_in = rank, block_words, fan_in
+        # None: the module's BLOCK_WORDS and FAN_IN as they are now (a test can shrink them for the stage)
+        self.rank = rank
+        self.block_words = BLOCK_WORDS if block_words is None else block_words
+        self.fan_in = FAN_IN if fan_in is None else fan_in
         self.runs: list[tuple[int, int]] = []
         self.region_sizes: list[np.ndarray] = []  # per batch: pixels of each of its regions
         self.n_images = self.n_pixels = self.n_anomalous = self.n_regions = 0
@@ -172,6 +176,10 @@ class PixelStream:
         offset = sum(length for _, length in self.runs)
         words.tofile(self._file)
         self.runs.append((offset, words.size))
+
+    def metrics(self, labels: np.ndarray, image_scores: np.ndarray, *, has_masks: bool = True) -> dict[str, Any]:
+        """:func:`compute_all` of these pixels: the six metrics and ``null_reasons``."""
+        return compute_all(labels, image_scores, self, has_masks=has_masks)
 
     def one_class_reason(self) -> str | None:
         """compute_all's null reason of the pixel metrics with one class of pixels, else None."""
