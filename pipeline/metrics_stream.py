@@ -205,8 +205,8 @@ class PixelStream:
         for block in merge_runs(self.path, self.runs, self.block_words, self.fan_in):
             walk.block(block)
         walk.finish()
-        return {"pixel_auroc": walk.auroc, "pixel_ap": walk.ap_sum / n_pos,
-                "pixel_aupro": walk.pro_area / fpr_limit}
+        return {"pixel_auroc": float(walk.auroc), "pixel_ap": float(walk.ap_sum / n_pos),
+                "pixel_aupro": float(walk.pro_area / fpr_limit)}
 
     def close(self) -> None:
         """Delete the run file (ours); the stream cannot be used afterwards."""
