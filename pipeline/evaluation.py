@@ -22,7 +22,7 @@ scores into per-category metrics with the metric code the learned result uses (:
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -33,6 +33,9 @@ from pipeline import baselines, guides, metrics, scoring, store
 KEYS = metrics.METRIC_KEYS
 IMAGE_KEYS = KEYS[:3]
 THRESHOLD_KEYS = metrics.THRESHOLD_KEYS
+MapSink = Callable[[int, Mapping[str, np.ndarray]], None]
+"""Called with (row offset in [start, stop) minus start, {name: maps (b, S, S) float32}) for each batch
+of images as it is scored, in row order: how the evaluate stage streams maps to disk (issue 13 §5)."""
 LEARNED = "learned"
 ENSEMBLE = "seed_ensemble"
 """The name of the mean-of-seeds map in :func:`score_rows`' result."""
@@ -110,7 +113,8 @@ def guide_sets(vectors: torch.Tensor, seeds: Sequence[int], dictionary: torch.Te
 
 def score_rows(target: store.FeatureStore, start: int, stop: int, vectors: Mapping[str, torch.Tensor],
                settings: scoring.ScoreSettings, batch_images: int, device: torch.device,
-               keep_maps: bool = True, by_mode: dict | None = None) -> dict[str, tuple[np.ndarray | None, np.ndarray]]:
+               keep_maps: bool = True, by_mode: dict | None = None,
+               sink: MapSink | None = None) -> dict[str, tuple[np.ndarray | None, np.ndarray]]:
     """Maps (n, S, S) float32 and image scores (n,) float64 of rows [start, stop) for every named guide set.
 
     With ``learned/*`` sets among ``vectors``, the result also holds :data:`ENSEMBLE`: the mean of their
@@ -119,6 +123,8 @@ def score_rows(target: store.FeatureStore, start: int, stop: int, vectors: Mappi
     ``keep_maps=False`` the maps are dropped batch by batch (None in the result): memory stays flat.
     A dict passed as ``by_mode`` is filled with name -> {mode: image scores (n,) float64} for every mode
     of :data:`scoring.IMAGE_SCORES` (the score of ``settings.image_score`` is the result's own).
+    A ``sink`` (:data:`MapSink`) gets every batch's maps of every name (with ``keep_maps=False``, the
+    maps then exist one batch at a time).
     """
     grid, size = tuple(target.attrs["grid"]), target.masks.shape[-1]
     learned = [name for name in vectors if name.startswith(LEARNED + "/")]
@@ -137,6 +143,8 @@ def score_rows(target: store.FeatureStore, start: int, stop: int, vectors: Mappi
         if learned:
             batch[ENSEMBLE] = scoring.mean_of_seeds(np.stack([batch[n][0] for n in learned]),
                                                     np.stack([batch[n][1] for n in learned]))
+        if sink is not None:
+            sink(i - start, {name: m for name, (m, _) in batch.items()})
         for name, (m, global_probs) in batch.items():
             scores[name].append(scoring.score_images(m, global_probs, settings))
             if by_mode is not None:
@@ -150,14 +158,16 @@ def score_rows(target: store.FeatureStore, start: int, stop: int, vectors: Mappi
 
 
 def baseline_rows(target: store.FeatureStore, start: int, stop: int, settings: scoring.ScoreSettings,
-                  batch_images: int, device: torch.device) -> dict[str, tuple[np.ndarray | None, dict | None, str | None]]:
+                  batch_images: int, device: torch.device,
+                  sink: MapSink | None = None) -> dict[str, tuple[np.ndarray | None, dict | None, str | None]]:
     """The baselines of rows [start, stop) (one category): name -> (maps (n, S, S) float32, {mode: image
     scores (n,) float64, ``global`` None}, None), or (None, None, reason) where a baseline is undefined
     (``mutual`` on a category of one image).
 
     Maps are the patch scores upsampled and blurred like the guide maps (:func:`scoring.patch_maps`,
     ``settings.blur_sigma``). ``mutual`` sees every image of [start, stop), so the rows must be one
-    whole category. Tokens are checked finite as read.
+    whole category. Tokens are checked finite as read. With a ``sink`` (:data:`MapSink`), each batch's
+    maps go to it instead and the result's maps are None (the scores by mode are the same).
     """
     grid, size = tuple(target.attrs["grid"]), target.masks.shape[-1]
     tokens = target.tokens[start:stop]  # (n, L, d) float16: mutual needs the whole category at once
@@ -172,10 +182,21 @@ def baseline_rows(target: store.FeatureStore, start: int, stop: int, settings: s
     else:
         reasons[baselines.MUTUAL] = baselines.ONE_IMAGE
     out: dict[str, tuple] = {name: (None, None, reason) for name, reason in reasons.items()}
-    for name, values in patch.items():
-        maps = np.concatenate([scoring.patch_maps(torch.from_numpy(values[i:i + batch_images]), grid, size,
-                                                  sigma=settings.blur_sigma) for i in range(0, n, batch_images)])
-        out[name] = (maps, scoring.scores_by_mode(maps, None, settings), None)
+    maps: dict[str, list] = {name: [] for name in patch}
+    modes: dict[str, list] = {name: [] for name in patch}
+    for i in range(0, n, batch_images):  # batches outermost: a sink sees each batch's baselines together
+        batch = {name: scoring.patch_maps(torch.from_numpy(values[i:i + batch_images]), grid, size,
+                                          sigma=settings.blur_sigma) for name, values in patch.items()}
+        if sink is not None:
+            sink(i, batch)
+        for name, m in batch.items():
+            modes[name].append(scoring.scores_by_mode(m, None, settings))  # row by row: batches change nothing
+            if sink is None:
+                maps[name].append(m)
+    for name in patch:
+        by_mode = {mode: None if modes[name][0][mode] is None else np.concatenate([b[mode] for b in modes[name]])
+                   for mode in scoring.IMAGE_SCORES}
+        out[name] = (np.concatenate(maps[name]) if sink is None else None, by_mode, None)
     return {name: out[name] for name in baselines.SETTINGS}
 
 
@@ -201,20 +222,22 @@ def image_by_score(labels: np.ndarray, by_mode: Mapping[str, np.ndarray | None] 
     return out
 
 
-def baseline_metrics(labels: np.ndarray, masks: np.ndarray, scored: tuple, image_score: str,
-                     has_masks: bool = True) -> dict[str, Any]:
+def baseline_metrics(labels: np.ndarray, masks: np.ndarray | None, scored: tuple, image_score: str,
+                     has_masks: bool = True, pixels: Any = None) -> dict[str, Any]:
     """One baseline's metrics on one category: the six metrics of :func:`metrics.compute_all` (image
     metrics by ``image_score``; null for ``global``, which needs a CLS guide), ``image_by_score`` and
     ``null_reasons``. ``scored`` is an entry of :func:`baseline_rows`; an undefined baseline (maps None)
-    has every metric null with its reason. labels (n,), masks (n, S, S)."""
+    has every metric null with its reason. labels (n,), masks (n, S, S); or, for maps streamed through
+    a sink, ``pixels``: their :class:`pipeline.metrics_stream.PixelStream` (masks then unused)."""
     maps, by_mode, reason = scored
-    if maps is None:
+    if by_mode is None:
         out: dict[str, Any] = dict.fromkeys(KEYS)
         reasons = dict.fromkeys(KEYS, reason)
     else:
         # a global score does not exist here: any map score stands in, then the image metrics are nulled
         scores = by_mode["max"] if by_mode[image_score] is None else by_mode[image_score]
-        out = metrics.compute_all(labels, scores, masks, maps, has_masks=has_masks)
+        out = (metrics.compute_all(labels, scores, masks, maps, has_masks=has_masks) if pixels is None
+               else pixels.metrics(labels, scores, has_masks=has_masks))
         reasons = out.pop("null_reasons")
         if by_mode[image_score] is None:
             out.update(dict.fromkeys(IMAGE_KEYS))

@@ -86,7 +86,7 @@ def evaluate_maps(tmp, folder, mode, monkeypatch):
     original = evaluation.score_rows
 
     def spy(target, start, stop, *args, **kwargs):
-        result = original(target, start, stop, *args, **kwargs)
+        result = original(target, start, stop, *args, **{**kwargs, "keep_maps": True})
         calls.append((start, result))
         return result
 

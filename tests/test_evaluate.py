@@ -451,3 +451,47 @@ def test_guide_sets_live_on_the_device_asked_for_and_equal_a_cpu_reference(setup
         init[:, [5, 9]] = 0
         torch.testing.assert_close(on_cpu[f"untrained_init/{s}"], init @ dictionary, rtol=0, atol=1e-6)
         assert torch.equal(on_cpu[f"learned/{s}"], vectors[s])
+
+
+def test_stage_streams_every_category_and_matches_compute_all_on_the_same_maps(setup, monkeypatch):
+    """Issue 13 §5: evaluate never holds a category's maps for the in-memory metrics.compute_all; every
+    scored set's pixel metrics come from metrics_stream, and they equal compute_all of the very maps
+    and masks the stage streamed (recorded here), to 1e-12. Tiny merge blocks and fan-in 2 make the
+    5-image batches several runs, blocks and merge passes."""
+    from pipeline import metrics_stream
+
+    reference = metrics.compute_all
+    refuse = lambda *a, **k: pytest.fail("the stage called the in-memory metrics.compute_all")  # noqa: E731
+    monkeypatch.setattr(metrics, "compute_all", refuse)
+    monkeypatch.setattr(metrics_stream, "BLOCK_WORDS", 64)
+    monkeypatch.setattr(metrics_stream, "FAN_IN", 2)
+    seen, add, streamed = {}, metrics_stream.PixelStream.add, metrics_stream.PixelStream.metrics
+
+    def record(self, masks, maps, regions=None):
+        seen.setdefault(id(self), ([], []))
+        seen[id(self)][0].append(np.array(masks))
+        seen[id(self)][1].append(np.array(maps))
+        return add(self, masks, maps, regions)
+
+    checked = []
+
+    def compare(self, labels, image_scores, *, has_masks=True):
+        out = streamed(self, labels, image_scores, has_masks=has_masks)
+        masks, maps = (np.concatenate(a) for a in seen[id(self)])
+        ref = reference(labels, image_scores, masks, maps, has_masks=has_masks)
+        assert out["null_reasons"] == ref["null_reasons"]
+        for key in metrics.METRIC_KEYS:
+            assert out[key] == (None if ref[key] is None else pytest.approx(ref[key], abs=1e-12, rel=0)), key
+        checked.append((len(maps), len(self.runs), out["pixel_auroc"] is not None))
+        return out
+
+    monkeypatch.setattr(metrics_stream.PixelStream, "add", record)
+    monkeypatch.setattr(metrics_stream.PixelStream, "metrics", compare)
+    result, per_category = run(setup, out="report_streamed")
+    # t1 (24 images: 5 batches) and t2 (6 images, no anomaly); 2 learned + 2 untrained + no_sae + ensemble
+    # + 2 baselines = 8 streams each
+    assert sorted(n for n, _, _ in checked) == [6] * 8 + [24] * 8
+    assert all(runs == (5 if n == 24 else 2) for n, runs, _ in checked)
+    assert sum(defined for _, _, defined in checked) == 8  # t2's pixel metrics are null (no anomalous pixel)
+    assert 0 < result["pixel_auroc"] <= 1 and per_category["t2"]["pixel_auroc"] is None
+    assert not [p for p in (setup / "report_streamed").iterdir() if p.name.startswith(".")]  # run files removed

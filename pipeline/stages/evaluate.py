@@ -62,13 +62,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline import baselines, detector, evaluation, guides, metrics, report, sae, store
+from pipeline import baselines, detector, evaluation, guides, metrics, metrics_stream, report, sae, store
 from pipeline import scoring
 from pipeline.evaluation import ENSEMBLE, mean_over_categories, seed_summary
 from pipeline.files import sha256_file
@@ -84,20 +85,74 @@ CURVE_COLUMNS = {"roc": ("fpr", "tpr", "threshold"), "pr": ("recall", "precision
 """Columns of the plot CSVs (metrics.curves' rows), also the header of an undefined curve's file."""
 
 
+def overlay_pick(labels: np.ndarray, n: int) -> list[int]:
+    """The rows (of one category, labels (n_images,)) of its overlays: up to ``n``, half anomalous
+    where possible, ascending."""
+    anomalous, normal = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    n_anomalous = min(len(anomalous), n - min(len(normal), n // 2))
+    return [int(i) for i in sorted([*anomalous[:n_anomalous], *normal[: n - n_anomalous]])]
+
+
 def overlay_rows(target: store.FeatureStore, start: int, labels, masks, maps, n: int) -> list[tuple]:
-    """Up to ``n`` images of one category (half anomalous where possible) with mask, map and caption.
+    """Up to ``n`` images of one category (:func:`overlay_pick`) with mask, map and caption. ``masks``
+    and ``maps`` are indexed by the category's row: arrays (n_images, S, S) or {row: (S, S)} of the
+    picked rows.
 
     Images come from the store's ``images`` array (already at S), never from the dataset's files, so a
     moved or absent dataset cannot fail this stage.
     """
-    anomalous, normal = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
-    n_anomalous = min(len(anomalous), n - min(len(normal), n // 2))
-    pick = sorted([*anomalous[:n_anomalous], *normal[: n - n_anomalous]])
     rows = []
-    for i in pick:
+    for i in overlay_pick(labels, n):
         relpath = target.attrs["paths"][start + i]
         rows.append((target.images[start + i], masks[i], maps[i], f"{relpath.split('/')[-2]} {maps[i].max():.2f}"))
     return rows
+
+
+class CategoryMaps:
+    """The sink (:data:`evaluation.MapSink`) of one category's maps, batch by batch (issue 13 §5): every
+    scored set's maps go to its :class:`metrics_stream.PixelStream` (run files in ``folder``); of the
+    ``overlay_set``'s maps only what the report needs stays: the pooled pixel-curve sample (drawn from
+    ``rng`` batch by batch, the same draws as one ``rng.random`` of the category's mask shape), the
+    overlay rows' maps and masks, and the colour range. Memory: one batch, whatever the category size.
+    """
+
+    def __init__(self, target: store.FeatureStore, start: int, folder: Path, *, has_masks: bool, overlay_set: str,
+                 overlay_pick: list[int], sample_fraction: float, rng: np.random.Generator):
+        self.target, self.start, self.folder, self.has_masks = target, start, folder, has_masks
+        self.overlay_set, self.pick, self.fraction, self.rng = overlay_set, set(overlay_pick), sample_fraction, rng
+        self.streams: dict[str, metrics_stream.PixelStream] = {}
+        self.sample: tuple[list, list] = ([], [])
+        self.overlay_masks: dict[int, np.ndarray] = {}
+        self.overlay_maps: dict[int, np.ndarray] = {}
+        self.lo, self.hi = np.inf, -np.inf
+        self._batch: tuple[int, int, np.ndarray, tuple | None] | None = None  # (row, n, masks, regions)
+
+    def __call__(self, row: int, maps: dict[str, np.ndarray]) -> None:
+        n = len(next(iter(maps.values())))
+        if self._batch is None or self._batch[:2] != (row, n):  # the sets of one batch share its masks
+            masks = self.target.masks[self.start + row:self.start + row + n]
+            regions = metrics_stream.label_regions(masks != 0) if self.has_masks else None
+            self._batch = (row, n, masks, regions)
+        _, _, masks, regions = self._batch
+        for name, m in maps.items():
+            if name not in self.streams:
+                self.streams[name] = metrics_stream.PixelStream(self.folder, f"{len(self.streams)}",
+                                                                rank=self.has_masks)
+            self.streams[name].add(masks, m, regions)
+        m = maps.get(self.overlay_set)
+        if m is None:
+            return
+        take = self.rng.random(masks.shape) < self.fraction
+        if self.has_masks:  # else its zero masks would count as normal pixels in the pooled curve
+            self.sample[0].append(masks[take])
+            self.sample[1].append(m[take])
+        for i in self.pick & set(range(row, row + n)):
+            self.overlay_masks[i], self.overlay_maps[i] = masks[i - row].copy(), m[i - row].copy()
+        self.lo, self.hi = min(self.lo, float(m.min())), max(self.hi, float(m.max()))
+
+    def close(self) -> None:
+        for stream in self.streams.values():
+            stream.close()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -147,41 +202,51 @@ def main(argv: list[str] | None = None) -> None:
     rng = np.random.default_rng(0)
     # labels-only categories (a folder target without ground_truth/): their zero masks are no ground truth
     no_masks = set(target.attrs.get("categories_without_masks", []))
-    for category, (start, stop) in tqdm(ranges.items(), desc="evaluate", unit="category"):
-        labels = target.labels[start:stop].astype(np.int64)
-        masks = target.masks[start:stop]
-        modes: dict = {}
-        scored = evaluation.score_rows(target, start, stop, vectors, det.settings, cfg.batch_images, device,
-                                       by_mode=modes)
-        for name, (maps, scores) in scored.items():
-            per_category[name][category] = metrics.compute_all(labels, scores, masks, maps,
-                                                               has_masks=category not in no_masks)
-            by_score[name][category] = evaluation.image_by_score(labels, modes[name])
-        for name, entry in evaluation.baseline_rows(target, start, stop, det.settings, cfg.batch_images,
-                                                    device).items():
-            per_baseline[name][category] = evaluation.baseline_metrics(labels, masks, entry, cfg.image_score,
-                                                                       has_masks=category not in no_masks)
-        # the aux threshold belongs to the detector's scoring: the mean of the seeds' maps
-        at = metrics.at_threshold(labels, scored[ENSEMBLE][1], det.threshold)
-        reasons = {**per_category[ENSEMBLE][category]["null_reasons"], **at.pop("null_reasons")}
-        per_category[ENSEMBLE][category].update(at, null_reasons=reasons)
-        maps, scores = scored[f"learned/{seeds[0]}"]
-        pooled_labels.append(labels)
-        pooled_scores.append(scores)
-        take = rng.random(masks.shape) < min(1.0, 2_000_000 / max(1, target.masks.shape[0] * masks[0].size))
-        if category not in no_masks:  # else its zero masks would count as normal pixels in the pooled curve
-            pixel_sample[0].append(masks[take])
-            pixel_sample[1].append(maps[take])
-        # rendered here so that no category's maps outlive its turn (all of them would not fit on MVTec
-        # at 448 px); a PNG's bytes are small
-        rows = overlay_rows(target, start, labels, masks, maps, cfg.overlays_per_category)
-        # one colour scale per category, from its own maps: raw probabilities can all sit near 0
-        lo, hi = float(maps.min()), float(maps.max())
-        fig = report.overlays_figure(rows, vmin=lo, vmax=max(hi, lo + 1e-6),
-                                     title=f"{category}: image, ground truth, anomaly map (seed {seeds[0]}, "
-                                           f"colours span {lo:.3f}-{hi:.3f})")
-        if fig is not None:
-            files[overlay_paths[category]] = report.png_bytes(fig)
+    # every category's maps stream to sorted run files here, batch by batch, and the pixel metrics come
+    # from merging them (metrics_stream): a category's maps never sit in memory at once (issue 13 §5)
+    scratch = metrics_stream.scratch_folder(args.out)
+    try:
+        for category, (start, stop) in tqdm(ranges.items(), desc="evaluate", unit="category"):
+            labels = target.labels[start:stop].astype(np.int64)
+            has_masks = category not in no_masks
+            sink = CategoryMaps(target, start, scratch, has_masks=has_masks, overlay_set=f"learned/{seeds[0]}",
+                                overlay_pick=overlay_pick(labels, cfg.overlays_per_category),
+                                sample_fraction=min(1.0, 2_000_000 / max(1, target.masks.shape[0]
+                                                                         * int(np.prod(target.masks.shape[1:])))),
+                                rng=rng)
+            try:
+                modes: dict = {}
+                scored = evaluation.score_rows(target, start, stop, vectors, det.settings, cfg.batch_images, device,
+                                               keep_maps=False, by_mode=modes, sink=sink)
+                for name, (_, scores) in scored.items():
+                    per_category[name][category] = sink.streams[name].metrics(labels, scores, has_masks=has_masks)
+                    by_score[name][category] = evaluation.image_by_score(labels, modes[name])
+                for name, entry in evaluation.baseline_rows(target, start, stop, det.settings, cfg.batch_images,
+                                                            device, sink=sink).items():
+                    per_baseline[name][category] = evaluation.baseline_metrics(
+                        labels, None, entry, cfg.image_score, has_masks=has_masks, pixels=sink.streams.get(name))
+            finally:
+                sink.close()
+            # the aux threshold belongs to the detector's scoring: the mean of the seeds' maps
+            at = metrics.at_threshold(labels, scored[ENSEMBLE][1], det.threshold)
+            reasons = {**per_category[ENSEMBLE][category]["null_reasons"], **at.pop("null_reasons")}
+            per_category[ENSEMBLE][category].update(at, null_reasons=reasons)
+            pooled_labels.append(labels)
+            pooled_scores.append(scored[f"learned/{seeds[0]}"][1])
+            pixel_sample[0].extend(sink.sample[0])
+            pixel_sample[1].extend(sink.sample[1])
+            # rendered here so that no category's overlay maps outlive its turn; a PNG's bytes are small
+            rows = overlay_rows(target, start, labels, sink.overlay_masks, sink.overlay_maps,
+                                cfg.overlays_per_category)
+            # one colour scale per category, from its own maps: raw probabilities can all sit near 0
+            lo, hi = sink.lo, sink.hi
+            fig = report.overlays_figure(rows, vmin=lo, vmax=max(hi, lo + 1e-6),
+                                         title=f"{category}: image, ground truth, anomaly map (seed {seeds[0]}, "
+                                               f"colours span {lo:.3f}-{hi:.3f})")
+            if fig is not None:
+                files[overlay_paths[category]] = report.png_bytes(fig)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)  # our own folder of run files, made above
 
     def summary(prefix: str) -> dict:
         names = [n for n in vectors if n.startswith(prefix + "/")]
