@@ -468,16 +468,17 @@ def test_stage_streams_every_category_and_matches_compute_all_on_the_same_maps(s
     seen, add, streamed = {}, metrics_stream.PixelStream.add, metrics_stream.PixelStream.metrics
 
     def record(self, masks, maps, regions=None):
-        seen.setdefault(id(self), ([], []))
-        seen[id(self)][0].append(np.array(masks))
-        seen[id(self)][1].append(np.array(maps))
+        # kept on the stream itself: an id() could be reused by the next category's stream
+        recorded = self.__dict__.setdefault("_recorded", ([], []))
+        recorded[0].append(np.array(masks))
+        recorded[1].append(np.array(maps))
         return add(self, masks, maps, regions)
 
     checked = []
 
     def compare(self, labels, image_scores, *, has_masks=True):
         out = streamed(self, labels, image_scores, has_masks=has_masks)
-        masks, maps = (np.concatenate(a) for a in seen[id(self)])
+        masks, maps = (np.concatenate(a) for a in self._recorded)
         ref = reference(labels, image_scores, masks, maps, has_masks=has_masks)
         assert out["null_reasons"] == ref["null_reasons"]
         for key in metrics.METRIC_KEYS:
