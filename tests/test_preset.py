@@ -38,6 +38,47 @@ def test_mvtec_visa_preset_is_valid(tmp_path):
     assert load_params(params).backbone.name == "dinov2_vits14"
 
 
+# The paper's values (SPG, arXiv 2604.02871; the bracketed values of pipeline/config.py), written out
+# here rather than read from config.py so that an edit of a default, of params.yaml or of a preset that
+# moves a real-data preset away from the paper fails this test instead of drifting silently.
+PAPER_SAE = {"n_latents": 4096, "k": 32, "k_aux": 512, "auxk_coef": 1 / 32, "dead_tokens": 10_000_000,
+             "lr": 1e-3, "betas": (0.5, 0.999), "batch_images": 16, "epochs": 50, "decoder_bias": False}
+PAPER_GUIDES = {"variant": "l1", "l1_coef": 1e-3, "init_mean": 0.1, "init_std": 0.01, "temperature": 0.07,
+                "focal_gamma": 2.0, "lr": 1e-2, "betas": (0.5, 0.999), "batch_images": 8, "epochs": 15,
+                "ema_decay": 0.999}
+PAPER_BACKBONE = {"name": "dinov3_vitl16", "layer": 24, "image_size": 448}
+
+
+def _applied(tmp_path, name):
+    """The params.yaml of this repository with configs/<name>.yaml applied, loaded."""
+    params = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params)
+    assert preset.main([str(ROOT / "configs" / f"{name}.yaml"), "--params", str(params)]) == 0
+    return load_params(params)
+
+
+def _differing(section, expected):
+    return {key: (getattr(section, key), value) for key, value in expected.items()
+            if getattr(section, key) != value}
+
+
+def test_paper_preset_carries_every_paper_value(tmp_path):
+    p = _applied(tmp_path, "paper")
+    assert _differing(p.backbone, PAPER_BACKBONE) == {}
+    assert _differing(p.sae, PAPER_SAE) == {}
+    assert _differing(p.guides, PAPER_GUIDES) == {}
+    assert len(p.guides.seeds) == 3  # three guide seeds, reported as mean and std
+
+
+def test_mvtec_visa_preset_carries_the_paper_sae_and_guides_with_the_default_backbone(tmp_path):
+    """The real-data preset differs from the paper in its backbone only (stated in the preset and the
+    README): DINOv2 ViT-S/14 at 224 px, so that it runs offline on CPU."""
+    p = _applied(tmp_path, "mvtec_visa")
+    assert _differing(p.sae, PAPER_SAE) == {}
+    assert _differing(p.guides, PAPER_GUIDES) == {}
+    assert (p.backbone.name, p.backbone.layer, p.backbone.image_size) == ("dinov2_vits14", -1, 224)
+
+
 def test_preset_whose_runs_miss_aux_datasets_is_refused_naming_the_run(tmp_path, capsys):
     """A preset written before aux_datasets existed (runs, no aux_datasets) changes nothing and says
     what to add."""
