@@ -357,6 +357,10 @@ class EvaluateConfig:
     """Temperature of the ``lse`` image score."""
     top_fraction: float = 0.01
     """Fraction of the highest pixels averaged by ``top_mean``."""
+    fusion: str = "none"
+    """``none`` (the guide map alone) or ``self_dissimilarity``: each patch's anomaly probability times
+    its 1 − cos to its own image's mean token (``pipeline.scoring.anomaly_maps``; single image, no weight).
+    Applied to the controls too, so they still isolate what the SAE adds; the baselines are unchanged."""
     blur_sigma: float = 4.0
     """σ in pixels of the Gaussian blur applied to each anomaly map on its own [4]."""
     batch_images: int = 16
@@ -371,6 +375,8 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         if self.image_score not in ("max", "lse", "top_mean", "global"):
             _fail("image_score", f"{self.image_score!r} is not one of max, lse, top_mean, global")
+        if self.fusion not in ("none", "self_dissimilarity"):
+            _fail("fusion", f"{self.fusion!r} is not one of none, self_dissimilarity")
         if not self.lse_temperature > 0:
             _fail("lse_temperature", f"must be > 0, got {self.lse_temperature}")
         if not 0 < self.top_fraction <= 1:

@@ -38,7 +38,7 @@ REQUIRED = ("format", "backbone", "weights_sha256", "weights_path", "layer", "im
             "blur_sigma", "image_score", "lse_temperature", "top_fraction", "threshold", "threshold_rule",
             "seeds", "map_range", "aux", "sae_sha256", "guides")
 """Keys every detector.json holds (the contract shared with ``pipeline.predict``)."""
-SETTINGS = ("image_score", "blur_sigma", "lse_temperature", "top_fraction")
+SETTINGS = ("image_score", "blur_sigma", "lse_temperature", "top_fraction", "fusion")
 """detector.json keys that come from params ``evaluate`` (temperature comes from the guides)."""
 
 
@@ -114,7 +114,9 @@ def settings_of(info: Mapping[str, Any]) -> scoring.ScoreSettings:
     """The scoring settings recorded in a detector.json."""
     return scoring.ScoreSettings(temperature=float(info["temperature"]), blur_sigma=float(info["blur_sigma"]),
                                  image_score=str(info["image_score"]), lse_temperature=float(info["lse_temperature"]),
-                                 top_fraction=float(info["top_fraction"]))
+                                 top_fraction=float(info["top_fraction"]),
+                                 # detectors exported before the option scored the guide map alone
+                                 fusion=str(info.get("fusion", "none")))
 
 
 class Detector:

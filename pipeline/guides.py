@@ -104,10 +104,17 @@ def local_probabilities(tokens: torch.Tensor, normal: torch.Tensor, anomaly: tor
     gh, gw = grid
     if length != gh * gw:
         raise ValueError(f"tokens have {length} patches but the grid is {gh}x{gw}")
+    probs = patch_probabilities(tokens, normal, anomaly, temperature).permute(0, 2, 1).reshape(b, 2, gh, gw)
+    return F.interpolate(probs, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def patch_probabilities(tokens: torch.Tensor, normal: torch.Tensor, anomaly: torch.Tensor,
+                        temperature: float = 0.07) -> torch.Tensor:
+    """tokens (B, L, d), guide vectors (d,) -> (B, L, 2) [normal, anomaly] per patch: the softmax of the
+    two cosines / temperature, before :func:`local_probabilities` upsamples it."""
     guides = F.normalize(torch.stack([normal, anomaly]), dim=-1)  # (2, d)
     cos = F.normalize(tokens, dim=-1) @ guides.T  # (B, L, 2)
-    probs = (cos / temperature).softmax(dim=-1).permute(0, 2, 1).reshape(b, 2, gh, gw)
-    return F.interpolate(probs, size=(size, size), mode="bilinear", align_corners=False)
+    return (cos / temperature).softmax(dim=-1)
 
 
 def global_logits(cls: torch.Tensor, normal: torch.Tensor, anomaly: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,8 @@
 """Anomaly maps and image scores from guide vectors (DESIGN §5, evaluation).
 
 map   = Gaussian blur (σ, per image) of the anomaly probability of :func:`guides.local_probabilities`
+        (``fusion: self_dissimilarity``: of the patch probability times the patch's self-dissimilarity,
+        1 − cos(token, mean token of its image), upsampled like the probability; see :func:`anomaly_maps`)
 score = max of the map (default) | log-sum-exp at a temperature | mean of the top fraction of pixels
         | the global-guide probability (softmax of the CLS-to-global-guide cosines)
 
@@ -18,9 +20,12 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
+from pipeline import baselines
 from pipeline import guides as G
 
 IMAGE_SCORES = ("max", "lse", "top_mean", "global")
+FUSIONS = ("none", "self_dissimilarity")
+"""How the guide map is combined with the training-free self-dissimilarity (:func:`anomaly_maps`)."""
 
 
 @dataclass(frozen=True)
@@ -35,18 +40,34 @@ class ScoreSettings:
     """One of :data:`IMAGE_SCORES`."""
     lse_temperature: float = 0.01
     top_fraction: float = 0.01
+    fusion: str = "none"
+    """One of :data:`FUSIONS`."""
 
 
 def anomaly_maps(tokens: torch.Tensor, guide_vectors: torch.Tensor, grid: tuple[int, int], size: int, *,
-                 temperature: float, sigma: float) -> np.ndarray:
+                 temperature: float, sigma: float, fusion: str = "none") -> np.ndarray:
     """tokens (B, L, d), guide vectors (4, d) in :data:`guides.ROWS` order -> maps (B, S, S) float32.
+
+    ``fusion``: ``none``, the anomaly probability p (in [0, 1]); ``self_dissimilarity``, per patch
+    p · (1 − cos(token, mean token of the same image)) (in [0, 2]), then upsampled exactly as p is
+    (:func:`patch_maps`). The product is high only where the guides call a patch anomalous *and* the
+    patch differs from the rest of its own image: the guides bring what anomalies look like, the
+    self-dissimilarity cancels what a whole image shares (a texture, a lighting, a domain the guides
+    were never fitted on). It has no weight to tune, and each factor is computed per image, so the
+    detector stays a single-image method.
 
     The blur runs on each image's 2-D map alone (``gaussian_filter`` per image, σ in pixels of S), so
     no image's scores leak into its neighbour's in the batch.
     """
-    probs = G.local_probabilities(tokens, guide_vectors[G.NORMAL_LOCAL], guide_vectors[G.ANOMALY_LOCAL],
-                                  grid, size, temperature)[:, 1]
-    return blur_maps(probs.float().cpu().numpy(), sigma)
+    if fusion == "none":
+        probs = G.local_probabilities(tokens, guide_vectors[G.NORMAL_LOCAL], guide_vectors[G.ANOMALY_LOCAL],
+                                      grid, size, temperature)[:, 1]
+        return blur_maps(probs.float().cpu().numpy(), sigma)
+    if fusion == "self_dissimilarity":
+        probs = G.patch_probabilities(tokens, guide_vectors[G.NORMAL_LOCAL], guide_vectors[G.ANOMALY_LOCAL],
+                                      temperature)[..., 1]
+        return patch_maps(probs * baselines.self_dissimilarity(tokens), grid, size, sigma=sigma)
+    raise ValueError(f"evaluate.fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
 
 
 def blur_maps(maps: np.ndarray, sigma: float) -> np.ndarray:
@@ -100,9 +121,11 @@ def image_scores(maps: np.ndarray, mode: str = "max", *, lse_temperature: float 
 
 def score_tokens(tokens: torch.Tensor, cls: torch.Tensor, guide_vectors: torch.Tensor, grid: tuple[int, int],
                  size: int, settings: ScoreSettings) -> tuple[np.ndarray, np.ndarray]:
-    """tokens (B, L, d), cls (B, d), guide vectors (4, d) -> maps (B, S, S) float32 in [0, 1] and the
+    """tokens (B, L, d), cls (B, d), guide vectors (4, d) -> maps (B, S, S) float32 (in [0, 1], or [0, 2]
+    with ``settings.fusion`` ``self_dissimilarity``) and the
     global-guide probabilities (B,) float32 (:func:`anomaly_maps`, :func:`global_probability`)."""
-    maps = anomaly_maps(tokens, guide_vectors, grid, size, temperature=settings.temperature, sigma=settings.blur_sigma)
+    maps = anomaly_maps(tokens, guide_vectors, grid, size, temperature=settings.temperature, sigma=settings.blur_sigma,
+                        fusion=settings.fusion)
     return maps, global_probability(cls, guide_vectors)
 
 

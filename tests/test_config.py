@@ -225,3 +225,10 @@ def test_aux_datasets_is_checked_only_with_the_sections_it_relates_to():
     assert parse(raw, ["aux_datasets"]).aux_datasets == ("zzz",)
     with pytest.raises(ConfigError, match=r"^aux_datasets\[0\]: 'zzz' is not a key of datasets"):
         parse(raw, ["datasets", "aux_datasets"])
+
+
+def test_evaluate_fusion_is_one_of_the_named_rules():
+    assert parse({"evaluate": {"fusion": "self_dissimilarity"}}, ["evaluate"]).evaluate.fusion == "self_dissimilarity"
+    assert parse({"evaluate": {}}, ["evaluate"]).evaluate.fusion == "none"
+    with pytest.raises(ConfigError, match=r"^evaluate\.fusion: 'product' is not one of none, self_dissimilarity"):
+        parse({"evaluate": {"fusion": "product"}}, ["evaluate"])

@@ -65,8 +65,11 @@ def setup(tmp_path_factory):
 
 
 def write_params(tmp, mode):
+    """``mode``: an image score, or ``<score>-fused`` for that score with ``fusion: self_dissimilarity``."""
     path = tmp / f"params_{mode}.yaml"
-    path.write_text(yaml.safe_dump({"evaluate": {"image_score": mode, "blur_sigma": 1.5, "lse_temperature": 0.05,
+    score, fused = mode.removesuffix("-fused"), mode.endswith("-fused")
+    path.write_text(yaml.safe_dump({"evaluate": {"image_score": score, "fusion": "self_dissimilarity" if fused else "none",
+                                                 "blur_sigma": 1.5, "lse_temperature": 0.05,
                                                  "top_fraction": 0.05, "batch_images": 5, "curve_points": 20,
                                                  "overlays_per_category": 2, "device": "cpu"}}))
     return path
@@ -108,7 +111,7 @@ def target_images(tmp):
     return [Image.open(root / relpath) for relpath in target.attrs["paths"]]
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", [*MODES, "max-fused", "top_mean-fused"])
 def test_predict_equals_evaluate(setup, mode, monkeypatch):
     tmp, weights, _, _ = setup
     folder = export(tmp, weights, mode)
@@ -121,12 +124,12 @@ def test_predict_equals_evaluate(setup, mode, monkeypatch):
         assert maps.shape == want_maps.shape == (len(images), 28, 28) and maps.dtype == np.float32
         assert np.abs(maps - want_maps).max() <= 1e-5, (mode, name)
         assert np.abs(scores - want_scores).max() <= 1e-5, (mode, name)
-        assert 0.0 <= maps.min() and maps.max() <= 1.0
+        assert 0.0 <= maps.min() and maps.max() <= (2.0 if mode.endswith("-fused") else 1.0)
     # the maps are not trivially equal: seeds differ, and the mean map is their mean
     assert np.abs(scored["learned/0"][0] - scored["learned/1"][0]).max() > 1e-3
     np.testing.assert_allclose(scored[evaluation.ENSEMBLE][0],
                                (scored["learned/0"][0] + scored["learned/1"][0]) / 2, atol=1e-7)
-    assert result["image_score"] == mode and set(result["seed_ensemble"]) == set(evaluation.KEYS)
+    assert result["image_score"] == mode.removesuffix("-fused") and set(result["seed_ensemble"]) == set(evaluation.KEYS)
     # the aux threshold is applied to the mean-of-seeds scores evaluate computed
     info = json.loads((folder / "detector.json").read_text())
     labels = store.open_store(tmp / "target").labels[:].astype(bool)
@@ -188,6 +191,15 @@ def test_evaluate_refuses_a_detector_with_other_settings_or_guides(setup, tmp_pa
             "--params", str(write_params(tmp_path, "max"))]
     with pytest.raises(detector.DetectorError, match=r"image_score is 'lse' but evaluate.image_score .* is 'max'.*export@"):
         evaluate_stage.main(argv)
+    argv[argv.index("--params") + 1] = str(write_params(tmp_path, "lse-fused"))
+    with pytest.raises(detector.DetectorError, match=r"fusion is 'none' but evaluate.fusion .* is 'self_dissimilarity'"):
+        evaluate_stage.main(argv)
+    # a detector.json written before the option existed scored the guide map alone
+    info = json.loads((folder / "detector.json").read_text())
+    old = tmp_path / "old" / "detector"
+    detector.save(old, detector.read(folder)[1], {k: v for k, v in info.items() if k != "fusion"})
+    assert detector.Detector.load(old, with_backbone=False).settings.fusion == "none"
+    argv[argv.index("--params") + 1] = str(write_params(tmp_path, "lse"))
     info = json.loads((folder / "detector.json").read_text())
     moved = tmp_path / "m" / "detector"
     detector.save(moved, detector.read(folder)[1], {**info, "guides": {**info["guides"], "sha256": "0" * 64}})

@@ -51,3 +51,55 @@ def test_global_probability_is_softmax_of_cosines():
     p = scoring.global_probability(cls, vectors())
     # image 0: cosines (1/sqrt2, 1/sqrt2) -> 0.5; image 1: cosines (0, 1) -> e / (1 + e)
     np.testing.assert_allclose(p, [0.5, np.e / (1 + np.e)], rtol=1e-6)
+
+
+def slow_fused_patch_scores(tokens, g, temperature):
+    """Per patch, by explicit loops: softmax anomaly probability of the two local-guide cosines times
+    1 - cos(token, mean token of its image)."""
+    b, length, d = tokens.shape
+    out = np.zeros((b, length))
+    t = tokens.double().numpy()
+    normal, anomaly = g[guides.NORMAL_LOCAL].double().numpy(), g[guides.ANOMALY_LOCAL].double().numpy()
+    cos = lambda u, v: float(u @ v / (np.linalg.norm(u) * np.linalg.norm(v)))  # noqa: E731
+    for i in range(b):
+        mean = t[i].mean(axis=0)
+        for j in range(length):
+            en, ea = np.exp(cos(t[i, j], normal) / temperature), np.exp(cos(t[i, j], anomaly) / temperature)
+            out[i, j] = ea / (en + ea) * (1 - cos(t[i, j], mean))
+    return out
+
+
+def test_fused_map_is_probability_times_self_dissimilarity_by_hand():
+    torch.manual_seed(1)
+    tokens = torch.randn(3, 16, 5)
+    g = torch.randn(4, 5)
+    patch = slow_fused_patch_scores(tokens, g, 0.07)
+    for sigma in (0, 2.0):
+        fused = scoring.anomaly_maps(tokens, g, (4, 4), 12, temperature=0.07, sigma=sigma, fusion="self_dissimilarity")
+        up = torch.nn.functional.interpolate(torch.from_numpy(patch).float().reshape(3, 1, 4, 4), size=(12, 12),
+                                             mode="bilinear", align_corners=False)[:, 0].numpy()
+        want = np.stack([gaussian_filter(m, sigma, mode="reflect") for m in up]) if sigma else up
+        assert fused.shape == (3, 12, 12) and fused.dtype == np.float32
+        np.testing.assert_allclose(fused, want, rtol=0, atol=1e-6)
+    # fusion "none" is the guide probability alone, unchanged by the option
+    plain = scoring.anomaly_maps(tokens, g, (4, 4), 12, temperature=0.07, sigma=2.0)
+    assert np.array_equal(plain, scoring.anomaly_maps(tokens, g, (4, 4), 12, temperature=0.07, sigma=2.0, fusion="none"))
+    assert np.abs(plain - fused).max() > 1e-2
+
+
+def test_fusion_silences_what_the_whole_image_shares():
+    """An image whose patches are all the same token has self-dissimilarity 0 everywhere: its fused map
+    is 0 even where the guides call every patch anomalous; one odd patch is the only thing left."""
+    g = vectors(5)
+    tokens = torch.zeros(2, 16, 5)
+    tokens[:, :, 1] = 1.0  # every patch on the anomaly guide
+    tokens[1, 5] = torch.tensor([0.0, 1.0, 0.0, 0.0, 3.0])  # image 1: one patch differs (still anomalous)
+    plain = scoring.anomaly_maps(tokens, g, (4, 4), 8, temperature=0.07, sigma=0)
+    fused = scoring.anomaly_maps(tokens, g, (4, 4), 8, temperature=0.07, sigma=0, fusion="self_dissimilarity")
+    assert plain[0].min() > 0.99 and np.abs(fused[0]).max() < 1e-6
+    assert fused[1].max() > 0.2 > 10 * np.median(fused[1]) and np.unravel_index(fused[1].argmax(), (8, 8)) in {(2, 2), (2, 3), (3, 2), (3, 3)}
+
+
+def test_unknown_fusion_is_refused():
+    with pytest.raises(ValueError, match="fusion must be one of none, self_dissimilarity"):
+        scoring.anomaly_maps(torch.zeros(1, 4, 4), vectors(4), (2, 2), 4, temperature=0.07, sigma=0, fusion="sum")

@@ -373,8 +373,9 @@ def check_detector(det: detector.Detector, folder: Path, *, sae_sha256: str, sae
         raise detector.DetectorError(f"{where}: exported from guides with sha256 {recorded}, but "
                                      f"{guides_folder / 'guides.safetensors'} has {guides_sha256}; {hint}")
     for key, value in params.items():
-        if det.info[key] != value:
-            raise detector.DetectorError(f"{where}: {key} is {det.info[key]!r} but evaluate.{key} in {params_path} is "
+        recorded = getattr(det.settings, key)  # with the defaults of keys older detectors lack
+        if recorded != value:
+            raise detector.DetectorError(f"{where}: {key} is {recorded!r} but evaluate.{key} in {params_path} is "
                                          f"{value!r}; {hint}")
 
 

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     vectors = torch.stack([guides.guide_vectors(codes.float(), dictionary) for codes in codes_per_seed])
     settings = scoring.ScoreSettings(temperature=float(training["temperature"]), blur_sigma=cfg.blur_sigma,
                                      image_score=cfg.image_score, lse_temperature=cfg.lse_temperature,
-                                     top_fraction=cfg.top_fraction)
+                                     top_fraction=cfg.top_fraction, fusion=cfg.fusion)
 
     # the detector's own scoring (mean of the seeds' maps) of every auxiliary image, maps not kept
     scored = evaluation.score_rows(aux, 0, aux.n_images, {k: v.to(device) for k, v in
@@ -105,10 +105,11 @@ def main(argv: list[str] | None = None) -> None:
         "image_score": settings.image_score,
         "lse_temperature": settings.lse_temperature,
         "top_fraction": settings.top_fraction,
+        "fusion": settings.fusion,
         "seeds": seeds,
         "seed_combination": "mean of the seeds' maps, then the image score of the mean map "
                             "(global: mean of the seeds' global probabilities)",
-        "map_range": [0.0, 1.0],
+        "map_range": [0.0, 1.0] if settings.fusion == "none" else [0.0, 2.0],
         "threshold": threshold,
         "threshold_rule": "aux_f1_max",
         "threshold_note": "the image-score threshold with the highest F1 over the auxiliary set's own images "
