@@ -166,34 +166,42 @@ def baseline_rows(target: store.FeatureStore, start: int, stop: int, settings: s
 
     Maps are the patch scores upsampled and blurred like the guide maps (:func:`scoring.patch_maps`,
     ``settings.blur_sigma``). ``mutual`` sees every image of [start, stop), so the rows must be one
-    whole category. Tokens are checked finite as read. With a ``sink`` (:data:`MapSink`), each batch's
-    maps go to it instead and the result's maps are None (the scores by mode are the same).
+    whole category. Tokens are read chunk by chunk (:class:`baselines.ChunkRows`, one decoded chunk
+    kept), ``mutual`` in blocks of images (:func:`baselines.mutual_streamed`) and ``self_dissimilarity``
+    batch by batch, so no (n, L, d) token array of the category is held (issue 13 §5); each chunk's rows
+    of the category are checked finite the first time they are read. With a ``sink``
+    (:data:`MapSink`), each batch's maps go to it instead and the result's maps are None (the scores
+    by mode are the same).
     """
     grid, size = tuple(target.attrs["grid"]), target.masks.shape[-1]
-    tokens = target.tokens[start:stop]  # (n, L, d) float16: mutual needs the whole category at once
-    target.check_finite("tokens", tokens, start)
-    n = len(tokens)
-    patch = {baselines.SELF_DISSIMILARITY: np.concatenate([
-        baselines.self_dissimilarity(torch.from_numpy(tokens[i:i + batch_images].astype(np.float32)).to(device)).cpu().numpy()
-        for i in range(0, n, batch_images)])}
+    n, length = stop - start, target.tokens.shape[1]
+    read = baselines.ChunkRows(lambda c: target.read(c, ("tokens",))["tokens"], target.chunk_images, start, stop,
+                               check=lambda values, first: target.check_finite("tokens", values, first))
+    mutual = None  # (n, L) float32: needs every image of the category before any batch's map
     reasons = {}
     if n >= 2:
-        patch[baselines.MUTUAL] = baselines.mutual(torch.from_numpy(tokens), device=device)
+        mutual = baselines.mutual_streamed(read, n, length, device=device)
     else:
         reasons[baselines.MUTUAL] = baselines.ONE_IMAGE
+    names = [baselines.SELF_DISSIMILARITY] + ([baselines.MUTUAL] if mutual is not None else [])
     out: dict[str, tuple] = {name: (None, None, reason) for name, reason in reasons.items()}
-    maps: dict[str, list] = {name: [] for name in patch}
-    modes: dict[str, list] = {name: [] for name in patch}
+    maps: dict[str, list] = {name: [] for name in names}
+    modes: dict[str, list] = {name: [] for name in names}
     for i in range(0, n, batch_images):  # batches outermost: a sink sees each batch's baselines together
-        batch = {name: scoring.patch_maps(torch.from_numpy(values[i:i + batch_images]), grid, size,
-                                          sigma=settings.blur_sigma) for name, values in patch.items()}
+        j = min(i + batch_images, n)
+        patch = {baselines.SELF_DISSIMILARITY: baselines.self_dissimilarity(
+            torch.from_numpy(read(i, j).astype(np.float32)).to(device)).cpu()}  # (b, L): per image, so per batch
+        if mutual is not None:
+            patch[baselines.MUTUAL] = torch.from_numpy(mutual[i:j])
+        batch = {name: scoring.patch_maps(values, grid, size, sigma=settings.blur_sigma)
+                 for name, values in patch.items()}
         if sink is not None:
             sink(i, batch)
         for name, m in batch.items():
             modes[name].append(scoring.scores_by_mode(m, None, settings))  # row by row: batches change nothing
             if sink is None:
                 maps[name].append(m)
-    for name in patch:
+    for name in names:
         by_mode = {mode: None if modes[name][0][mode] is None else np.concatenate([b[mode] for b in modes[name]])
                    for mode in scoring.IMAGE_SCORES}
         out[name] = (np.concatenate(maps[name]) if sink is None else None, by_mode, None)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import baselines, guides, scoring
+from pipeline import baselines, evaluation, guides, scoring, store
+from pipeline.errors import NonFiniteError
 
 
 def cosine(a, b):
@@ -37,6 +38,183 @@ def slow_mutual(tokens, fraction=0.3):
                 per_image.append(min(1 - cosine(tokens[i, p], tokens[j, q]) for q in range(length)))
             out[i, p] = np.mean(sorted(per_image)[:k])
     return out
+
+
+def inmemory_mutual_before_issue_13(tokens, fraction=0.3, *, elements=1 << 24):
+    """``baselines.mutual`` as it was before issue 13 §5 (the whole category normalised in memory as
+    float32), copied verbatim as the reference the streamed version must reproduce."""
+    tokens = torch.as_tensor(tokens)
+    n, length, d = tokens.shape
+    k = baselines.mutual_k(n - 1, fraction)
+    unit = torch.nn.functional.normalize(tokens.to(dtype=torch.float32), dim=-1)  # (N, L, d)
+    b = baselines.block_images(length, n, elements)
+    out = torch.empty(n, length, dtype=torch.float32)
+    for qa in range(0, n, b):
+        qb = min(qa + b, n)
+        query = unit[qa:qb].reshape(-1, d)
+        nearest = torch.empty(len(query), n, dtype=torch.float32)
+        for ra in range(0, n, b):
+            rb = min(ra + b, n)
+            cos = query @ unit[ra:rb].reshape(-1, d).T
+            nearest[:, ra:rb] = 1 - cos.reshape(len(query), rb - ra, length).amax(dim=-1)
+        for i in range(qa, qb):
+            nearest[(i - qa) * length:(i - qa + 1) * length, i] = math.inf
+        smallest = torch.topk(nearest, k, dim=1, largest=False).values
+        out[qa:qb] = smallest.mean(dim=1).reshape(qb - qa, length)
+    return out.numpy()
+
+
+GRID, SIZE = 2, 8  # L = 4 tokens per image, maps 8 x 8
+
+
+def tiny_store(path, tokens, categories, chunk_images):
+    """A complete store of ``tokens`` (N, L, d) float16, category index per image, ``chunk_images`` per chunk."""
+    n, length, d = tokens.shape
+    layout = store.StoreLayout(n, length, d, SIZE, chunk_images)
+    attrs = {"dataset": "tiny", "backbone": "none", "weights_sha256": "none", "layer": -1, "image_size": SIZE,
+             "grid": [GRID, GRID], "categories": [f"c{i}" for i in range(max(categories) + 1)],
+             "paths": [f"img{i:02d}.png" for i in range(n)]}
+    group, pending = store.prepare(path, layout, attrs)
+    for c in pending:
+        a, b = layout.chunk_range(c)
+        store.write_chunk(group, layout, c, {
+            "tokens": tokens[a:b], "cls": tokens[a:b].mean(axis=1), "masks": np.zeros((b - a, SIZE, SIZE), np.uint8),
+            "images": np.zeros((b - a, SIZE, SIZE, 3), np.uint8), "labels": np.arange(a, b) % 2 == 1,
+            "category": np.asarray(categories[a:b], np.int16), "defect": np.zeros(b - a, np.int16)})
+    store.finalize(group, path)
+    return store.open_store(path)
+
+
+def store_reader(target, start, stop):
+    return baselines.ChunkRows(lambda c: target.read(c, ("tokens",))["tokens"], target.chunk_images, start, stop,
+                               check=lambda values, first: target.check_finite("tokens", values, first))
+
+
+@pytest.fixture(scope="module")
+def category_store(tmp_path_factory):
+    """11 images in chunks of 3: category c1 is rows [2, 9), 7 images, not aligned with the chunks."""
+    tokens = np.random.default_rng(5).standard_normal((11, GRID * GRID, 6)).astype(np.float16)
+    return tiny_store(tmp_path_factory.mktemp("baselines") / "target", tokens, [0, 0, 1, 1, 1, 1, 1, 1, 1, 2, 2], 3)
+
+
+@pytest.mark.parametrize("block", [1, 2, 6, 7])  # 1, 2 (7 = 2+2+2+1), N - 1 (6 + 1), N
+def test_mutual_streamed_from_a_store_equals_the_loop_and_the_in_memory_scores(category_store, block):
+    target = category_store
+    tokens = target.tokens[2:9]  # (7, 4, 6) float16: the references only
+    length = tokens.shape[1]
+    got = baselines.mutual_streamed(store_reader(target, 2, 9), 7, length, block=block)
+    assert got.dtype == np.float32 and got.shape == (7, length)
+    np.testing.assert_allclose(got, slow_mutual(tokens.astype(np.float64)), atol=1e-5)
+    # the same blocks as the pre-streaming code: the same matmuls, so the same bits
+    elements = (block * length) ** 2
+    np.testing.assert_array_equal(got, inmemory_mutual_before_issue_13(tokens, elements=elements))
+    np.testing.assert_array_equal(got, baselines.mutual(tokens, elements=elements))
+    # any other block size: the same up to the order of float32 sums
+    np.testing.assert_allclose(got, inmemory_mutual_before_issue_13(tokens), atol=1e-6)
+
+
+@pytest.mark.parametrize("n, block", [(2, 1), (2, 2), (5, 1), (5, 2), (5, 4), (5, 5), (9, 4)])
+def test_mutual_never_asks_the_reader_for_more_than_a_block(n, block):
+    tokens = np.random.default_rng(n).standard_normal((n, 3, 4)).astype(np.float16)
+    calls = []
+
+    def read(i, j):
+        calls.append((i, j))
+        return tokens[i:j]
+
+    got = baselines.mutual_streamed(read, n, 3, block=block)
+    assert calls and all(0 <= i < j <= n and j - i <= block for i, j in calls)
+    # every query block reads each other reference block once (its own block is its diagonal)
+    blocks = [(a, min(a + block, n)) for a in range(0, n, block)]
+    assert sorted(calls) == sorted([q for q in blocks] + [r for q in blocks for r in blocks if r != q])
+    np.testing.assert_allclose(got, slow_mutual(tokens.astype(np.float64)), atol=1e-5)
+
+
+def test_mutual_streamed_refuses_one_image_without_reading():
+    def read(i, j):
+        raise AssertionError("a category of one image must not be read")
+
+    with pytest.raises(ValueError, match="one image"):
+        baselines.mutual_streamed(read, 1, 4)
+
+
+def test_mutual_streamed_refuses_a_reader_of_the_wrong_shape():
+    tokens = np.zeros((4, 3, 2), np.float32)
+    with pytest.raises(ValueError, match=r"reader gave \(1, 3, 2\) for images \[0, 2\)"):
+        baselines.mutual_streamed(lambda i, j: tokens[i:i + 1], 4, 3, block=2)
+
+
+def test_chunk_rows_reads_category_rows_decoding_each_chunk_once_in_order():
+    rows = np.arange(11 * 2, dtype=np.float32).reshape(11, 2)  # 11 rows in chunks of 3
+    decoded = []
+
+    def read_chunk(c):
+        decoded.append(c)
+        return rows[3 * c:3 * c + 3]
+
+    read = baselines.ChunkRows(read_chunk, 3, 2, 9)  # rows [2, 9): chunks 0 (row 2), 1, 2 (rows 6-8)
+    assert len(read) == 7
+    for i, j in [(0, 2), (2, 3), (3, 7)]:
+        np.testing.assert_array_equal(read(i, j), rows[2 + i:2 + j])
+    assert decoded == [0, 1, 2]  # one chunk kept: reading in order decodes each chunk once
+    np.testing.assert_array_equal(read(0, 7), rows[2:9])
+    assert decoded == [0, 1, 2, 0, 1, 2]
+    with pytest.raises(ValueError, match="outside"):
+        read(5, 8)
+
+
+def test_chunk_rows_checks_only_the_category_rows_once_per_chunk(tmp_path):
+    tokens = np.random.default_rng(0).standard_normal((7, GRID * GRID, 3)).astype(np.float16)
+    tokens[1, 0, 0] = np.nan  # image 1 is in category 0, which shares chunk 0 with category 1
+    target = tiny_store(tmp_path / "nan", tokens, [0, 0, 1, 1, 1, 1, 1], 3)
+    got = baselines.mutual_streamed(store_reader(target, 2, 7), 5, GRID * GRID, block=2)  # category 1: no NaN
+    np.testing.assert_allclose(got, slow_mutual(tokens[2:7].astype(np.float64)), atol=1e-5)
+    with pytest.raises(NonFiniteError, match=r"tokens of image 1 \(img01.png\), chunk 0"):
+        baselines.mutual_streamed(store_reader(target, 0, 2), 2, GRID * GRID)
+
+
+class NoSlicing:
+    """Stands in for ``target.tokens``: its shape and chunks, but slicing it (reading a whole
+    category at once, as before issue 13 §5) fails."""
+
+    def __init__(self, array):
+        self.shape, self.chunks, self.dtype = array.shape, array.chunks, array.dtype
+
+    def __getitem__(self, key):
+        raise AssertionError(f"tokens[{key}] read outside the chunk reader")
+
+
+@pytest.mark.parametrize("start, stop", [(2, 9), (9, 11)])
+@pytest.mark.parametrize("batch_images", [2, 3, 16])
+def test_baseline_rows_reads_tokens_by_chunk_and_equals_the_whole_category_scores(category_store, start, stop,
+                                                                                   batch_images, monkeypatch):
+    target = category_store
+    tokens = target.tokens[start:stop]
+    settings = scoring.ScoreSettings(blur_sigma=1.0)
+    reads = []
+    real_read = target.read
+    monkeypatch.setattr(target, "read", lambda c, names=("tokens",), **kw: reads.append(c) or real_read(c, names, **kw))
+    monkeypatch.setattr(target, "tokens", NoSlicing(target.tokens))
+    got = evaluation.baseline_rows(target, start, stop, settings, batch_images, torch.device("cpu"))
+    assert reads and set(reads) == set(range(start // 3, (stop - 1) // 3 + 1))
+    # the whole category's scores, as baseline_rows computed them before: self-dissimilarity per image,
+    # mutual on the whole (n, L, d) array
+    want = {"self_dissimilarity": baselines.self_dissimilarity(torch.from_numpy(tokens.astype(np.float32))),
+            "mutual": torch.from_numpy(inmemory_mutual_before_issue_13(tokens))}
+    for name, values in want.items():
+        maps = scoring.patch_maps(values, (GRID, GRID), SIZE, sigma=1.0)
+        np.testing.assert_array_equal(got[name][0], maps)
+        for mode, scores in scoring.scores_by_mode(maps, None, settings).items():
+            if scores is None:
+                assert got[name][1][mode] is None
+            else:
+                np.testing.assert_array_equal(got[name][1][mode], scores)
+
+
+def test_baseline_rows_of_one_image_has_no_mutual(category_store):
+    got = evaluation.baseline_rows(category_store, 10, 11, scoring.ScoreSettings(), 4, torch.device("cpu"))
+    assert got["mutual"] == (None, None, baselines.ONE_IMAGE)
+    assert got["self_dissimilarity"][0].shape == (1, SIZE, SIZE)
 
 
 def test_self_dissimilarity_equals_the_loop():
