@@ -1,0 +1,38 @@
+"""Why does the no-SAE control come close to the learned guides? (README "Results on real defects")
+Per auxiliary set: dead latents, active latents per guide row, and the cosines between the learned guide
+vectors and the no-SAE control's mean tokens, from models/<A>/{sae,guides,detector} and features/<A>.
+
+  python tools/guide_directions.py [A ...]     (default: synth_a synth_b; run from the repository root)
+"""
+import sys
+
+import torch, numpy as np, torch.nn.functional as F
+from pipeline import sae, guides, store, evaluation, detector
+from pipeline import guides as G
+dev = torch.device("cpu")
+for a in sys.argv[1:] or ("synth_a", "synth_b"):
+    model, dead, _ = sae.load(f"models/{a}/sae", dev)
+    codes, cfg = guides.load(f"models/{a}/guides")
+    D = model.dictionary.detach()
+    aux = store.open_store(f"features/{a}")
+    ns = evaluation.no_sae_guides(aux, dev)
+    det = detector.Detector.load(f"models/{a}/detector", device=dev, with_backbone=False)
+    print(a, "dead latents", int(dead.sum()), "of", len(dead))
+    for s, c in enumerate(codes):
+        v = det.vectors[s]
+        active = (c > 0).sum(1).tolist()
+        dn = F.normalize(v[G.ANOMALY_LOCAL] - v[G.NORMAL_LOCAL], dim=0)
+        dm = F.normalize(ns[G.ANOMALY_LOCAL] - ns[G.NORMAL_LOCAL], dim=0)
+        # cos used by the scoring is cos(token, g): the discriminant direction is normalize(ga) - normalize(gn)
+        en = F.normalize(v[G.ANOMALY_LOCAL], dim=0) - F.normalize(v[G.NORMAL_LOCAL], dim=0)
+        em = F.normalize(ns[G.ANOMALY_LOCAL], dim=0) - F.normalize(ns[G.NORMAL_LOCAL], dim=0)
+        print(f"  seed {s}: active latents per row {active}; cos(learned local n, mean normal) "
+              f"{float(F.cosine_similarity(v[G.NORMAL_LOCAL], ns[G.NORMAL_LOCAL], dim=0)):.3f}, "
+              f"(a, mean anomalous) {float(F.cosine_similarity(v[G.ANOMALY_LOCAL], ns[G.ANOMALY_LOCAL], dim=0)):.3f}; "
+              f"cos(learned a-n, mean a-n) {float(dn @ dm):.3f}; cos of the cosine-score directions {float(F.cosine_similarity(en, em, dim=0)):.3f}; "
+              f"|cos(ga, gn)| learned {float(F.cosine_similarity(v[2], v[3], dim=0)):.3f} vs mean {float(F.cosine_similarity(ns[2], ns[3], dim=0)):.3f}")
+    # how well can 32 live atoms express the mean tokens? (SAE reconstruction of the no-SAE guides)
+    for name, row in (("mean normal patch", G.NORMAL_LOCAL), ("mean anomalous patch", G.ANOMALY_LOCAL)):
+        x = ns[row][None]
+        recon = model(x)[0].detach()
+        print(f"  SAE reconstruction of the {name}: cos {float(F.cosine_similarity(recon, x)):.3f}")
