@@ -22,10 +22,11 @@ Writes into ``--out`` (each file whole or not at all, through a temp file and ``
 - ``scores.csv``: ``path, score, decision, seconds, map, overlay`` per scored image, in input order;
   ``seconds`` is the image's own decode and write time plus an equal share of its batch's scoring time.
 - ``maps/<relative path>.png``: the map at the image's **original size** (the S x S map resized
-  bilinearly), a 16-bit greyscale PNG whose pixel value v means the anomaly probability v / 65535.
+  bilinearly), a 16-bit greyscale PNG whose pixel value v means the anomaly probability v / 65535
+  (a detector exported with ``fusion: self_dissimilarity`` has ``map_range`` [0, 2]: v / 65535 · 2).
 - ``overlays/<relative path>.png``: the image with the map over it as a colour layer (``jet``, fixed
-  scale 0 to 1, half transparent) and the outline, in white, of the pixels whose map value is
-  ``>= threshold``.
+  scale 0 to the map range's top, half transparent) and the outline, in white, of the pixels whose map
+  value is ``>= threshold``.
 - ``skipped.csv``: ``path, input, reason`` for every file that could not be scored (truncated, not an
   image, a decompression bomb, a refused mode, a name that cannot be mirrored under ``--out``); the
   batch goes on without them. Always written (the header alone when nothing was skipped).
@@ -253,22 +254,28 @@ def decisions(scores: np.ndarray, threshold: float) -> list[str]:
 # Maps and overlays
 
 
-def map_at_size(amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """amap (S, S) float in [0, 1] -> (H, W) float32 for ``size`` = (W, H), PIL order.
+def map_top(detector: Any) -> float:
+    """The upper end of a detector's map values: ``map_range`` of its detector.json (1 for the guide
+    probability, 2 with ``fusion: self_dissimilarity``); 1 where the info does not say."""
+    return float(detector.info.get("map_range", (0.0, 1.0))[1])
+
+
+def map_at_size(amap: np.ndarray, size: tuple[int, int], top: float = 1.0) -> np.ndarray:
+    """amap (S, S) float in [0, top] -> (H, W) float32 for ``size`` = (W, H), PIL order.
 
     PIL's bilinear resize of a float (mode ``F``) image: pixel centres aligned (output pixel j samples
     the source at (j + 0.5) * S / W - 0.5), with the filter widened when shrinking (antialiasing).
-    Clipped to [0, 1] (the interpolation of values in [0, 1] stays there but for rounding).
+    Clipped to [0, top] (the interpolation of values in that range stays there but for rounding).
     """
     image = Image.fromarray(np.ascontiguousarray(amap, dtype=np.float32))  # mode F
     if image.size != tuple(size):
         image = image.resize(tuple(size), Image.Resampling.BILINEAR)
-    return np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)
+    return np.clip(np.asarray(image, dtype=np.float32), 0.0, top)
 
 
-def map_png(full: np.ndarray) -> Image.Image:
-    """full (H, W) float in [0, 1] -> a 16-bit greyscale image, value round(p * 65535)."""
-    return Image.fromarray(np.rint(full * MAP_SCALE).astype(np.uint16))
+def map_png(full: np.ndarray, top: float = 1.0) -> Image.Image:
+    """full (H, W) float in [0, top] -> a 16-bit greyscale image, value round(v / top * 65535)."""
+    return Image.fromarray(np.rint(full * (MAP_SCALE / top)).astype(np.uint16))
 
 
 _JET = None
@@ -284,11 +291,12 @@ def _jet_lut() -> np.ndarray:
     return _JET
 
 
-def overlay(image: Image.Image, full: np.ndarray, threshold: float) -> Image.Image:
-    """The RGB ``image`` (W, H) with ``full`` (H, W) in [0, 1] as a ``jet`` layer and, in white, the
-    outline (about 1/300 of the longer side thick, at least 1 pixel) of the region ``full >= threshold``."""
+def overlay(image: Image.Image, full: np.ndarray, threshold: float, top: float = 1.0) -> Image.Image:
+    """The RGB ``image`` (W, H) with ``full`` (H, W) in [0, top] as a ``jet`` layer (0 to top) and, in
+    white, the outline (about 1/300 of the longer side thick, at least 1 pixel) of the region
+    ``full >= threshold`` (threshold in map units, as the detector's image scores are)."""
     rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
-    colour = _jet_lut()[np.rint(full * 255).astype(np.uint8)].astype(np.float32)
+    colour = _jet_lut()[np.rint(full * (255 / top)).astype(np.uint8)].astype(np.float32)
     out = ((1 - OVERLAY_ALPHA) * rgb + OVERLAY_ALPHA * colour).round().astype(np.uint8)
     region = full >= threshold
     if region.any():
@@ -305,13 +313,13 @@ def _write_png(path: Path, image: Image.Image) -> None:
 
 
 def _write_outputs(out: Path, parts: Sequence[str], image: Image.Image, amap: np.ndarray,
-                   threshold: float) -> tuple[Path, Path, float]:
+                   threshold: float, top: float = 1.0) -> tuple[Path, Path, float]:
     """Write one image's map (16-bit, original size) and overlay PNGs; (map file, overlay file, seconds)."""
     t0 = time.perf_counter()
-    full = map_at_size(amap, image.size)
+    full = map_at_size(amap, image.size, top)
     map_file, overlay_file = output_path(out / "maps", parts), output_path(out / "overlays", parts)
-    _write_png(map_file, map_png(full))
-    _write_png(overlay_file, overlay(image, full, threshold))
+    _write_png(map_file, map_png(full, top))
+    _write_png(overlay_file, overlay(image, full, threshold, top))
     return map_file, overlay_file, time.perf_counter() - t0
 
 
@@ -431,6 +439,7 @@ def predict_files(
     if not found.files:
         raise PredictError(f"no image to score in {' '.join(map(str, inputs)) or '(no input)'}: expected image files "
                            f"({' '.join(IMAGE_EXTENSIONS)}, any case), folders holding them, or glob patterns")
+    top = map_top(detector)  # 2 for a fused detector: its maps are not probabilities
     skipped: list[tuple[str, str, str]] = []
 
     def skipper(role: str):
@@ -521,7 +530,7 @@ def predict_files(
                 timing["decode_s"] += sum(b.decode_s)
                 # PNG encoding (PIL releases the GIL) runs in the writers while the next batch is decoded and
                 # scored; waiting for the previous batch first keeps at most two batches in memory
-                jobs = [pool.submit(_write_outputs, out, parts, image, maps[i], t)
+                jobs = [pool.submit(_write_outputs, out, parts, image, maps[i], t, top)
                         for i, (parts, image) in enumerate(zip(b.names, b.images))]
                 finish(pending)
                 pending = [(path, float(scores[i]), verdicts[i], b.decode_s[i] + score_s / len(b.images), jobs[i])
@@ -547,8 +556,11 @@ def predict_files(
         "decision_rule": f"anomalous when score >= threshold ({t!r})",
         "score_range": [score_min, score_max] if n_scored else None,
         "maps": {"folder": "maps", "format": "16-bit greyscale PNG at the original image size, the S x S map "
-                 "resized bilinearly", "value": f"anomaly probability = pixel / {MAP_SCALE}", "range": [0, 1]},
-        "overlays": {"folder": "overlays", "colours": "matplotlib jet, 0 to 1, alpha 0.5",
+                 "resized bilinearly",
+                 "value": (f"anomaly probability = pixel / {MAP_SCALE}" if top == 1 else
+                           f"map value (guide probability x self-dissimilarity) = pixel / {MAP_SCALE} x {top:g}"),
+                 "range": [0, top]},
+        "overlays": {"folder": "overlays", "colours": f"matplotlib jet, 0 to {top:g}, alpha 0.5",
                      "outline": "white, pixels with map >= threshold"},
         "timing": {**{k: round(v, 4) for k, v in timing.items()}, "total_s": round(total_s, 4),
                    "note": "write_s is summed over the writer threads, which run while batches are decoded "

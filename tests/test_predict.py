@@ -99,6 +99,26 @@ def test_outputs_have_original_size_and_map_values_round_trip(tmp_path):
     assert rows(out / "skipped.csv") == [] and (out / "skipped.csv").read_text().strip() == "path,input,reason"
 
 
+def test_fused_detector_maps_keep_values_above_one(tmp_path):
+    """A detector exported with ``fusion: self_dissimilarity`` has map_range [0, 2]: its maps and image
+    scores go above 1. The map PNG stores value / 2, the overlay's colours span 0 to 2, and its outline is
+    drawn at the detector's threshold in map units (before: maps clipped at 1, so a threshold of 1.5
+    outlined nothing and every value above 1 was lost)."""
+    image = solid(tmp_path / "in" / "a.png", size=(S, S), red=255)
+    det = FakeDetector(threshold=1.5)
+    det.info["map_range"] = [0.0, 2.0]
+    ramp = 2 * np.arange(S, dtype=np.float32) / (S - 1)  # 0 .. 2 along x
+    det.predict = lambda images: (np.tile(ramp, (len(images), S, 1)), np.full(len(images), 2.0))
+    summary = P.predict_files([image], det, tmp_path / "out")
+    values = np.asarray(Image.open(tmp_path / "out" / "maps" / "a.png.png")).astype(np.float64) * 2 / P.MAP_SCALE
+    np.testing.assert_allclose(values, np.tile(ramp, (S, 1)), atol=2 / P.MAP_SCALE)
+    over = np.asarray(Image.open(tmp_path / "out" / "overlays" / "a.png.png"))
+    assert (over == 255).all(axis=-1).any()  # the outline of the region map >= 1.5
+    assert summary["maps"]["range"] == [0, 2.0] and "x 2" in summary["maps"]["value"]
+    # a plain detector (no map_range, or [0, 1]) is written as before: probability = pixel / 65535
+    assert P.map_top(FakeDetector()) == 1.0
+
+
 def test_shrunk_map_keeps_a_constant_value(tmp_path):
     # downscaling (S=16 -> 10 x 7) averages neighbours: a constant map stays that constant exactly
     image = solid(tmp_path / "small.png", size=(10, 7), red=51)
