@@ -1,17 +1,23 @@
 """The embedded default benchmark: seeded synthetic defects on textures, written in MVTec AD layout.
 
 A fresh machine may have neither datasets nor a network, yet ``dvc repro`` must run end to end. This
-module renders two small anomaly-detection datasets from textures that ship with installed packages
-(scikit-image's CC0 ``brick``, ``grass`` and ``gravel``) and from procedural ones (wood, woven fabric,
-brushed metal, marble), and writes them as
+module renders three small anomaly-detection datasets from textures that ship with installed packages
+(scikit-image's CC0 ``brick``, ``grass`` and ``gravel``, and its ``moon`` photograph as ``stone``:
+``skimage.data.moon``'s docstring names no source or licence, so it is covered only by the
+scikit-image package's BSD-3-Clause ``LICENSE.txt``; nothing of it is committed here) and from
+procedural ones (wood, woven fabric, brushed metal, marble, concrete, leather), and writes them as
 
     <root>/<category>/train/good/000.png
     <root>/<category>/test/good/000.png
     <root>/<category>/test/<defect>/000.png
     <root>/<category>/ground_truth/<defect>/000_mask.png      (mode L, 0 or 255)
 
-``synth_a`` and ``synth_b`` share neither categories nor defect styles, so fitting on one and
-evaluating on the other is a true cross-dataset zero-shot protocol in both directions.
+``synth_a``, ``synth_b`` and ``synth_c`` pairwise share neither categories nor defect styles, so fitting
+on one and evaluating on another is a true cross-dataset zero-shot protocol in every direction.
+``synth_a``/``synth_b`` defects are high-contrast and geometric; ``synth_c``'s imitate the families of
+real surface defects (faint shading, cracks that follow the texture, pits, edge chips, contamination)
+on generic surfaces, as auxiliary data for real targets (issue 12 §4). Adding ``synth_c`` changed no
+byte of the other two (a test pins their digests).
 
 The ground-truth mask is *exactly* the set of changed pixels: outside the mask an image equals its
 clean source bit for bit, and every mask pixel differs from it by at least ``MIN_DELTA`` grey levels
@@ -50,8 +56,12 @@ DATASETS: dict[str, dict] = {
         "categories": ["grass", "gravel", "metal", "marble"],
         "defects": ["crack", "particle", "fold"],
     },
+    "synth_c": {
+        "categories": ["concrete", "leather", "stone"],
+        "defects": ["shading", "texture_crack", "pit", "edge_chip", "contamination"],
+    },
 }
-"""Dataset name -> its ``categories`` and ``defects`` (disjoint between the two datasets)."""
+"""Dataset name -> its ``categories`` and ``defects`` (pairwise disjoint between the datasets)."""
 
 MIN_DELTA = 24
 """Least change (grey levels, in at least one channel) of every defective pixel, so that the mask is
@@ -69,6 +79,13 @@ DEFECT_AREA: dict[str, tuple[float, float]] = {
     "crack": (0.001, 0.04),
     "particle": (0.0008, 0.05),
     "fold": (0.004, 0.10),
+    # synth_c. Shading is large by nature; pits are a dozen discs of at most 6 px radius at 256 px
+    # (12 * pi * 6^2 / 256^2 ~ 0.02; 0.01 keeps each within 6 px), the smallest one or two pits of a few patches.
+    "shading": (0.015, 0.20),
+    "texture_crack": (0.0005, 0.012),  # 1.4 S long and 2.5 px wide at most: ~0.014 at 256 px
+    "pit": (0.0005, 0.01),
+    "edge_chip": (0.002, 0.06),
+    "contamination": (0.0005, 0.04),
 }
 
 _MIN_IMAGE_SIZE = 32
@@ -193,13 +210,13 @@ def _photo(name: str) -> np.ndarray:
     return getattr(data, name)().astype(np.float32) / 255.0
 
 
-def _photo_texture(name: str, dark, light, rotate: bool):
+def _photo_texture(name: str, dark, light, rotate: bool, stretch: bool = False):
     """A texture maker from a grey photo: random crop, flips, optional quarter turns, and a jitter of
     contrast and brightness, then a category colour ramp (the photos are grey; the tint makes the
-    categories differ in colour too)."""
+    categories differ in colour too). ``stretch`` reads the photo through :func:`_stretched_photo`."""
 
     def make(rng: np.random.Generator, size: int) -> np.ndarray:
-        photo = _photo(name)
+        photo = _stretched_photo(name) if stretch else _photo(name)
         h, w = photo.shape
         side = int(rng.uniform(0.55, 0.85) * min(h, w))
         y0 = int(rng.integers(0, h - side + 1))
@@ -290,6 +307,76 @@ def _marble(rng: np.random.Generator, size: int) -> np.ndarray:
     return _tint(gray, _jitter_colour(rng, (0.20, 0.32, 0.27)), _jitter_colour(rng, (0.98, 0.94, 0.85)))
 
 
+def _concrete(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Cast concrete: a fractal grey cement matrix, a scatter of rounded aggregate stones a shade
+    lighter or darker than the matrix, and small dark air pores (bug holes)."""
+    u = size / 256
+    yy, xx = _grid(size)
+    gray = 0.55 + 0.07 * _fractal(rng, (size, size), (64 * u, 24 * u, 8 * u, 2 * u), gain=0.6)
+    # Aggregate: where a mid-scale noise field is high, a stone shows through with its own tone.
+    stones = _smooth_noise(rng, (size, size), 10 * u)
+    tone = _smooth_noise(rng, (size, size), 40 * u)
+    gray = gray + np.where(stones > 1.0, 0.06 * tone - 0.02 * (stones - 1.0), 0.0)
+    # Pores: a few dozen small dark round dimples, shaded darker towards their centre.
+    n_pores = int(rng.integers(20, 60))
+    cy, cx = rng.uniform(0, size, (2, n_pores))
+    radius = rng.uniform(0.8, 3.0, n_pores) * u
+    seeds = np.zeros((size, size), bool)
+    seeds[np.clip(cy.astype(int), 0, size - 1), np.clip(cx.astype(int), 0, size - 1)] = True
+    dist, (iy, ix) = ndimage.distance_transform_edt(~seeds, return_indices=True)
+    r_map = np.zeros((size, size), np.float32)
+    r_map[np.clip(cy.astype(int), 0, size - 1), np.clip(cx.astype(int), 0, size - 1)] = radius
+    pore = np.clip(1 - dist / np.maximum(r_map[iy, ix], 0.5), 0, 1)
+    gray = gray - 0.3 * pore**0.7
+    return _tint(gray, _jitter_colour(rng, (0.19, 0.21, 0.21)), _jitter_colour(rng, (0.74, 0.76, 0.74)))
+
+
+def _leather(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Pebble-grain leather: irregular domed cells (a Voronoi tessellation of jittered seeds, its
+    coordinates warped by smooth noise) separated by narrow dark creases, with fine pore noise."""
+    u = size / 256
+    yy, xx = _grid(size)
+    cell = rng.uniform(10, 15) * u
+    # One seed per grid cell, jittered: pebbles of similar size (Poisson seeds give slivers).
+    g = np.arange(0.0, size, cell)
+    sy, sx = np.meshgrid(g, g, indexing="ij")
+    sy = np.clip(sy + rng.uniform(0.1, 0.9, sy.shape) * cell, 0, size - 1).astype(int)
+    sx = np.clip(sx + rng.uniform(0.1, 0.9, sx.shape) * cell, 0, size - 1).astype(int)
+    seeds = np.zeros((size, size), bool)
+    seeds[sy, sx] = True
+    # Warp where each pixel looks up its nearest seed, so cell walls are wavy rather than straight.
+    warp = 0.2 * cell
+    wy = np.clip(np.rint(yy + warp * _smooth_noise(rng, (size, size), 2 * cell)), 0, size - 1).astype(int)
+    wx = np.clip(np.rint(xx + warp * _smooth_noise(rng, (size, size), 2 * cell)), 0, size - 1).astype(int)
+    _, (iy, ix) = ndimage.distance_transform_edt(~seeds, return_indices=True)
+    label = (iy * size + ix)[wy, wx]
+    # Creases are where the warped cell label changes; each cell domes up away from its crease.
+    edge = np.zeros((size, size), bool)
+    edge[:-1] |= label[:-1] != label[1:]
+    edge[:, :-1] |= label[:, :-1] != label[:, 1:]
+    to_edge = ndimage.distance_transform_edt(~edge).astype(np.float32)
+    dome = 1 - np.exp(-to_edge / (0.18 * cell))
+    pores = _smooth_noise(rng, (size, size), 1.0)
+    bright = rng.normal(0, 0.04, size * size)[label]  # each pebble its own slight tone
+    gray = 0.35 + 0.5 * dome + bright + 0.03 * pores + 0.05 * _smooth_noise(rng, (size, size), 60 * u)
+    return _tint(gray, _jitter_colour(rng, (0.10, 0.05, 0.04)), _jitter_colour(rng, (0.50, 0.24, 0.16)))
+
+
+@lru_cache(maxsize=None)
+def _stretched_photo(name: str) -> np.ndarray:
+    """:func:`_photo` with its 1st..99th percentile stretched to [0, 1] (clipped), for photos as low in
+    contrast as ``moon``, whose middle 90 % of pixels span only ~27 grey levels; (H, W) float32."""
+    photo = _photo(name)
+    lo, hi = np.percentile(photo, [1, 99])
+    return np.clip((photo - lo) / max(hi - lo, 1e-6), 0, 1).astype(np.float32)
+
+
+def _stone(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Weathered stone from the ``moon`` photo: a cratered, pitted grey surface, contrast stretched
+    (see :func:`_stretched_photo`) and tinted a cool slate. Same crop/flip/turn/jitter as the other photos."""
+    return _photo_texture("moon", (0.10, 0.14, 0.20), (0.72, 0.80, 0.86), rotate=True, stretch=True)(rng, size)
+
+
 _TEXTURES: dict[str, Callable[[np.random.Generator, int], np.ndarray]] = {
     "brick": _photo_texture("brick", (0.30, 0.08, 0.05), (1.0, 0.62, 0.48), rotate=False),
     "grass": _photo_texture("grass", (0.04, 0.16, 0.02), (0.62, 0.90, 0.40), rotate=True),
@@ -298,6 +385,9 @@ _TEXTURES: dict[str, Callable[[np.random.Generator, int], np.ndarray]] = {
     "fabric": _fabric,
     "metal": _metal,
     "marble": _marble,
+    "concrete": _concrete,
+    "leather": _leather,
+    "stone": _stone,
 }
 
 # --------------------------------------------------------------------------------------------------
@@ -445,6 +535,234 @@ def _fold(clean: np.ndarray, rng: np.random.Generator, area: int):
     return region, flap * shade[..., None]
 
 
+# synth_c: defect families shaped like real ones (issue 12 §4): subtle unevenness, cracks that follow
+# the texture, pitting, chipped edges and contamination, rather than synth_a/b's high-contrast shapes.
+
+
+def _shading(clean: np.ndarray, rng: np.random.Generator, area: int):
+    """Low-contrast unevenness (a pressure mark, a discoloured or dull patch): a large soft irregular
+    region where brightness shifts smoothly, darker or lighter, with a slight hue shift.
+
+    The region is a smooth noise field thresholded by rank, held together by a weak pull towards one
+    centre, so it is lobed and irregular, never a disc. The candidate moves each pixel by about
+    ``MIN_DELTA`` grey levels, most in the middle and least at the edge; :func:`_composite` lifts the
+    weakest to exactly ``MIN_DELTA``, so this is as faint as the mask contract allows.
+    """
+    size = clean.shape[0]
+    yy, xx = _grid(size)
+    radius = np.sqrt(area / np.pi)
+    margin = min(0.6 * radius, size / 2)
+    cy, cx = rng.uniform(margin, size - margin, 2)
+    dist = np.hypot(yy - cy, xx - cx) / max(radius, 1.0)
+    # Noise weak enough against the centre pull that the region stays mostly one lobed patch.
+    field = dist - 0.55 * _fractal(rng, (size, size), (max(2.0, 0.8 * radius), max(1.5, 0.3 * radius)), gain=0.4)
+    region = _lowest(field, area)
+    t = np.clip((field - field.min()) / max(float(field[region].max() - field.min()), 1e-6), 0, 1)
+    sign = 1.0 if rng.random() < 0.4 else -1.0  # most real unevenness is a darker patch
+    # Change in [0, 1] units: ~0.9-1.25 MIN_DELTA at the core falling to 60 % of that at the edge
+    # (lifted back to MIN_DELTA there by the contract); a per-channel factor gives a slight hue shift.
+    amp = rng.uniform(0.9, 1.25) * MIN_DELTA / 255 * (1 - 0.4 * _smoothstep(0.3, 1.0, t))
+    hue = 1 + rng.uniform(-0.25, 0.25, 3).astype(np.float32)
+    return region, clean + sign * amp[..., None] * hue
+
+
+def _texture_walk(
+    lum: np.ndarray, rng: np.random.Generator, start, heading: float, n_steps: int, step: float, pull: float = 1.0
+) -> np.ndarray:
+    """A walk of ``n_steps`` steps of ``step`` pixels over ``lum`` (S, S) from ``start`` (y, x) that
+    prefers dark ground; returns its vertices (<= n_steps + 1, 2) as (y, x).
+
+    At each step seven headings within ±0.9 rad of the current one are tried; each is scored by the
+    luminance ``2 * step`` pixels ahead (times ``pull``), plus noise, a persistence cost on the turn
+    and a pull back towards the first heading, and the cheapest wins. So the walk runs along valleys
+    and grain boundaries of the texture yet keeps a general direction (it does not curl up inside a
+    dark hollow). It stops at the image border.
+    ``pull=0`` gives a texture-blind wiggly walk (the comparison in the tests).
+    """
+    size = lum.shape[0]
+    turns = np.linspace(-0.9, 0.9, 7)
+    spread = float(lum.std()) + 1e-6  # luminance in units of the image's own contrast
+    pts = [np.asarray(start, np.float64)]
+    heading0 = heading
+    for _ in range(n_steps):
+        cand = heading + turns
+        ahead = pts[-1] + 2 * step * np.stack([np.sin(cand), np.cos(cand)], axis=1)
+        iy, ix = np.rint(ahead).astype(int).T
+        inside = (iy >= 0) & (iy < size) & (ix >= 0) & (ix < size)
+        cost = pull * lum[np.clip(iy, 0, size - 1), np.clip(ix, 0, size - 1)] / spread
+        drift = np.abs(np.angle(np.exp(1j * (cand - heading0))))  # wrapped to [0, pi]
+        cost = cost + 0.6 * np.abs(turns) + 0.8 * drift + rng.normal(0, 0.35, turns.size)
+        cost[~inside] = np.inf
+        if not np.isfinite(cost).any():
+            break
+        heading = float(cand[int(np.argmin(cost))])
+        nxt = pts[-1] + step * np.array([np.sin(heading), np.cos(heading)])
+        if not (0 <= nxt[0] <= size - 1 and 0 <= nxt[1] <= size - 1):
+            break
+        pts.append(nxt)
+    return np.array(pts)
+
+
+def _texture_crack(clean: np.ndarray, rng: np.random.Generator, area: int):
+    """A thin crack (1-2.5 px wide at 256 px) that follows the texture: it grows both ways from a dark
+    seed point by :func:`_texture_walk`, so it runs along the darkest valleys and grain boundaries as
+    real cracks follow weak material; darkened, and sometimes with a faint bright lip on one side."""
+    size = clean.shape[0]
+    u = size / 256
+    width = rng.uniform(1.0, 2.5) * u
+    total = float(np.clip(area / width, 0.08 * size, 1.4 * size))
+    step = max(1.5 * u, 1.0)
+    lum = ndimage.gaussian_filter(clean.mean(-1), max(u, 0.7))
+    # Seed at the darkest of a few random interior points: cracks start at weak spots.
+    lo, hi = 0.15 * size, 0.85 * size
+    tries = rng.uniform(lo, hi, (8, 2))
+    start = tries[int(np.argmin(lum[tries[:, 0].astype(int), tries[:, 1].astype(int)]))]
+    heading = rng.uniform(0, 2 * np.pi)
+    n = max(2, int(total / step / 2))
+    one = _texture_walk(lum, rng, start, heading, n, step)
+    other = _texture_walk(lum, rng, start, heading + np.pi, n, step)
+    path = _resample_path(np.concatenate([one[::-1], other[1:]]))
+    field = _path_field(path, size, rng, wobble=0.25)
+    region = _lowest(field, area)
+    cand = clean * rng.uniform(0.15, 0.35) + 0.02
+    if rng.random() < 0.5:
+        # A bright lip: the outer half of the crack's width on one side catches the light.
+        on = np.zeros((size, size), bool)
+        iy, ix = np.rint(path).astype(int).T
+        on[iy, ix] = True
+        dist, (ny, nx) = ndimage.distance_transform_edt(~on, return_indices=True)
+        ty, tx = np.gradient(path[:, 0]), np.gradient(path[:, 1])
+        tangent = np.zeros((size, size, 2), np.float32)
+        tangent[iy, ix] = np.stack([ty, tx], axis=1)
+        yy, xx = _grid(size)
+        tn = tangent[ny, nx]
+        side = tn[..., 0] * (xx - nx) - tn[..., 1] * (yy - ny)  # cross product: which side of the path
+        lip = region & (side > 0) & (dist >= max(1.0, 0.5 * float(dist[region].max())))
+        cand = np.where(lip[..., None], np.clip(clean * 1.12 + 0.06, 0, 1), cand)
+    return region, cand
+
+
+def _pit(clean: np.ndarray, rng: np.random.Generator, area: int):
+    """Corrosion pitting: one to a dozen small round pits (radius 1.5-6 px at 256 px), clustered or
+    scattered, that do not touch. Each is dark at the centre and lit from one side: a shadow on the
+    rim towards the light, a bright rim opposite (the far wall of a dimple catches the light)."""
+    size = clean.shape[0]
+    u = size / 256
+    yy, xx = _grid(size)
+    # A typical radius, at least large enough that a dozen pits cover the area; then the count.
+    # Rounding the count up keeps the mean radius <= r_mean <= 5 px; the spread of +-25 % about it
+    # keeps every pit within ~6 px.
+    r_mean = max(rng.uniform(1.5, 5.0) * u, np.sqrt(area / (12 * np.pi)))
+    n = int(np.clip(np.ceil(area / (np.pi * r_mean**2)), 1, 12))
+    radii = rng.uniform(0.75, 1.25, n)
+    radii *= np.sqrt(area / np.pi / np.sum(radii**2))  # the discs together cover ~area pixels
+    # Clustered: centres around one spot; scattered: over the whole image. Rejection keeps a gap of
+    # two pixels between discs so every pit is its own component.
+    clustered = rng.random() < 0.5
+    hub = rng.uniform(0.25 * size, 0.75 * size, 2)
+    spread = max(3.0 * radii.max() * np.sqrt(n), 0.1 * size)
+    centres: list[np.ndarray] = []
+    for r in radii:
+        for _ in range(50):
+            c = hub + rng.normal(0, spread / 2, 2) if clustered else rng.uniform(0, size, 2)
+            c = np.clip(c, r + 1, size - 2 - r)
+            if all(np.hypot(*(c - o)) > r + q + 2 for o, q in zip(centres, radii)):
+                break
+        centres.append(c)
+    centres_a = np.array(centres)
+    # Each pixel's pit: normalised distance rho to every centre (n, S, S); the nearest wins.
+    dy = yy[None] - centres_a[:, 0, None, None]
+    dx = xx[None] - centres_a[:, 1, None, None]
+    rho_all = np.hypot(dy, dx) / np.maximum(radii, 0.5)[:, None, None]
+    k = np.argmin(rho_all, axis=0)
+    rho = np.take_along_axis(rho_all, k[None], 0)[0]
+    region = _lowest(rho, area)
+    phi = rng.uniform(0, 2 * np.pi)  # light direction, shared by all pits
+    ky = np.take_along_axis(dy, k[None], 0)[0]
+    kx = np.take_along_axis(dx, k[None], 0)[0]
+    facing = (ky * np.sin(phi) + kx * np.cos(phi)) / np.maximum(np.hypot(ky, kx), 1e-3)  # -1..1
+    rim = _smoothstep(0.4, 1.0, rho)
+    shade = 0.25 + 0.35 * rho  # dark floor
+    shade = shade + rim * (0.6 * np.clip(facing, 0, 1) - 0.2 * np.clip(-facing, 0, 1))
+    return region, np.clip(clean * shade[..., None] + 0.12 * rim[..., None] * np.clip(facing, 0, 1)[..., None], 0, 1)
+
+
+def _edge_chip(clean: np.ndarray, rng: np.random.Generator, area: int):
+    """A chip broken off at an image border: an irregular bite anchored on one of the four borders
+    (the region always touches it), showing dark background through it, with a jagged broken edge
+    shaded lighter (the fracture face catches the light)."""
+    size = clean.shape[0]
+    u = size / 256
+    yy, xx = _grid(size)
+    side = int(rng.integers(4))
+    along = rng.uniform(0.1 * size, 0.9 * size)
+    # Coordinates (depth into the image, position along the border) for the chosen border.
+    depth = [yy, size - 1 - yy, xx, size - 1 - xx][side]
+    pos = [xx, xx, yy, yy][side]
+    r = np.sqrt(2 * area / np.pi)  # a half-disc of radius r has the requested area
+    e = rng.uniform(1.0, 2.2)  # wider along the border than deep
+    # In pixels: an irregular outline at the bite's own scale, jagged by ~1 px at a few pixels' scale
+    # (stronger fine noise would scatter single pixels rather than make a broken edge).
+    field = np.hypot((pos - along) / e, depth)
+    # Both bounded relative to r, so that a chip of a few pixels stays one piece.
+    field = field + 0.15 * r * _smooth_noise(rng, (size, size), max(3.0, 0.4 * r))
+    jag = min(1.2 * max(u, 0.5), 0.08 * r)
+    field = (field + jag * _smooth_noise(rng, (size, size), max(1.5, 3 * u))) / max(r, 1.0)
+    anchor = (int(round(along)), 0)
+    ay, ax = [(0, anchor[0]), (size - 1, anchor[0]), (anchor[0], 0), (anchor[0], size - 1)][side]
+    field[ay, ax] = -1.0  # ranks first: the region touches the border whatever the noise does
+    region = _lowest(field, area)
+    t = np.clip(field / max(float(field[region].max()), 1e-6), 0, 1)
+    background = _jitter_colour(rng, (0.06, 0.06, 0.07), 0.03)
+    face = np.clip(clean * 1.15 + 0.10, 0, 1)  # fracture face: lighter than the surface
+    w_face = _smoothstep(0.75, 1.0, t)[..., None]
+    return region, background * (1 - w_face) + face * w_face
+
+
+def _contamination(clean: np.ndarray, rng: np.random.Generator, area: int):
+    """Dust, fibres and smudges: a few small specks, zero to two thin curved fibres, and/or a
+    translucent grey smudge, all near-neutral grey, white or dark (dust has little colour), laid
+    over the texture with moderate alpha."""
+    size = clean.shape[0]
+    u = size / 256
+    yy, xx = _grid(size)
+    smudge = rng.random() < 0.5
+    # Every part gives a field in pixels that is negative inside it; one rank threshold over their
+    # minimum sets the exact area, growing or shrinking all parts together.
+    fields, parts = [], []
+    n_specks = int(rng.integers(3, 16))
+    cy, cx = rng.uniform(0.05 * size, 0.95 * size, (2, n_specks))
+    rad = rng.uniform(0.5, 2.5, n_specks) * u
+    d = np.hypot(yy[None] - cy[:, None, None], xx[None] - cx[:, None, None]) - rad[:, None, None]
+    fields.append(d.min(0))
+    parts.append("specks")
+    for _ in range(int(rng.integers(0, 3))):
+        length = rng.uniform(0.08, 0.3) * size
+        s = np.arange(0.0, length, 0.5)
+        heading = rng.uniform(0, 2 * np.pi) + np.cumsum(rng.normal(0, 0.05, s.size))
+        pts = np.stack([np.cumsum(np.sin(heading)) * 0.5, np.cumsum(np.cos(heading)) * 0.5], axis=1)
+        pts = _place(pts, size, margin=2, rng=rng)
+        on = np.zeros((size, size), bool)
+        on[tuple(np.rint(pts).astype(int).T)] = True
+        fields.append(ndimage.distance_transform_edt(~on).astype(np.float32) - 0.5 * u)
+        parts.append("fibre")
+    if smudge or (len(fields) == 1 and area > 0.02 * size * size):  # no fibres: a large area is a smudge
+        region_s, t_s = _blob(rng, size, max(area // 2, 1), elongation=1.8, roughness=0.4)
+        fields.append(np.sqrt(area / np.pi) * (t_s - 1.0) * 0.5 + np.where(region_s, 0, 1e3))
+        parts.append("smudge")
+    stack = np.stack(fields)
+    which = np.argmin(stack, axis=0)
+    region = _lowest(stack.min(0), area)
+    # Per part a neutral grey level and alpha; the channels differ by at most 0.02 (a trace of tint).
+    levels = np.array([rng.choice([rng.uniform(0.05, 0.25), rng.uniform(0.45, 0.6), rng.uniform(0.85, 0.97)])
+                       for _ in parts], np.float32)
+    colours = levels[:, None] + rng.uniform(-0.01, 0.01, (len(parts), 3)).astype(np.float32)
+    alphas = np.array([rng.uniform(0.35, 0.5) if p == "smudge" else rng.uniform(0.55, 0.85) for p in parts],
+                      np.float32)
+    colour, alpha = colours[which], alphas[which][..., None]
+    return region, clean * (1 - alpha) + alpha * colour
+
+
 _DEFECTS: dict[str, Callable[[np.ndarray, np.random.Generator, int], tuple[np.ndarray, np.ndarray]]] = {
     "scratch": _scratch,
     "hole": _hole,
@@ -452,6 +770,11 @@ _DEFECTS: dict[str, Callable[[np.ndarray, np.random.Generator, int], tuple[np.nd
     "crack": _crack,
     "particle": _particle,
     "fold": _fold,
+    "shading": _shading,
+    "texture_crack": _texture_crack,
+    "pit": _pit,
+    "edge_chip": _edge_chip,
+    "contamination": _contamination,
 }
 
 
