@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import ndimage
 
 from pipeline import synthetic
 from pipeline.synthetic import DATASETS, DataFolderError, generate, render_sample
@@ -26,7 +28,7 @@ def _generate_a(root: Path, **kw) -> Path:
 
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
-    """Both datasets, small, generated once for the read-only tests."""
+    """Every dataset, small, generated once for the read-only tests."""
     base = tmp_path_factory.mktemp("synth")
     return {ds: (base / ds, generate(base / ds, ds, seed=7, **SMALL)) for ds in DATASETS}
 
@@ -91,13 +93,40 @@ def test_normal_images_of_a_category_differ():
 
 
 def test_datasets_are_disjoint_and_large_enough():
+    assert set(DATASETS) == {"synth_a", "synth_b", "synth_c"}
+    names = sorted(DATASETS)
+    for i, x in enumerate(names):
+        for y in names[i + 1 :]:
+            assert not set(DATASETS[x]["categories"]) & set(DATASETS[y]["categories"]), (x, y)
+            assert not set(DATASETS[x]["defects"]) & set(DATASETS[y]["defects"]), (x, y)
     a, b = DATASETS["synth_a"], DATASETS["synth_b"]
-    assert set(DATASETS) == {"synth_a", "synth_b"}
-    assert not set(a["categories"]) & set(b["categories"])
-    assert not set(a["defects"]) & set(b["defects"])
     assert len(set(a["categories"]) | set(b["categories"])) >= 6
     assert len(set(a["defects"]) | set(b["defects"])) >= 6
     assert {"brick", "grass", "gravel"} <= set(a["categories"]) | set(b["categories"])
+    assert len(DATASETS["synth_c"]["categories"]) == 3 and len(DATASETS["synth_c"]["defects"]) == 5
+    # Every defect has an area range, and every renderer is registered.
+    assert set(synthetic.DEFECT_AREA) == set(synthetic._DEFECTS) == {d for s in DATASETS.values() for d in s["defects"]}
+
+
+# sha256 over (relative path, NUL, bytes) of every file of
+# generate(root, ds, seed=0, image_size=64, train_good=1, test_good=1, test_anomalous=3), computed with
+# pipeline/synthetic.py as it was before synth_c was added (commit c333679): adding a dataset must not
+# change a single byte of the existing two.
+LEGACY_DIGESTS = {
+    "synth_a": "becbe8e3b82ca5cfdc9067d5a3cd241456fa6acdd08088996307a669c66c0669",
+    "synth_b": "5e1fb6297932eb3e5e60f2181f07ed931cf801e3401214c170ddc777277d3dfb",
+}
+
+
+@pytest.mark.parametrize("dataset", sorted(LEGACY_DIGESTS))
+def test_existing_datasets_are_byte_identical(tmp_path, dataset):
+    root = tmp_path / dataset
+    generate(root, dataset, seed=0, image_size=64, train_good=1, test_good=1, test_anomalous=3)
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes())
+    assert h.hexdigest() == LEGACY_DIGESTS[dataset]
 
 
 def test_defect_areas_span_small_to_large(generated):
@@ -109,6 +138,120 @@ def test_defect_areas_span_small_to_large(generated):
         assert max(fractions) >= 0.05, ds
         assert summary["area_fraction"]["min"] == pytest.approx(min(fractions))
         assert summary["area_fraction"]["max"] == pytest.approx(max(fractions))
+
+
+# ------------------------------------------------------------------------------------------------
+# synth_c: each defect family's defining property
+
+
+def _delta(clean: np.ndarray, image: np.ndarray) -> np.ndarray:
+    """Per-pixel change (S, S): the largest absolute channel difference, in grey levels."""
+    return np.abs(image.astype(int) - clean.astype(int)).max(-1)
+
+
+def test_shading_is_large_faint_and_not_a_disc():
+    shading, stain = [], []
+    for seed in range(4):
+        for category in DATASETS["synth_c"]["categories"]:
+            rng = np.random.default_rng(seed)
+            clean, image, mask = render_sample(category, "shading", size=128, rng=rng, area_fraction=0.05)
+            shading.append(_delta(clean, image)[mask].mean())
+            rng = np.random.default_rng(seed)
+            clean2, image2, mask2 = render_sample(category, "stain", size=128, rng=rng, area_fraction=0.05)
+            stain.append(_delta(clean2, image2)[mask2].mean())
+            # Irregular: a disc of the same area at the region's centroid covers well under all of it.
+            yy, xx = np.mgrid[0:128, 0:128]
+            cy, cx = ndimage.center_of_mass(mask)
+            disc = np.hypot(yy - cy, xx - cx) <= np.sqrt(mask.sum() / np.pi)
+            assert (mask & disc).sum() / (mask | disc).sum() < 0.85
+    # The candidate moves a pixel by at most 1.25 MIN_DELTA (times a hue factor <= 1.25 in one
+    # channel); the contract lifts the rest to exactly MIN_DELTA. So the mean sits just above it.
+    assert min(shading) >= synthetic.MIN_DELTA
+    assert max(shading) <= 1.3 * synthetic.MIN_DELTA
+    assert np.mean(shading) < np.mean(stain)
+    assert synthetic.DEFECT_AREA["shading"][0] >= 0.01  # large: at least 1 % of the image
+
+
+def test_texture_crack_follows_dark_ground():
+    """Over seeds, the clean image under a texture crack is darker (in units of the image's own
+    luminance spread) than under the texture-blind ``crack`` of the same area on the same image, and
+    darker than the image mean."""
+    following, blind = [], []
+    for seed in range(6):
+        for category in DATASETS["synth_c"]["categories"]:
+            kw = dict(size=128, area_fraction=0.008)
+            clean, _, mask = render_sample(category, "texture_crack", rng=np.random.default_rng(seed), **kw)
+            clean2, _, mask2 = render_sample(category, "crack", rng=np.random.default_rng(seed), **kw)
+            np.testing.assert_array_equal(clean, clean2)  # same seed: the same clean image
+            lum = clean.mean(-1)
+            following.append((lum[mask].mean() - lum.mean()) / lum.std())
+            blind.append((lum[mask2].mean() - lum.mean()) / lum.std())
+    assert np.mean(following) < -0.4
+    assert np.mean(following) < np.mean(blind) - 0.3
+
+
+def test_texture_walk_prefers_dark_ground_and_stays_inside():
+    """The walk itself, on a hand-made field: a dark valley along row 20 of a bright image. Started
+    in the valley heading along it, the guided walk stays in it; a blind walk (pull=0) wanders off."""
+    lum = np.ones((64, 64), np.float32)
+    lum[18:23, :] = 0.0
+    guided = synthetic._texture_walk(lum, np.random.default_rng(0), (20.0, 2.0), 0.0, 40, 1.5)
+    blind = synthetic._texture_walk(lum, np.random.default_rng(0), (20.0, 2.0), 0.0, 40, 1.5, pull=0.0)
+    assert len(guided) > 20 and (guided >= 0).all() and (guided <= 63).all()
+    on_valley = lambda pts: np.mean(lum[np.rint(pts[:, 0]).astype(int), np.rint(pts[:, 1]).astype(int)] == 0)
+    assert on_valley(guided) == 1.0
+    assert on_valley(guided) > on_valley(blind)
+
+
+def test_pits_are_small_separate_discs():
+    ncomp = []
+    for seed in range(12):
+        category = DATASETS["synth_c"]["categories"][seed % 3]
+        for fraction in synthetic.DEFECT_AREA["pit"]:
+            rng = np.random.default_rng(seed)
+            _, _, mask = render_sample(category, "pit", size=256, rng=rng, area_fraction=fraction)
+            labels, n = ndimage.label(mask)
+            assert 1 <= n <= 12
+            ncomp.append(n)
+            for sl in ndimage.find_objects(labels):
+                # A pit of radius <= 6 px spans <= 13 px; the area of a 6 px disc is ~113 px.
+                assert max(sl[0].stop - sl[0].start, sl[1].stop - sl[1].start) <= 13
+            assert np.bincount(labels.ravel())[1:].max() <= np.pi * 6.5**2
+    assert max(ncomp) >= 5  # clusters of several pits do occur
+
+
+def test_edge_chip_touches_a_border():
+    sides, share = set(), []
+    for seed in range(12):
+        for fraction in synthetic.DEFECT_AREA["edge_chip"]:
+            rng = np.random.default_rng(seed)
+            _, _, mask = render_sample("stone", "edge_chip", size=96, rng=rng, area_fraction=fraction)
+            borders = [mask[0].any(), mask[-1].any(), mask[:, 0].any(), mask[:, -1].any()]
+            assert any(borders)
+            sides.add(int(np.argmax(borders)))
+            labels, _ = ndimage.label(mask)
+            share.append(np.bincount(labels.ravel())[1:].max() / mask.sum())
+    assert len(sides) >= 3  # all borders are used, not one
+    # One bite, not scattered specks: the largest component is nearly all of the region (a small
+    # detached flake now and then is allowed).
+    assert np.median(share) >= 0.95 and min(share) >= 0.5
+
+
+def test_contamination_is_near_neutral():
+    """On a flat saturated-red surface (chroma max-min = 0.6), every contaminated pixel of the candidate
+    is a blend of the red (weight 1 - alpha <= 0.65) and a grey whose channels differ by <= 0.02, so its
+    chroma is <= 0.65 * 0.6 + 0.02 = 0.41."""
+    red = np.broadcast_to(np.array([0.8, 0.3, 0.2], np.float32), (96, 96, 3)).copy()
+    for seed in range(8):
+        region, cand = synthetic._contamination(red, np.random.default_rng(seed), 300)
+        assert region.sum() == 300
+        chroma = np.ptp(cand[region], axis=-1)
+        assert chroma.max() <= 0.41 + 1e-6
+    # Rendered on the reddest category, contamination lowers the colourfulness of what it covers.
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        clean, image, mask = render_sample("leather", "contamination", size=128, rng=rng, area_fraction=0.01)
+        assert np.ptp(image[mask].astype(int), -1).mean() < np.ptp(clean[mask].astype(int), -1).mean()
 
 
 # ------------------------------------------------------------------------------------------------
