@@ -113,6 +113,20 @@ def test_real_preset_fits_only_on_embedded_sets_and_reads_shared_data(tmp_path):
         assert p.datasets[name].root == f"../shared/data/{name}" and p.datasets[name].format == "folder"
 
 
+def test_real_synth_c_preset_fits_on_synth_c_only_and_scores_every_other_set(tmp_path):
+    """configs/real_synth_c.yaml: synth_c is generated and is the only auxiliary set; the real sets stay
+    targets only, read from ../shared/data; both other embedded sets are scored from it."""
+    params = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params)
+    assert preset.main([str(ROOT / "configs" / "real_synth_c.yaml"), "--params", str(params)]) == 0
+    p = load_params(params)
+    assert "synth_c" in p.synthetic.datasets and p.aux_datasets == ("synth_c",)
+    assert {run.aux for run in p.runs.values()} == {"synth_c"}
+    assert {run.target for run in p.runs.values()} == {"synth_a", "synth_b", "kolektorsdd", "bsdata"}
+    for name in ("kolektorsdd", "bsdata"):
+        assert p.datasets[name].root == f"../shared/data/{name}" and p.datasets[name].format == "folder"
+
+
 def test_real_preset_datasets_pass_check_where_shared_data_is_present(tmp_path, capsys):
     """Where ../shared/data exists (the project's machines and CI), `check` reads both real sets with the
     counts their SOURCE.md gives; elsewhere the test says why it cannot run."""
