@@ -105,25 +105,15 @@ def test_real_preset_fits_only_on_embedded_sets_and_reads_shared_data(tmp_path):
     shutil.copy(ROOT / "params.yaml", params)
     assert preset.main([str(ROOT / "configs" / "real.yaml"), "--params", str(params)]) == 0
     p = load_params(params)
-    real = {"kolektorsdd", "bsdata"}
-    assert real <= set(p.datasets) and set(p.aux_datasets) == {"synth_a", "synth_b"}
+    real, embedded = {"kolektorsdd", "bsdata"}, {"synth_a", "synth_b", "synth_c"}
+    assert real <= set(p.datasets) and set(p.aux_datasets) == embedded == set(p.synthetic.datasets)
     assert all(run.aux not in real for run in p.runs.values())
     assert {run.target for run in p.runs.values()} == real | {"synth_a", "synth_b"}
+    # every embedded aux scores every real target; synth_c scores both other embedded sets
+    assert {(r.aux, r.target) for r in p.runs.values()} >= {(a, t) for a in embedded for t in real}
+    assert {(r.aux, r.target) for r in p.runs.values() if r.aux == "synth_c"} == {
+        ("synth_c", t) for t in real | {"synth_a", "synth_b"}}
     for name in real:
-        assert p.datasets[name].root == f"../shared/data/{name}" and p.datasets[name].format == "folder"
-
-
-def test_real_synth_c_preset_fits_on_synth_c_only_and_scores_every_other_set(tmp_path):
-    """configs/real_synth_c.yaml: synth_c is generated and is the only auxiliary set; the real sets stay
-    targets only, read from ../shared/data; both other embedded sets are scored from it."""
-    params = tmp_path / "params.yaml"
-    shutil.copy(ROOT / "params.yaml", params)
-    assert preset.main([str(ROOT / "configs" / "real_synth_c.yaml"), "--params", str(params)]) == 0
-    p = load_params(params)
-    assert "synth_c" in p.synthetic.datasets and p.aux_datasets == ("synth_c",)
-    assert {run.aux for run in p.runs.values()} == {"synth_c"}
-    assert {run.target for run in p.runs.values()} == {"synth_a", "synth_b", "kolektorsdd", "bsdata"}
-    for name in ("kolektorsdd", "bsdata"):
         assert p.datasets[name].root == f"../shared/data/{name}" and p.datasets[name].format == "folder"
 
 
