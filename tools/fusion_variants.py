@@ -12,7 +12,8 @@ import os
 import sys
 from pathlib import Path
 import numpy as np, torch
-from pipeline import store, sae, guides, detector, evaluation, scoring, baselines, metrics, guides as G
+from pipeline import evaluation, scoring, baselines, metrics, guides as G
+from runs import load_run  # tools/runs.py (python puts the script's folder on sys.path)
 
 root = Path(sys.argv[1])
 runs = sys.argv[2].split(",") if len(sys.argv) > 2 else [
@@ -27,12 +28,7 @@ def patch_probs(tokens, g, temperature):
 results = {}
 for run in runs:
     a, t = run.split(":")
-    det = detector.Detector.load(root / f"models/{a}/detector", device=dev, with_backbone=False)
-    model, dead, _ = sae.load(root / f"models/{a}/sae", dev)
-    codes, gcfg = guides.load(root / f"models/{a}/guides")
-    aux = store.open_store(root / f"features/{a}")
-    target = store.open_store(root / f"features/{t}")
-    vec = evaluation.guide_sets(det.vectors, det.seeds, model.dictionary.detach(), dead, gcfg["training"], aux, dev)
+    det, vec, target = load_run(root, a, t, dev)
     grid, size = tuple(target.attrs["grid"]), target.masks.shape[-1]
     sigma, tau = det.settings.blur_sigma, det.settings.temperature
     no_masks = set(target.attrs.get("categories_without_masks", []))

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import baselines, detector, evaluation, guides, metrics, sae, scoring, store
+from pipeline import baselines, evaluation, guides, metrics, scoring
+from runs import load_run  # tools/runs.py (python puts the script's folder on sys.path)
 
 RUNS = "synth_a:synth_b,synth_b:synth_a,synth_a:kolektorsdd,synth_b:kolektorsdd,synth_a:bsdata,synth_b:bsdata"
 ap = argparse.ArgumentParser()
@@ -37,12 +38,7 @@ baseline_cache: dict = {}
 
 def patch_scores(root: Path, a: str, t: str) -> tuple[dict, object, dict]:
     """Per category: {method: (n, L) patch scores} for run a -> t in one root."""
-    det = detector.Detector.load(root / f"models/{a}/detector", device=dev, with_backbone=False)
-    model, dead, _ = sae.load(root / f"models/{a}/sae", dev)
-    _, gcfg = guides.load(root / f"models/{a}/guides")
-    aux = store.open_store(root / f"features/{a}")
-    target = store.open_store(root / f"features/{t}")
-    vec = evaluation.guide_sets(det.vectors, det.seeds, model.dictionary.detach(), dead, gcfg["training"], aux, dev)
+    det, vec, target = load_run(root, a, t, dev)
     tau = det.settings.temperature
     out = {}
     for cat, (s0, s1) in evaluation.category_ranges(target).items():
