@@ -204,7 +204,8 @@ def _resample_path(vertices: np.ndarray, step: float = 0.5) -> np.ndarray:
 
 @lru_cache(maxsize=None)
 def _photo(name: str) -> np.ndarray:
-    """A scikit-image CC0 texture shipped inside the package (no download), (H, W) float32 in [0, 1]."""
+    """A photograph shipped inside the scikit-image package (no download; licences in the module
+    docstring), (H, W) float32 in [0, 1]."""
     from skimage import data
 
     return getattr(data, name)().astype(np.float32) / 255.0
