@@ -312,7 +312,6 @@ def _concrete(rng: np.random.Generator, size: int) -> np.ndarray:
     """Cast concrete: a fractal grey cement matrix, a scatter of rounded aggregate stones a shade
     lighter or darker than the matrix, and small dark air pores (bug holes)."""
     u = size / 256
-    yy, xx = _grid(size)
     gray = 0.55 + 0.07 * _fractal(rng, (size, size), (64 * u, 24 * u, 8 * u, 2 * u), gain=0.6)
     # Aggregate: where a mid-scale noise field is high, a stone shows through with its own tone.
     stones = _smooth_noise(rng, (size, size), 10 * u)
@@ -322,11 +321,12 @@ def _concrete(rng: np.random.Generator, size: int) -> np.ndarray:
     n_pores = int(rng.integers(20, 60))
     cy, cx = rng.uniform(0, size, (2, n_pores))
     radius = rng.uniform(0.8, 3.0, n_pores) * u
+    at = np.clip(cy.astype(int), 0, size - 1), np.clip(cx.astype(int), 0, size - 1)
     seeds = np.zeros((size, size), bool)
-    seeds[np.clip(cy.astype(int), 0, size - 1), np.clip(cx.astype(int), 0, size - 1)] = True
+    seeds[at] = True
     dist, (iy, ix) = ndimage.distance_transform_edt(~seeds, return_indices=True)
     r_map = np.zeros((size, size), np.float32)
-    r_map[np.clip(cy.astype(int), 0, size - 1), np.clip(cx.astype(int), 0, size - 1)] = radius
+    r_map[at] = radius
     pore = np.clip(1 - dist / np.maximum(r_map[iy, ix], 0.5), 0, 1)
     gray = gray - 0.3 * pore**0.7
     return _tint(gray, _jitter_colour(rng, (0.19, 0.21, 0.21)), _jitter_colour(rng, (0.74, 0.76, 0.74)))
@@ -709,8 +709,8 @@ def _edge_chip(clean: np.ndarray, rng: np.random.Generator, area: int):
     field = field + 0.15 * r * _smooth_noise(rng, (size, size), max(3.0, 0.4 * r))
     jag = min(1.2 * max(u, 0.5), 0.08 * r)
     field = (field + jag * _smooth_noise(rng, (size, size), max(1.5, 3 * u))) / max(r, 1.0)
-    anchor = (int(round(along)), 0)
-    ay, ax = [(0, anchor[0]), (size - 1, anchor[0]), (anchor[0], 0), (anchor[0], size - 1)][side]
+    a = int(round(along))
+    ay, ax = [(0, a), (size - 1, a), (a, 0), (a, size - 1)][side]
     field[ay, ax] = -1.0  # ranks first: the region touches the border whatever the noise does
     region = _lowest(field, area)
     t = np.clip(field / max(float(field[region].max()), 1e-6), 0, 1)
