@@ -12,18 +12,13 @@ import os
 import sys
 from pathlib import Path
 import numpy as np, torch
-from pipeline import evaluation, scoring, baselines, metrics, guides as G
-from runs import load_run  # tools/runs.py (python puts the script's folder on sys.path)
+from pipeline import evaluation, baselines
+from runs import load_run, map_metrics, patch_probs, seed_mean  # tools/runs.py (the script's folder is on sys.path)
 
 root = Path(sys.argv[1])
 runs = sys.argv[2].split(",") if len(sys.argv) > 2 else [
     "synth_a:synth_b", "synth_b:synth_a", "synth_a:kolektorsdd", "synth_b:kolektorsdd", "synth_a:bsdata", "synth_b:bsdata"]
 dev = torch.device("cpu")
-
-def patch_probs(tokens, g, temperature):
-    """(B, L) anomaly probability per patch, before upsampling (the pipeline's own function)."""
-    return G.patch_probabilities(tokens, g[G.NORMAL_LOCAL], g[G.ANOMALY_LOCAL], temperature)[..., 1]
-
 
 results = {}
 for run in runs:
@@ -37,12 +32,12 @@ for run in runs:
         labels = target.labels[s0:s1].astype(np.int64); masks = target.masks[s0:s1]
         tok = torch.from_numpy(target.tokens[s0:s1].astype(np.float32))
         sd = baselines.self_dissimilarity(tok)  # (n, L)
-        learned = torch.stack([patch_probs(tok, vec[f"learned/{s}"], tau) for s in det.seeds]).mean(0)
-        unt = torch.stack([patch_probs(tok, vec[f"untrained_init/{s}"], tau) for s in det.seeds]).mean(0)
+        learned = seed_mean(tok, vec, "learned", det.seeds, tau)
+        unt = seed_mean(tok, vec, "untrained_init", det.seeds, tau)
         nos = patch_probs(tok, vec["no_sae/0"], tau)
         mut = torch.from_numpy(baselines.mutual(torch.from_numpy(target.tokens[s0:s1]), device=dev)) if not os.environ.get("NOMUT") else sd
         cen = tok - tok.mean(1, keepdim=True)
-        learned_c = torch.stack([patch_probs(cen, vec[f"learned/{s}"], tau) for s in det.seeds]).mean(0)
+        learned_c = seed_mean(cen, vec, "learned", det.seeds, tau)
         nos_c = patch_probs(cen, vec["no_sae/0"], tau)
         cands = {
             "learned": learned, "untrained": unt, "no_sae": nos, "self_dissim": sd, "mutual": mut,
@@ -52,10 +47,7 @@ for run in runs:
             "learned_c": learned_c, "no_sae_c": nos_c, "learned_c*sd": learned_c * sd, "no_sae_c*sd": nos_c * sd,
         }
         for name, p in cands.items():
-            maps = np.concatenate([scoring.patch_maps(p[i:i+16], grid, size, sigma=sigma) for i in range(0, len(p), 16)])
-            m = metrics.compute_all(labels, maps.reshape(len(maps), -1).max(1).astype(np.float64), masks, maps,
-                                    has_masks=cat not in no_masks)
-            per.setdefault(name, {})[cat] = m
+            per.setdefault(name, {})[cat] = map_metrics(p, labels, masks, grid, size, sigma, cat not in no_masks)
     out = {}
     for name, pc in per.items():
         mm = evaluation.mean_over_categories(pc)

@@ -6,14 +6,15 @@ vectors and the no-SAE control's mean tokens, from models/<A>/{sae,guides,detect
 """
 import sys
 
-import torch, numpy as np, torch.nn.functional as F
-from pipeline import sae, guides, store, evaluation, detector
+import torch
+import torch.nn.functional as F
+
+from pipeline import detector, evaluation, sae, store
 from pipeline import guides as G
 dev = torch.device("cpu")
 for a in sys.argv[1:] or ("synth_a", "synth_b"):
     model, dead, _ = sae.load(f"models/{a}/sae", dev)
-    codes, cfg = guides.load(f"models/{a}/guides")
-    D = model.dictionary.detach()
+    codes, _ = G.load(f"models/{a}/guides")
     aux = store.open_store(f"features/{a}")
     ns = evaluation.no_sae_guides(aux, dev)
     det = detector.Detector.load(f"models/{a}/detector", device=dev, with_backbone=False)
@@ -30,7 +31,8 @@ for a in sys.argv[1:] or ("synth_a", "synth_b"):
               f"{float(F.cosine_similarity(v[G.NORMAL_LOCAL], ns[G.NORMAL_LOCAL], dim=0)):.3f}, "
               f"(a, mean anomalous) {float(F.cosine_similarity(v[G.ANOMALY_LOCAL], ns[G.ANOMALY_LOCAL], dim=0)):.3f}; "
               f"cos(learned a-n, mean a-n) {float(dn @ dm):.3f}; cos of the cosine-score directions {float(F.cosine_similarity(en, em, dim=0)):.3f}; "
-              f"|cos(ga, gn)| learned {float(F.cosine_similarity(v[2], v[3], dim=0)):.3f} vs mean {float(F.cosine_similarity(ns[2], ns[3], dim=0)):.3f}")
+              f"|cos(ga, gn)| learned {float(F.cosine_similarity(v[G.NORMAL_LOCAL], v[G.ANOMALY_LOCAL], dim=0)):.3f} "
+              f"vs mean {float(F.cosine_similarity(ns[G.NORMAL_LOCAL], ns[G.ANOMALY_LOCAL], dim=0)):.3f}")
     # how well can 32 live atoms express the mean tokens? (SAE reconstruction of the no-SAE guides)
     for name, row in (("mean normal patch", G.NORMAL_LOCAL), ("mean anomalous patch", G.ANOMALY_LOCAL)):
         x = ns[row][None]

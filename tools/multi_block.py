@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import baselines, evaluation, guides, metrics, scoring
-from runs import load_run  # tools/runs.py (python puts the script's folder on sys.path)
+from pipeline import baselines, evaluation
+from runs import load_run, map_metrics, patch_probs, seed_mean  # tools/runs.py (the script's folder is on sys.path)
 
 RUNS = "synth_a:synth_b,synth_b:synth_a,synth_a:kolektorsdd,synth_b:kolektorsdd,synth_a:bsdata,synth_b:bsdata"
 ap = argparse.ArgumentParser()
@@ -26,11 +26,6 @@ ap.add_argument("--runs", default=RUNS)
 ap.add_argument("--out", default="multi_block.json")
 args = ap.parse_args()
 dev = torch.device("cpu")
-
-
-def probs(tok, g, tau):
-    """(B, L) anomaly probability per patch (the pipeline's own function), before upsampling."""
-    return guides.patch_probabilities(tok, g[guides.NORMAL_LOCAL], g[guides.ANOMALY_LOCAL], tau)[..., 1]
 
 
 baseline_cache: dict = {}
@@ -50,9 +45,9 @@ def patch_scores(root: Path, a: str, t: str) -> tuple[dict, object, dict]:
                 "mutual": torch.from_numpy(baselines.mutual(torch.from_numpy(target.tokens[s0:s1]), device=dev)),
             }
         out[cat] = {
-            "learned": torch.stack([probs(tok, vec[f"learned/{s}"], tau) for s in det.seeds]).mean(0),
-            "untrained_init": torch.stack([probs(tok, vec[f"untrained_init/{s}"], tau) for s in det.seeds]).mean(0),
-            "no_sae": probs(tok, vec["no_sae/0"], tau),
+            "learned": seed_mean(tok, vec, "learned", det.seeds, tau),
+            "untrained_init": seed_mean(tok, vec, "untrained_init", det.seeds, tau),
+            "no_sae": patch_probs(tok, vec["no_sae/0"], tau),
             **baseline_cache[key],
         }
     return out, target, det.settings
@@ -74,14 +69,8 @@ for run in args.runs.split(","):
         for vname, idx in variants.items():
             for method in per_root[0][0][cat]:
                 p = torch.stack([per_root[i][0][cat][method] for i in idx]).mean(0)
-                maps = np.concatenate(
-                    [scoring.patch_maps(p[i : i + 16], grid, size, sigma=settings.blur_sigma) for i in range(0, len(p), 16)]
-                )
-                m = metrics.compute_all(
-                    labels, maps.reshape(len(maps), -1).max(1).astype(np.float64), masks, maps,
-                    has_masks=cat not in no_masks,
-                )
-                per.setdefault(vname, {}).setdefault(method, {})[cat] = m
+                per.setdefault(vname, {}).setdefault(method, {})[cat] = map_metrics(
+                    p, labels, masks, grid, size, settings.blur_sigma, cat not in no_masks)
     results[run] = {
         v: {
             meth: [evaluation.mean_over_categories(pc)[k] for k in ("image_auroc", "pixel_auroc", "pixel_aupro")]
