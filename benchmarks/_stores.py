@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import store
+from pipeline.features import store
 
 
 def build_store(path: Path, n_images: int, n_tokens: int, dim: int, chunk_images: int, seed: int,

@@ -1,4 +1,4 @@
-"""Benchmark: exact AUPRO by one sort (``pipeline.metrics.aupro``) vs the common 200-threshold loop.
+"""Benchmark: exact AUPRO by one sort (``pipeline.evaluation.metrics.aupro``) vs the common 200-threshold loop.
 
     python benchmarks/aupro.py [--images 200] [--size 448] [--thresholds 200] [--fast-repeats 3] [--slow-repeats 1]
 
@@ -6,7 +6,7 @@ Data (seeded): ``--images`` maps of ``--size``², about half of them normal; an 
 blobs (rotated ellipses) or scratches (thick segments) covering 0.1 %-10 % of it (log-uniform). A map is
 sigmoid(smoothed unit noise + a × blurred mask - 1), float32, a ∈ [0.5, 2.5], so AUPRO is neither 0 nor 1.
 
-fast  ``pipeline.metrics.aupro``: every distinct score is a threshold, one sort of all pixels.
+fast  ``pipeline.evaluation.metrics.aupro``: every distinct score is a threshold, one sort of all pixels.
 loop  the loop widespread in anomaly-detection code (MVTec-style ``compute_pro``, anomalib's before it
       went to torch): ``--thresholds`` thresholds evenly spaced from the lowest to the highest score;
       per threshold, binarise the whole stack, then per image label its mask (8-connectivity,
@@ -32,7 +32,7 @@ import numpy as np
 from scipy import ndimage
 from skimage import measure
 
-from pipeline import metrics
+from pipeline.evaluation import metrics
 
 
 def make_masks(n_images: int, size: int, rng: np.random.Generator) -> np.ndarray:

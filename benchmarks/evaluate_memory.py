@@ -22,7 +22,7 @@ Each case is a child process; its peak RSS comes from ``os.wait4`` (ru_maxrss of
 RSS from N to factor x N < 15 %; old time / new time >= 0.8. ``--no-baselines`` measures the guide
 sets alone, ``--baselines-only`` the baseline path alone (no guide sets). What still grows with N in the
 new baseline path: ``mutual``'s (b·L, N) nearest-patch distances of one query block and its (N, L)
-float32 scores (pipeline/baselines.py), a few MiB at these sizes.
+float32 scores (pipeline/method/baselines.py), a few MiB at these sizes.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ def old_baseline_rows(target, start: int, stop: int, settings, batch_images: int
     import torch
 
     from mutual import old_mutual
-    from pipeline import baselines, scoring
+    from pipeline.method import baselines
+    from pipeline.method import scoring
 
     grid, size = tuple(target.attrs["grid"]), target.masks.shape[-1]
     tokens = target.tokens[start:stop]  # (n, L, d) float16: mutual needs the whole category at once
@@ -80,7 +81,11 @@ def old_baseline_rows(target, start: int, stop: int, settings, batch_images: int
 def child(mode: str, path: Path, batch: int, with_baselines: bool, scratch: Path, with_guides: bool = True) -> None:
     import torch
 
-    from pipeline import evaluation, metrics, metrics_stream, scoring, store
+    from pipeline.evaluation import evaluate as evaluation
+    from pipeline.evaluation import metrics
+    from pipeline.evaluation import metrics_stream
+    from pipeline.method import scoring
+    from pipeline.features import store
     from pipeline.stages.evaluate import CategoryMaps, overlay_pick
 
     torch.set_grad_enabled(False)

@@ -19,9 +19,11 @@ from pathlib import Path
 
 import torch
 
-from pipeline import backbones, datasets, synthetic
-from pipeline.extract import extract
-from pipeline.runtime import resolve_device
+from pipeline.features import backbones
+from pipeline.data import images, tables
+from pipeline.data import synthetic
+from pipeline.features.extract import extract
+from pipeline.launch import resolve_device
 
 
 def main() -> None:
@@ -45,9 +47,9 @@ def main() -> None:
         good = max(1, per_cat // 3)
         synthetic.generate(tmp / "data", "synth_a", seed=0, image_size=256, train_good=1,
                            test_good=good, test_anomalous=max(1, per_cat - good))
-        samples = datasets.load_table("mvtec", tmp / "data")[: args.images]
+        samples = tables.load_table("mvtec", tmp / "data")[: args.images]
         n = len(samples)
-        batch = torch.stack([transform(datasets.load_image(s.image)) for s in samples])
+        batch = torch.stack([transform(images.load_image(s.image)) for s in samples])
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
         def bare() -> float:

@@ -6,13 +6,13 @@
 Prints one line per measurement, ``<name> key=value ...``:
 
     extract   images_per_s   backbone forward (bf16 autocast on CUDA, tokens rounded to fp16 and
-                             copied to the host, as pipeline/extract.py does)
+                             copied to the host, as pipeline/features/extract.py does)
     sae_step  tokens_per_s, tflops, peak_tflops, peak_fraction
                              one TopK SAE training step (forward, FVU + AuxK loss, backward, the
                              dictionary's parallel-gradient removal, Adam, renormalisation), bf16
                              autocast on CUDA
     guides_step images_per_s one step of the guide codes (loss on a batch, backward, Adam)
-    evaluate  images_per_s   maps and image scores of a batch (pipeline.scoring.score_tokens, blur on CPU)
+    evaluate  images_per_s   maps and image scores of a batch (pipeline.method.scoring.score_tokens, blur on CPU)
 
 Weights are random (timm ``pretrained=False``): nothing is downloaded, and speed does not depend on
 the values. Every timing is taken after warm-up steps, with the device synchronised.
@@ -27,7 +27,10 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from pipeline import backbones, guides, sae, scoring
+from pipeline.features import backbones
+from pipeline.method import guides
+from pipeline.method import sae
+from pipeline.method import scoring
 
 PEAK_BF16_TFLOPS = (  # dense bf16 tensor-core peaks from the vendors' data sheets, matched in this order
     ("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0), ("A100", 312.0),
@@ -94,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device name={name.replace(' ', '_')} torch={torch.__version__} shapes={'tiny' if args.tiny else 'paper'}",
           flush=True)
 
-    # extract: the backbone forward as pipeline/extract.py runs it
+    # extract: the backbone forward as pipeline/features/extract.py runs it
     bb = backbones.create_backbone(cfg["backbone"], image_size=cfg["image_size"]).to(device).eval()
     images = torch.randn(cfg["batch"], 3, cfg["image_size"], cfg["image_size"])
     if device.type == "cuda":

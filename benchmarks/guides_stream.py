@@ -2,7 +2,7 @@
 
     python benchmarks/guides_stream.py [--images 64] [--tokens 784] [--dim 1024] [--mask-size 448]
 
-Both sides call :func:`pipeline.guides.fit` with the same seed, dictionary and settings; only
+Both sides call :func:`pipeline.method.guides.fit` with the same seed, dictionary and settings; only
 ``read(chunk)`` differs. "store" is the closure ``pipeline/stages/fit_guides.py`` builds
 (``FeatureStore.read`` of tokens, cls, masks and labels, on the background reader thread); "memory"
 slices the same four arrays loaded before the clock starts. The store is synthetic (tokens ~ N(mu, 1)
@@ -37,7 +37,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import torch  # noqa: E402
 
 from _stores import build_store  # noqa: E402  (this folder is on sys.path when run as a script)
-from pipeline import guides, store  # noqa: E402
+from pipeline.method import guides
+from pipeline.features import store  # noqa: E402
 
 ARRAYS = ("tokens", "cls", "masks", "labels")
 

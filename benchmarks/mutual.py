@@ -1,4 +1,4 @@
-"""Benchmark: the cost per image of the ``mutual`` baseline (``pipeline.baselines.mutual``).
+"""Benchmark: the cost per image of the ``mutual`` baseline (``pipeline.method.baselines.mutual``).
 
     python benchmarks/mutual.py [--images 16 32] [--d 384] [--repeats 2] [--device cpu] [--old]
 
@@ -23,7 +23,7 @@ import time
 import numpy as np
 import torch
 
-from pipeline import baselines
+from pipeline.method import baselines
 
 
 def old_mutual(tokens, fraction: float = baselines.MUTUAL_FRACTION, *, device="cpu",

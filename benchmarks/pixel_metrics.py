@@ -4,10 +4,10 @@
 
 What the evaluate stage computes per category, per guide seed and per control:
 
-one sort  ``pipeline.metrics.pixel_metrics``: one sort of all pixels serves AUROC, AP and AUPRO.
+one sort  ``pipeline.evaluation.metrics.pixel_metrics``: one sort of all pixels serves AUROC, AP and AUPRO.
 separate  ``sklearn.metrics.roc_auc_score`` + ``average_precision_score`` on the flattened pixels
           (each sorts them again and checks the labels and scores with np.unique first) +
-          ``pipeline.metrics.aupro`` (its own sort): what ``compute_all`` did before.
+          ``pipeline.evaluation.metrics.aupro`` (its own sort): what ``compute_all`` did before.
 
 The data are those of ``benchmarks/aupro.py`` (seeded blobs and scratches, about half the images
 normal, float32 maps). The values are checked to agree (|Δ| printed) before timing; the two sides
@@ -24,7 +24,7 @@ import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from aupro import make_maps, make_masks  # this folder is on sys.path when run as a script
-from pipeline import metrics
+from pipeline.evaluation import metrics
 
 
 def separate(masks: np.ndarray, maps: np.ndarray) -> dict[str, float]:

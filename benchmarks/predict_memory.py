@@ -5,7 +5,7 @@
 
 Each measurement is a child process; its own peak RSS comes from ``os.wait4`` (the rusage of that one
 child). With ``--detector`` the child is the real command, ``python -m pipeline.predict --detector ...``
-(backbone, scoring and all); without it the child runs ``pipeline.predict.predict_files`` with a fake
+(backbone, scoring and all); without it the child runs ``pipeline.cli.predict.predict_files`` with a fake
 detector (map = the red channel at 224 x 224, score = its maximum), which measures predict's own part:
 the walk over the inputs, decoding, the maps resized to the original size, the two PNGs per image and the
 tables. Small and large runs alternate (small, large, small, large, ...).
@@ -47,7 +47,7 @@ class RedDetector:
 
 
 def child(images: Path, out: Path, batch_size: int) -> None:
-    from pipeline.predict import predict_files
+    from pipeline.cli.predict import predict_files
 
     predict_files([images], RedDetector(), out, batch_size=batch_size)
 
@@ -92,7 +92,7 @@ def main() -> None:
         def command(images: Path, out: Path) -> list[str]:
             if args.detector is None:
                 return [sys.executable, __file__, "--child", str(images), str(out), "--batch-size", str(args.batch_size)]
-            return [sys.executable, "-m", "pipeline.predict", "--detector", str(args.detector), str(images),
+            return [sys.executable, "-m", "pipeline.cli.predict", "--detector", str(args.detector), str(images),
                     "--out", str(out), "--batch-size", str(args.batch_size), "--device", args.device]
 
         n_small, n_large = args.images, args.images * args.factor

@@ -5,17 +5,17 @@
 
 Three timings per repeat, interleaved (bare, detector, predict, bare, ...) so that machine noise hits all:
 
-- **bare**: the backbone alone (``pipeline.backbones.create_backbone`` with the detector's backbone, layer
+- **bare**: the backbone alone (``pipeline.features.backbones.create_backbone`` with the detector's backbone, layer
   and weights) on tensors already decoded, resized and normalised in memory, tokens copied back to the
   host; bf16 autocast on CUDA, as the extract stage runs it.
 - **detector**: ``Detector.predict`` on the same images as decoded PIL images at their original size
   (``--source-size``): the project's resize and normalisation, the forward, fp16 rounding, the guide part
   (two cosines per patch), the blur and the image score. Target (issue 11): detector / bare >= 0.85.
-- **predict**: ``pipeline.predict.predict_files`` from the PNG files to the written outputs (decode,
+- **predict**: ``pipeline.cli.predict.predict_files`` from the PNG files to the written outputs (decode,
   the detector, the map resized to the original size as a 16-bit PNG, the overlay PNG, scores.csv), the
   whole command minus the detector's load.
 
-Needs the real Detector (pipeline/detector.py) and its backbone weights. A detector is exported at one
+Needs the real Detector (pipeline/method/detector.py) and its backbone weights. A detector is exported at one
 image size; for every other size in ``--image-sizes`` a temporary copy of its folder is written with
 that ``image_size`` and grid (the guide vectors do not depend on the size, so the work per image is that
 of a detector exported at it; the maps are not meant to be good). Random images: speed does not depend
@@ -37,11 +37,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline import backbones
-from pipeline.datasets import load_image
-from pipeline.detector import Detector
-from pipeline.predict import predict_files
-from pipeline.runtime import resolve_device
+from pipeline.features import backbones
+from pipeline.data.images import load_image
+from pipeline.method.detector import Detector
+from pipeline.cli.predict import predict_files
+from pipeline.launch import resolve_device
 
 
 def write_images(folder: Path, n: int, size: tuple[int, int], seed: int = 0) -> list[Path]:

@@ -5,7 +5,7 @@
 Once latents die, every step also decodes the top ``k_aux`` (512) dead latents of each token. At 512
 of 2048 or 4096 latents that code is dense enough that a scatter into a (B, n) matrix and a matrix
 product beat ``embedding_bag``, whose backward is a scatter-add of B x 512 rows
-(``pipeline.sae.DENSE_DECODE_DENSITY``). Both sides run the same :func:`pipeline.sae.train` on the
+(``pipeline.method.sae.DENSE_DECODE_DENSITY``). Both sides run the same :func:`pipeline.method.sae.train` on the
 same in-memory float16 tokens with the same seed; "sparse" sets ``DENSE_DECODE_DENSITY`` above 1, so
 every decode gathers rows, as before the switch. ``--dead-tokens`` is small (4,096 by default) so
 that latents die within the first epoch, as they do over a real run (50-75 % dead on the embedded
@@ -24,7 +24,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline import sae  # noqa: E402
+from pipeline.method import sae  # noqa: E402
 
 
 def main() -> None:

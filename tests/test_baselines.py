@@ -6,7 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import baselines, evaluation, guides, scoring, store
+from pipeline.method import baselines
+from pipeline.evaluation import evaluate as evaluation
+from pipeline.method import guides
+from pipeline.method import scoring
+from pipeline.features import store
 from pipeline.errors import NonFiniteError
 
 

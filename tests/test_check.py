@@ -3,7 +3,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline import check
+from pipeline.cli import check
 
 
 def write_params(tmp_path, root):

@@ -98,7 +98,7 @@ def test_patch_size_table_agrees_with_the_registry_and_the_models():
     import timm
     import torch
 
-    from pipeline.backbones import BACKBONES
+    from pipeline.features.backbones import BACKBONES
 
     assert PATCH_SIZES == {name: spec.patch_size for name, spec in BACKBONES.items()}
     for name, spec in BACKBONES.items():

@@ -16,9 +16,13 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from pipeline import backbones, evaluation, guides, sae, store
+from pipeline.features import backbones
+from pipeline.evaluation import evaluate as evaluation
+from pipeline.method import guides
+from pipeline.method import sae
+from pipeline.features import store
 from pipeline.errors import PipelineError
-from pipeline.runtime import DeviceError, resolve_device
+from pipeline.launch import DeviceError, resolve_device
 from pipeline.stages import evaluate as evaluate_stage
 from pipeline.stages import export as export_stage
 from pipeline.stages import extract as extract_stage

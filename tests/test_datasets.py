@@ -1,4 +1,4 @@
-"""Tests for pipeline.datasets: tiny trees built in tmp_path with PIL."""
+"""Tests for pipeline.data.tables: tiny trees built in tmp_path with PIL."""
 
 from __future__ import annotations
 
@@ -8,20 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from pipeline.datasets import (
-    FORMATS,
-    DatasetError,
-    Sample,
-    binarise,
-    categories_without_masks,
-    category_name_problem,
-    load_image,
-    load_mask,
-    load_table,
-    mask_from_header,
-    summarize,
-    to_rgb,
-)
+from pipeline.data.tables import FORMATS, Sample, categories_without_masks, category_name_problem, load_table, summarize
+from pipeline.data.images import DatasetError, binarise, load_image, load_mask, mask_from_header, to_rgb
 
 W, H = 8, 6  # PIL order (width, height)
 

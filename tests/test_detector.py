@@ -16,7 +16,13 @@ import yaml
 from PIL import Image
 from safetensors.torch import save_file
 
-from pipeline import backbones, detector, evaluation, guides, sae, scoring, store
+from pipeline.features import backbones
+from pipeline.method import detector
+from pipeline.evaluation import evaluate as evaluation
+from pipeline.method import guides
+from pipeline.method import sae
+from pipeline.method import scoring
+from pipeline.features import store
 from pipeline.files import sha256_file
 from pipeline.stages import evaluate as evaluate_stage
 from pipeline.stages import export as export_stage

@@ -25,7 +25,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from pipeline import distributed, guides, sae, store
+from pipeline.method import distributed
+from pipeline.method import guides
+from pipeline.features import stream
+from pipeline.method import sae
+from pipeline.features import store
 from pipeline.stages import fit_guides as fit_guides_stage
 from pipeline.stages import train_sae as train_sae_stage
 
@@ -219,7 +223,7 @@ def test_one_process_with_shards_steps_through_the_union_of_the_shard_streams(se
     (the last ones smaller, once one shard has run out)."""
     features = store.open_store(setup / "features")
     read = lambda c: features.read(c)["tokens"]
-    steps = list(sae.local_token_steps(read, features.n_chunks, 64, 64, np.random.default_rng(0), shards=2))
+    steps = list(stream.local_token_steps(read, features.n_chunks, 64, 64, np.random.default_rng(0), shards=2))
     everything = np.concatenate([np.asarray(read(c), np.float32).reshape(-1, DIM) for c in range(features.n_chunks)])
     got = np.concatenate(steps)
     assert len(got) == len(everything)

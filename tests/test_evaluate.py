@@ -9,12 +9,15 @@ import pytest
 import torch
 import yaml
 
-from pipeline import guides, metrics, sae, store
+from pipeline.method import guides
+from pipeline.evaluation import metrics
+from pipeline.method import sae
+from pipeline.features import store
 from pipeline.files import sha256_file
 from pipeline.errors import NonFiniteError, PipelineError
 from pipeline.stages import evaluate as evaluate_stage
 from pipeline.stages import export as export_stage
-from pipeline.stages import run as stage_run
+from pipeline.launch import run as stage_run
 
 D_IN, N_LATENTS, GRID, SIZE, ATOM = 24, 32, 4, 16, 20
 ATTRS = {"backbone": "dinov2_vits14", "weights_sha256": "abc", "layer": 12, "image_size": SIZE, "grid": [GRID, GRID]}
@@ -380,7 +383,8 @@ def test_baselines_and_image_by_score_equal_a_slow_reference(setup):
 
 
 def test_image_by_score_of_a_hand_built_case_where_the_modes_differ():
-    from pipeline import evaluation, scoring
+    from pipeline.evaluation import evaluate as evaluation
+    from pipeline.method import scoring
     maps = np.zeros((4, 4, 4), np.float32)
     maps[0, 0, 0] = 1.0             # normal, one hot pixel: max 1.0, top_mean (2 px) 0.5
     maps[1] = 0.1                   # normal
@@ -428,7 +432,8 @@ def test_guide_sets_live_on_the_device_asked_for_and_equal_a_cpu_reference(setup
     alive mask on the device before moving them, a device mix (issue 13). ``meta`` stands in for the
     GPU (tests/devices.py): every set must come out on it; on the CPU the sets equal a reference
     built by hand from the same seeds."""
-    from pipeline import detector, evaluation
+    from pipeline.method import detector
+    from pipeline.evaluation import evaluate as evaluation
     from tests.devices import assert_on
 
     tmp = setup
@@ -458,7 +463,7 @@ def test_stage_streams_every_category_and_matches_compute_all_on_the_same_maps(s
     scored set's pixel metrics come from metrics_stream, and they equal compute_all of the very maps
     and masks the stage streamed (recorded here), to 1e-12. Tiny merge blocks and fan-in 2 make the
     5-image batches several runs, blocks and merge passes."""
-    from pipeline import metrics_stream
+    from pipeline.evaluation import metrics_stream
 
     reference = metrics.compute_all
     refuse = lambda *a, **k: pytest.fail("the stage called the in-memory metrics.compute_all")  # noqa: E731

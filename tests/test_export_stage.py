@@ -11,7 +11,9 @@ import pytest
 import torch
 import yaml
 
-from pipeline import detector, guides, sae
+from pipeline.method import detector
+from pipeline.method import guides
+from pipeline.method import sae
 from pipeline.files import sha256_file
 from pipeline.stages import export as export_stage
 from tests.test_evaluate import ATTRS, D_IN, N_LATENTS, fingerprint, make_store
@@ -76,7 +78,7 @@ def test_threshold_is_the_f1_max_of_the_detectors_own_aux_scores(setup):
     tmp, _, _ = setup
     folder = export(tmp)
     det = detector.Detector.load(folder, with_backbone=False)
-    from pipeline import store
+    from pipeline.features import store
 
     aux = store.open_store(tmp / "aux")
     _, scores = det.maps_from_tokens(aux.tokens[:].astype(np.float32), aux.cls[:].astype(np.float32))
@@ -89,7 +91,7 @@ def test_threshold_is_the_f1_max_of_the_detectors_own_aux_scores(setup):
 
 def test_aux_without_anomalies_is_refused_and_writes_nothing(setup):
     tmp, _, _ = setup
-    from pipeline import store
+    from pipeline.features import store
 
     # guides "fitted" on the normal-only store, so provenance passes and the one-class check refuses
     codes, config = guides.load(tmp / "guides")

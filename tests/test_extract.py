@@ -19,9 +19,11 @@ import yaml
 from PIL import Image
 from safetensors.torch import save_file
 
-from pipeline import backbones, store
-from pipeline.datasets import DatasetError, load_image, load_mask, load_table
-from pipeline.extract import WeightsError
+from pipeline.features import backbones
+from pipeline.features import store
+from pipeline.data.images import DatasetError, load_image, load_mask
+from pipeline.data.tables import load_table
+from pipeline.features.extract import WeightsError
 from pipeline.stages import extract as extract_stage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,7 +218,7 @@ def test_empty_mask_is_refused_at_extract_in_one_line(setup, tmp_path):
 
 
 def test_allowed_empty_mask_is_extracted_and_logged(setup, tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="pipeline.extract"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.features.extract"):
         extract_stage.main(_tree_with_empty_mask(setup, tmp_path, allow_empty=True))
     got = store.open_store(tmp_path / "out")
     i = got.attrs["paths"].index("beta/test/scratch/002.png")
@@ -293,7 +295,8 @@ def _labels_only_target(setup, tmp_path, categories, without_masks):
 def _fitted_on(reference, tmp_path):
     """A seeded random SAE and guide codes recorded as fitted on ``reference`` (the aux store), as
     fit_guides writes them: evaluate checks the provenance, not the quality."""
-    from pipeline import guides, sae
+    from pipeline.method import guides
+    from pipeline.method import sae
     from pipeline.files import sha256_file
 
     torch.manual_seed(0)

@@ -9,7 +9,8 @@ import pytest
 import torch
 import yaml
 
-from pipeline import sae, store
+from pipeline.method import sae
+from pipeline.features import store
 from pipeline.errors import NonFiniteError
 from pipeline.stages import fit_guides as fit_guides_stage
 from tests.test_evaluate import ATTRS, D_IN, GRID, N_LATENTS, SIZE, make_store

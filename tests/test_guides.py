@@ -3,8 +3,8 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from pipeline import guides
-from pipeline.guides import GuideCodes
+from pipeline.method import guides
+from pipeline.method.guides import GuideCodes
 
 
 def planted(n_images=64, n_latents=32, d=40, grid=4, size=16, atom=20, seed=0):

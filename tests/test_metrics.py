@@ -5,7 +5,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from pipeline import metrics
+from pipeline.evaluation import metrics
 
 EIGHT = np.ones((3, 3), dtype=bool)
 FOUR = ndimage.generate_binary_structure(2, 1)

@@ -4,7 +4,8 @@ same values to 1e-12 on maps full of ties, whatever the batches, the merge block
 import numpy as np
 import pytest
 
-from pipeline import metrics, metrics_stream as ms
+from pipeline.evaluation import metrics
+from pipeline.evaluation import metrics_stream as ms
 
 
 def tied_case(seed, n=14, size=12, levels=6):

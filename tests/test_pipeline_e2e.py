@@ -20,8 +20,8 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from pipeline import backbones
-from pipeline.store import open_store
+from pipeline.features import backbones
+from pipeline.features.store import open_store
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""pipeline.predict against a small fake detector that keeps the Detector contract (issue 11, §2 and §3).
+"""pipeline.cli.predict against a small fake detector that keeps the Detector contract (issue 11, §2 and §3).
 
 The fake's map of an image is a horizontal ramp scaled by the image's mean red: map[y, x] = r * x / (S - 1)
 with r = mean(R) / 255 of the decoded RGB image, and its score is the map's maximum, r. So a uniform
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import predict as P
+from pipeline.cli import predict as P
 from pipeline.errors import NonFiniteError
 
 S = 16

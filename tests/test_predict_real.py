@@ -1,6 +1,6 @@
-"""``python -m pipeline.predict`` against the real Detector (pipeline/detector.py, issue 11 §1).
+"""``python -m pipeline.predict`` against the real Detector (pipeline/method/detector.py, issue 11 §1).
 
-The detector folder is written with ``pipeline.detector.save`` from the contract's keys (random guide
+The detector folder is written with ``pipeline.method.detector.save`` from the contract's keys (random guide
 vectors (n_seeds, 4, d)), over a random-weight DINOv2-S/14 at 28 px, so the test needs no DVC run and no
 download. ``layer`` is the resolved block (12 of 12), as the feature store and the export stage record it.
 """
@@ -18,12 +18,12 @@ from PIL import Image
 from safetensors.torch import save_file
 
 
-from pipeline import predict as P  # noqa: E402
-from pipeline.datasets import load_image  # noqa: E402
-from pipeline import detector  # noqa: E402
-from pipeline.detector import Detector  # noqa: E402
+from pipeline.cli import predict as P  # noqa: E402
+from pipeline.data.images import load_image  # noqa: E402
+from pipeline.method import detector  # noqa: E402
+from pipeline.method.detector import Detector  # noqa: E402
 from pipeline.files import sha256_file  # noqa: E402
-from pipeline.stages import run  # noqa: E402
+from pipeline.launch import run  # noqa: E402
 
 SIZE, GRID, DIM = 28, 2, 384
 

@@ -1,7 +1,7 @@
 import shutil
 from pathlib import Path
 
-from pipeline import preset
+from pipeline.cli import preset
 from pipeline.config import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,7 +122,7 @@ def test_real_preset_datasets_pass_check_where_shared_data_is_present(tmp_path, 
     counts their SOURCE.md gives; elsewhere the test says why it cannot run."""
     import pytest
 
-    from pipeline import check
+    from pipeline.cli import check
 
     if not (SHARED_DATA / "kolektorsdd").is_dir() or not (SHARED_DATA / "bsdata").is_dir():
         pytest.skip(f"{SHARED_DATA} does not hold kolektorsdd and bsdata (they are not in the repository)")

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from pipeline import report
+from pipeline.evaluation import report
 from pipeline.errors import NonFiniteError, PipelineError
 
 

@@ -3,8 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import sae
-from pipeline.sae import TopKSAE
+from pipeline.features import stream
+from pipeline.method import sae
+from pipeline.method.sae import TopKSAE
 
 
 def chunked(tokens: np.ndarray, chunk: int):
@@ -206,7 +207,7 @@ def test_one_epoch_yields_every_token_exactly_once():
     ids = np.arange(n_images * length, dtype=np.float16).reshape(n_images, length, 1)
     tokens = np.concatenate([ids, np.zeros((n_images, length, d - 1), np.float16)], axis=2)
     read, n = chunked(tokens, 4)
-    batches = list(sae.token_batches(read, n, batch_tokens=12, buffer_tokens=16, rng=np.random.default_rng(0)))
+    batches = list(stream.token_batches(read, n, batch_tokens=12, buffer_tokens=16, rng=np.random.default_rng(0)))
     seen = np.concatenate([b[:, 0] for b in batches])
     assert sorted(seen.tolist()) == list(range(n_images * length))
     assert all(len(b) == 12 for b in batches[:-1]) and 0 < len(batches[-1]) <= 12
@@ -218,7 +219,7 @@ def test_non_finite_tokens_name_the_chunk():
     tokens[5, 1, 2] = np.inf
     read, n = chunked(tokens, 2)
     with pytest.raises(FloatingPointError, match="chunk 2"):
-        list(sae.token_batches(read, n, 4, 8, np.random.default_rng(0)))
+        list(stream.token_batches(read, n, 4, 8, np.random.default_rng(0)))
 
 
 def test_dead_mask_marks_latents_that_never_fire():
@@ -275,7 +276,7 @@ def test_token_batches_terminate_and_yield_every_token_once_for_any_buffer(buffe
     tokens = np.arange(n_images * length, dtype=np.float16).reshape(n_images, length, 1)
     read, n = chunked(tokens, 4)
     expected = -(-n_images * length // batch)  # 16 batches: 15 of 12 tokens and one of 5
-    stream = sae.token_batches(read, n, batch_tokens=batch, buffer_tokens=buffer_tokens,
+    stream = stream.token_batches(read, n, batch_tokens=batch, buffer_tokens=buffer_tokens,
                                rng=BoundedRng(0, limit=10_000))
     batches = list(itertools.islice(stream, 10 * expected))
     assert len(batches) == expected

@@ -3,7 +3,8 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from pipeline import guides, scoring
+from pipeline.method import guides
+from pipeline.method import scoring
 
 
 def vectors(d=4):

@@ -107,6 +107,6 @@ def test_preset_with_a_yaml_syntax_error_is_one_line(tmp_path):
     preset.write_text("sae: {k: [\n")
     params = tmp_path / "params.yaml"
     params.write_text((ROOT / "params.yaml").read_text())
-    result = run_module("pipeline.preset", [str(preset), "--params", str(params), "--dry-run"])
+    result = run_module("pipeline.cli.preset", [str(preset), "--params", str(params), "--dry-run"])
     assert_one_error_line(result, "bad.yaml, line", "YAML syntax error")
     assert params.read_text() == (ROOT / "params.yaml").read_text()

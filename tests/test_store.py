@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from pipeline import store
-from pipeline.store import StoreError, StoreLayout
+from pipeline.features import store
+from pipeline.features.store import StoreError, StoreLayout
 
 LAYOUT = StoreLayout(n_images=7, n_tokens=4, dim=3, mask_size=5, chunk_images=3)
 ATTRS = {"backbone": "b", "weights_sha256": "abc", "layer": 12, "image_size": 70, "grid": (2, 2), "paths": ["x"] * 7}

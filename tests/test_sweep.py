@@ -2,7 +2,7 @@ import json
 
 import numpy as np
 
-from pipeline import sweep
+from pipeline.cli import sweep
 
 
 def state(rev, name, n_latents, k, image, pixel, experiments=None, layer=12):

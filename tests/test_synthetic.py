@@ -1,4 +1,4 @@
-"""Tests for pipeline.synthetic: mask exactness, dataset split, sizes, MVTec layout, determinism."""
+"""Tests for pipeline.data.synthetic: mask exactness, dataset split, sizes, MVTec layout, determinism."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from pipeline import synthetic
-from pipeline.synthetic import DATASETS, DataFolderError, generate, render_sample
+from pipeline.data import synthetic
+from pipeline.data.synthetic import DATASETS, DataFolderError, generate, render_sample
 
 PAIRS = [(ds, c, d) for ds, spec in DATASETS.items() for c in spec["categories"] for d in spec["defects"]]
 SMALL = dict(image_size=64, train_good=2, test_good=2, test_anomalous=6)
@@ -110,7 +110,7 @@ def test_datasets_are_disjoint_and_large_enough():
 
 # sha256 over (relative path, NUL, bytes) of every file of
 # generate(root, ds, seed=0, image_size=64, train_good=1, test_good=1, test_anomalous=3), computed with
-# pipeline/synthetic.py as it was before synth_c was added (commit c333679): adding a dataset must not
+# pipeline/data/synthetic.py as it was before synth_c was added (commit c333679): adding a dataset must not
 # change a single byte of the existing two.
 LEGACY_DIGESTS = {
     "synth_a": "becbe8e3b82ca5cfdc9067d5a3cd241456fa6acdd08088996307a669c66c0669",

@@ -9,7 +9,8 @@ import pytest
 import torch
 import yaml
 
-from pipeline import sae, store
+from pipeline.method import resume, sae
+from pipeline.features import store
 from pipeline.stages import train_sae
 
 N_IMAGES, N_TOKENS, DIM, CHUNK = 24, 16, 16, 4
@@ -120,7 +121,7 @@ def uninterrupted():
     return model, stats
 
 
-class KilledAt(sae.TrainCheckpoint):
+class KilledAt(resume.TrainCheckpoint):
     """Saves after every step and "dies" at step ``kill_at``: right after that step's save (``after``),
     between writing its tensors and its JSON, or half-way through writing its tensors."""
 
@@ -166,7 +167,7 @@ def test_a_run_killed_after_any_step_resumes_to_the_uninterrupted_weights(kill_a
     saved = json.loads((tmp_path / "ckpt/train_state.json").read_text())
     assert saved["state"]["step"] == (kill_at if where == "after" else kill_at - 1)
 
-    resumed_from = sae.TrainCheckpoint(tmp_path / "ckpt", {"any": "key"}, every_s=1e9)
+    resumed_from = resume.TrainCheckpoint(tmp_path / "ckpt", {"any": "key"}, every_s=1e9)
     model = fresh_model()
     stats = sae.train(model, read, n, **TRAIN, checkpoint=resumed_from)
     assert_same_run(model, stats, *uninterrupted)
@@ -182,8 +183,8 @@ def test_a_snapshot_with_another_key_is_ignored_and_replaced(uninterrupted, tmp_
     stale = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
     assert stale == ["train_state.000000003.safetensors", "train_state.json"]
     model = fresh_model()
-    with caplog.at_level("WARNING", logger="pipeline.sae"):
-        stats = sae.train(model, read, n, **TRAIN, checkpoint=sae.TrainCheckpoint(
+    with caplog.at_level("WARNING", logger="pipeline.method.sae"):
+        stats = sae.train(model, read, n, **TRAIN, checkpoint=resume.TrainCheckpoint(
             tmp_path / "ckpt", {"sae": {"k": 4, "lr": 0.1}, "store": "x"}, every_steps=7))
     assert "not resuming" in caplog.text and "sae.k 8 -> 4" in caplog.text
     assert_same_run(model, stats, *uninterrupted)  # started afresh: the stale weights were not used
@@ -197,14 +198,14 @@ def test_only_files_it_wrote_are_deleted_and_a_foreign_snapshot_name_is_refused(
     folder.mkdir()
     (folder / "NOTES.txt").write_text("mine")
     (folder / "train_state.000000001.safetensors").write_bytes(b"not a snapshot")
-    checkpoint = sae.TrainCheckpoint(folder, {"k": 1}, every_steps=5)
+    checkpoint = resume.TrainCheckpoint(folder, {"k": 1}, every_steps=5)
     sae.train(fresh_model(), read, n, **TRAIN, checkpoint=checkpoint)
     assert (folder / "train_state.000000035.safetensors").is_file()
     checkpoint.remove()
     assert sorted(p.name for p in folder.iterdir()) == ["NOTES.txt", "train_state.000000001.safetensors"]
     (folder / "train_state.json").write_text('{"a": "file of someone else"}')
-    with pytest.raises(sae.CheckpointError, match="train_state.json: not a training snapshot"):
-        sae.train(fresh_model(), read, n, **TRAIN, checkpoint=sae.TrainCheckpoint(folder, {"k": 1}, every_steps=5))
+    with pytest.raises(resume.CheckpointError, match="train_state.json: not a training snapshot"):
+        sae.train(fresh_model(), read, n, **TRAIN, checkpoint=resume.TrainCheckpoint(folder, {"k": 1}, every_steps=5))
     checkpoint.remove()
     assert (folder / "train_state.json").read_text() == '{"a": "file of someone else"}'
 
@@ -265,7 +266,7 @@ def test_the_stage_killed_mid_run_resumes_to_the_uninterrupted_result(tiny_store
     assert child.returncode == -signal.SIGKILL, f"the stage ended before the kill: {err.decode()[-2000:]}"
     assert not (tmp_path / "run/sae/sae.safetensors").exists() and (ckpt / "train_state.json").is_file()
 
-    with caplog.at_level("INFO", logger="pipeline.sae"):
+    with caplog.at_level("INFO", logger="pipeline.method.sae"):
         train_sae.main(stage_args(tiny_store, tmp_path / "run", params, "--checkpoint-dir", str(ckpt)))
     assert "resuming training at epoch" in caplog.text
     assert_same_outputs(tmp_path / "run", tmp_path / "reference")
@@ -277,7 +278,7 @@ def test_the_stage_does_not_resume_a_snapshot_of_other_params_or_another_store(c
                                                                                monkeypatch, caplog):
     params = write_params(tmp_path / "params.yaml")
     ckpt = tmp_path / "ckpt"
-    original = sae.TrainCheckpoint.save
+    original = resume.TrainCheckpoint.save
 
     def save_then_die(self, model, opt, state):
         original(self, model, opt, state)
@@ -285,7 +286,7 @@ def test_the_stage_does_not_resume_a_snapshot_of_other_params_or_another_store(c
             raise Killed
 
     with monkeypatch.context() as patch:
-        patch.setattr(sae.TrainCheckpoint, "save", save_then_die)
+        patch.setattr(resume.TrainCheckpoint, "save", save_then_die)
         with pytest.raises(Killed):
             train_sae.main(stage_args(tiny_store, tmp_path / "killed", params, "--checkpoint-dir", str(ckpt),
                                       "--checkpoint-minutes", "0"))
@@ -297,7 +298,7 @@ def test_the_stage_does_not_resume_a_snapshot_of_other_params_or_another_store(c
     else:  # the same tokens, so only the store's fingerprint tells the snapshot apart
         features = write_store(tmp_path / "other_store", inputs_sha256="2" * 64)
         expected = f"store.inputs_sha256 '{'1' * 64}' -> '{'2' * 64}'"
-    with caplog.at_level("WARNING", logger="pipeline.sae"):
+    with caplog.at_level("WARNING", logger="pipeline.method.sae"):
         train_sae.main(stage_args(features, tmp_path / "rerun", params, "--checkpoint-dir", str(ckpt)))
     assert "not resuming" in caplog.text and expected in caplog.text
     train_sae.main(stage_args(features, tmp_path / "fresh", params, "--checkpoint-dir", str(tmp_path / "c2")))
@@ -308,7 +309,7 @@ def test_a_non_finite_token_stops_the_stage_naming_the_store_and_image(tmp_path,
     import zarr
 
     from pipeline.errors import NonFiniteError
-    from pipeline.stages import run
+    from pipeline.launch import run
 
     features = write_store(tmp_path / "features")
     zarr.open_group(str(features), mode="r+")["tokens"][9, 3, 0] = np.inf

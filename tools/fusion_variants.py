@@ -5,14 +5,15 @@ are the pipeline's (same patch probabilities, mean of seeds, upsampling and blur
 `learned*sd` equal the evaluate stage's seed_ensemble with fusion none / self_dissimilarity.
 
   python tools/fusion_variants.py ROOT [aux:target,...] [out.json]
-  (ROOT: a checkout after `python -m pipeline.preset configs/real.yaml && dvc repro`; NOMUT=1 skips mutual)
+  (ROOT: a checkout after `python -m pipeline.cli.preset configs/real.yaml && dvc repro`; NOMUT=1 skips mutual)
 """
 import json
 import os
 import sys
 from pathlib import Path
 import numpy as np, torch
-from pipeline import evaluation, baselines
+from pipeline.evaluation import evaluate as evaluation
+from pipeline.method import baselines
 from runs import load_run, map_metrics, patch_probs, seed_mean  # tools/runs.py (the script's folder is on sys.path)
 
 root = Path(sys.argv[1])

@@ -9,8 +9,11 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from pipeline import detector, evaluation, sae, store
-from pipeline import guides as G
+from pipeline.method import detector
+from pipeline.evaluation import evaluate as evaluation
+from pipeline.method import sae
+from pipeline.features import store
+from pipeline.method import guides as G
 dev = torch.device("cpu")
 for a in sys.argv[1:] or ("synth_a", "synth_b"):
     model, dead, _ = sae.load(f"models/{a}/sae", dev)

@@ -1,6 +1,6 @@
 """Maps from several blocks, averaged (issue 12 §4, "which block(s)"), measured offline before building it.
 
-Each ROOT is a checkout after `python -m pipeline.preset configs/real.yaml && dvc repro` with a different
+Each ROOT is a checkout after `python -m pipeline.cli.preset configs/real.yaml && dvc repro` with a different
 `backbone.layer` (same image size, so the same patch grid). For every run and every method (learned guides,
 the two controls, the two baselines) this scores the per-patch maps of each root alone and the mean of the
 roots' per-patch maps (each block keeps its own SAE and guides; the baselines are averaged the same way), with
@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import baselines, evaluation
+from pipeline.method import baselines
+from pipeline.evaluation import evaluate as evaluation
 from runs import load_run, map_metrics, patch_probs, seed_mean  # tools/runs.py (the script's folder is on sys.path)
 
 RUNS = "synth_a:synth_b,synth_b:synth_a,synth_a:kolektorsdd,synth_b:kolektorsdd,synth_a:bsdata,synth_b:bsdata"

@@ -5,7 +5,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import detector, evaluation, guides, metrics, sae, scoring, store
+from pipeline.method import detector
+from pipeline.evaluation import evaluate as evaluation
+from pipeline.method import guides
+from pipeline.evaluation import metrics
+from pipeline.method import sae
+from pipeline.method import scoring
+from pipeline.features import store
 
 
 def load_run(root: Path, aux: str, target: str, device: torch.device):

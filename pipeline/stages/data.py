@@ -10,9 +10,9 @@ import json
 import logging
 from pathlib import Path
 
-from pipeline import synthetic
+from pipeline.data import synthetic
 from pipeline.config import load_params
-from pipeline.stages import run, setup_logging
+from pipeline.launch import run, setup_logging
 
 log = logging.getLogger("pipeline.stages.data")
 

@@ -5,9 +5,9 @@
         --out reports/synth_a_to_synth_b
 
 The learned guides scored are the detector's (``models/<A>/detector``, the export stage's), with its
-scoring settings, through the same library code as :class:`pipeline.detector.Detector`, so the maps here
+scoring settings, through the same library code as :class:`pipeline.method.detector.Detector`, so the maps here
 equal ``predict``'s for the same images. The method (guide sets, controls, scoring, summaries) lives in
-:mod:`pipeline.evaluation`; this module keeps paths, I/O and reports.
+:mod:`pipeline.evaluation.evaluate`; this module keeps paths, I/O and reports.
 
 Writes into ``--out``: ``metrics.json`` (means over categories; with several guide seeds the mean
 over seeds and ``<key>_std``; the two controls under ``controls``), ``per_category.json``, plot data
@@ -44,7 +44,7 @@ which refuses a category name that would leave ``overlays/``.
   ``global``; means over categories) of the detector's scoring, the mean of the seeds' maps (so
   ``image_by_score[image_score]`` equals ``seed_ensemble``'s image metrics); the controls and the
   baselines carry their own ``image_by_score``. ``image_score`` itself is unchanged.
-- ``baselines``: training-free scorings of the same target tokens (:mod:`pipeline.baselines`), with the
+- ``baselines``: training-free scorings of the same target tokens (:mod:`pipeline.method.baselines`), with the
   same upsampling, blur, image score and metric code, per category then the mean over categories, each
   labelled with its ``setting``: ``self_dissimilarity`` (single image) and ``mutual`` (batch zero-shot:
   it sees the other unlabelled target images of its category; null for a category of one image). They
@@ -69,13 +69,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline import baselines, detector, evaluation, guides, metrics, metrics_stream, report, sae, store
-from pipeline import scoring
-from pipeline.evaluation import ENSEMBLE, mean_over_categories, seed_summary
+from pipeline.method import baselines
+from pipeline.method import detector
+from pipeline.evaluation import evaluate as evaluation
+from pipeline.method import guides
+from pipeline.evaluation import metrics
+from pipeline.evaluation import metrics_stream
+from pipeline.evaluation import report
+from pipeline.method import sae
+from pipeline.features import store
+from pipeline.method import scoring
+from pipeline.evaluation.evaluate import ENSEMBLE, mean_over_categories, seed_summary
 from pipeline.files import sha256_file
 from pipeline.config import load_params
-from pipeline.runtime import resolve_device
-from pipeline.stages import run, setup_logging
+from pipeline.launch import resolve_device
+from pipeline.launch import run, setup_logging
 
 log = logging.getLogger("pipeline.stages.evaluate")
 

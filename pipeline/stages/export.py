@@ -5,17 +5,17 @@
         --out models/synth_a/detector
 
 Writes ``<out>/detector.safetensors`` (``vectors`` (n_seeds, 4, d): each seed's decoded guides ``c·D``)
-and ``<out>/detector.json`` (:mod:`pipeline.detector`), both atomically, the JSON last. One detector per
+and ``<out>/detector.json`` (:mod:`pipeline.method.detector`), both atomically, the JSON last. One detector per
 auxiliary set, not per run: it depends on the SAE and guides of A and on the scoring settings only,
 never on a target, so every run from A scores with the same one.
 
-``--weights`` is recorded as ``weights_path`` (where :class:`~pipeline.detector.Detector` looks by
+``--weights`` is recorded as ``weights_path`` (where :class:`~pipeline.method.detector.Detector` looks by
 default) and is not read: the sha256 recorded is the feature store's ``weights_sha256``, the weights the
 tokens came from, and that is what binds the detector to its backbone.
 
 The threshold (``threshold_rule`` ``aux_f1_max``): the auxiliary store's own images are scored with the
 detector (the mean of the seeds' maps, the configured image score) and the image threshold with the
-highest F1 over all of them pooled is kept (:func:`pipeline.metrics.f1_max_threshold`). Target labels are
+highest F1 over all of them pooled is kept (:func:`pipeline.evaluation.metrics.f1_max_threshold`). Target labels are
 never seen (zero-shot), so the auxiliary set is the only labelled data there is. Other rules considered:
 
 - a quantile of the auxiliary normal images' scores (e.g. 95 %: a 5 % false-alarm rate on A). It
@@ -39,11 +39,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import detector, evaluation, guides, metrics, sae, scoring, store
+from pipeline.method import detector
+from pipeline.evaluation import evaluate as evaluation
+from pipeline.method import guides
+from pipeline.evaluation import metrics
+from pipeline.method import sae
+from pipeline.method import scoring
+from pipeline.features import store
 from pipeline.config import load_params
 from pipeline.files import sha256_file
-from pipeline.runtime import resolve_device
-from pipeline.stages import run, setup_logging
+from pipeline.launch import resolve_device
+from pipeline.launch import run, setup_logging
 
 log = logging.getLogger("pipeline.stages.export")
 

@@ -25,11 +25,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipeline import backbones, datasets
+from pipeline.features import backbones
+from pipeline.data import tables
 from pipeline.config import ConfigError, load_params
-from pipeline.extract import WeightsError, extract, fingerprint
-from pipeline.runtime import DistInfo, resolve_device
-from pipeline.stages import run, setup_logging
+from pipeline.features.extract import WeightsError, extract, fingerprint
+from pipeline.launch import DistInfo, resolve_device
+from pipeline.launch import run, setup_logging
 
 log = logging.getLogger("pipeline.stages.extract")
 
@@ -75,11 +76,11 @@ def main(argv: list[str] | None = None) -> None:
         raise WeightsError(f"{args.weights}: sha256 {digest} differs from {record_path} ({record['sha256']}); "
                            "re-run the weights stage")
 
-    samples = datasets.load_table(ds.format, Path(ds.root), splits=data.splits, categories=ds.categories,
+    samples = tables.load_table(ds.format, Path(ds.root), splits=data.splits, categories=ds.categories,
                                   max_pixels=data.max_pixels)
     categories = sorted({s.category for s in samples})
     defects = sorted({s.defect for s in samples})
-    no_masks = datasets.categories_without_masks(samples)
+    no_masks = tables.categories_without_masks(samples)
     if no_masks:
         log.warning("%s: categor%s %s ha%s labels but no masks (no ground_truth/ folder): their anomalous "
                     "images are stored with all-zero masks, recorded in attrs categories_without_masks; pixel "

@@ -27,10 +27,15 @@ from pathlib import Path
 
 import torch
 
-from pipeline import distributed, guides, report, sae, store
+from pipeline import launch
+from pipeline.method import distributed
+from pipeline.method import guides
+from pipeline.evaluation import report
+from pipeline.method import sae
+from pipeline.features import store
 from pipeline.files import sha256_file
 from pipeline.config import load_params
-from pipeline.stages import run, setup_logging
+from pipeline.launch import run, setup_logging
 
 log = logging.getLogger("pipeline.stages.fit_guides")
 
@@ -62,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
                                "dataset has no ground_truth/ folder); fit_guides needs pixel masks on the auxiliary "
                                "set: add the masks, or use the dataset as a target only (remove it from "
                                "aux_datasets in params.yaml)")
-    with distributed.process_group(cfg.device) as (info, device):
+    with launch.process_group(cfg.device) as (info, device):
         _fit(args, cfg, features, model, dead_mask, sae_config, provenance, device, info.world_size)
 
 

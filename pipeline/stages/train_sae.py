@@ -36,9 +36,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import distributed, report, sae, store
+from pipeline import launch
+from pipeline.method import distributed
+from pipeline.evaluation import report
+from pipeline.method import resume, sae
+from pipeline.features import store
 from pipeline.config import load_params
-from pipeline.stages import run, setup_logging
+from pipeline.launch import run, setup_logging
 
 log = logging.getLogger("pipeline.stages.train_sae")
 
@@ -84,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     cfg = load_params(args.params, ["sae"]).sae
     features = store.open_store(args.features)
-    with distributed.process_group(cfg.device) as (info, device):
+    with launch.process_group(cfg.device) as (info, device):
         _train(args, cfg, features, device, info.world_size, checkpoint_dir)
 
 
@@ -112,7 +116,7 @@ def _train(args, cfg, features: store.FeatureStore, device: torch.device, world:
     if shards > 1:
         log.info("%d shards over %d process(es), rank %d; %d tokens per global step", shards, world,
                  distributed.rank(), cfg.batch_images * tokens_per_image)
-    checkpoint = sae.TrainCheckpoint(checkpoint_dir, resume_key(cfg, device, features, shards, world),
+    checkpoint = resume.TrainCheckpoint(checkpoint_dir, resume_key(cfg, device, features, shards, world),
                                      every_s=60 * args.checkpoint_minutes)
     stats = sae.train(model, read, features.n_chunks, tokens_per_image=tokens_per_image,
                       batch_images=cfg.batch_images, epochs=cfg.epochs, lr=cfg.lr, betas=tuple(cfg.betas),

@@ -20,9 +20,9 @@ import logging
 import os
 from pathlib import Path
 
-from pipeline import backbones
+from pipeline.features import backbones
 from pipeline.config import load_params
-from pipeline.stages import run, setup_logging
+from pipeline.launch import run, setup_logging
 
 log = logging.getLogger("pipeline.stages.weights")
 

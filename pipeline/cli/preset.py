@@ -1,7 +1,7 @@
 """Apply a preset (a partial params file) to params.yaml, keeping its comments.
 
-    python -m pipeline.preset configs/paper.yaml        # then: dvc repro, or dvc exp run -n paper
-    python -m pipeline.preset configs/paper.yaml --dry-run
+    python -m pipeline.cli.preset configs/paper.yaml        # then: dvc repro, or dvc exp run -n paper
+    python -m pipeline.cli.preset configs/paper.yaml --dry-run
 
 The mapping sections ``datasets`` and ``runs`` and the lists ``aux_datasets`` and ``synthetic.datasets``
 are replaced whole (they define which stages exist); every other section is merged key by key. A

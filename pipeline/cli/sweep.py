@@ -2,10 +2,10 @@
 
     dvc exp run --queue -S 'sae.n_latents=2048,4096' -S 'sae.k=16,32'   # 4 cells
     dvc queue start -j 2 && dvc queue status                             # wait until all are done
-    python -m pipeline.sweep --out reports/sweep                         # runs `dvc exp show --json`
-    python -m pipeline.sweep --json exp.json --out reports/sweep          # or from a saved file
-    python -m pipeline.sweep --x backbone.layer --y backbone.image_size   # any two params
-    python -m pipeline.sweep -A ...                                       # experiments of older commits too
+    python -m pipeline.cli.sweep --out reports/sweep                         # runs `dvc exp show --json`
+    python -m pipeline.cli.sweep --json exp.json --out reports/sweep          # or from a saved file
+    python -m pipeline.cli.sweep --x backbone.layer --y backbone.image_size   # any two params
+    python -m pipeline.cli.sweep -A ...                                       # experiments of older commits too
 
 Only experiments whose params other than the two swept ones equal the workspace's are used (``--all``
 keeps every one), so another sweep or an unrelated experiment never lands in a cell. For every run
@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from pipeline import report
+from pipeline.evaluation import report
 
 METRICS = ("image_auroc", "pixel_auroc")
 CONTROL = "no_sae"

@@ -18,14 +18,12 @@ latents a gradient and is exactly zero when none are dead.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -33,8 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.errors import PipelineError
-from pipeline.store import ChunkReader
+from pipeline.features.store import ChunkReader
+from pipeline.features.stream import local_token_steps
+
+if TYPE_CHECKING:  # resume imports this module for TopKSAE and TrainState
+    from pipeline.method.resume import TrainCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -149,101 +150,6 @@ def auxk_loss(sae: TopKSAE, pre: torch.Tensor, residual: torch.Tensor, dead: tor
     values, indices = pre.masked_fill(~dead, -1.0).topk(min(k_aux, n_dead), dim=-1, sorted=False)
     values = values.clamp_min(0.0)  # a live latent's -1 can never be chosen over a dead one's >= 0
     return fvu(residual, decode_rows(values, indices, sae.dictionary), total)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Streaming tokens from the feature store
-
-
-def token_batches(read: Callable[[int], np.ndarray], n_chunks: int | Sequence[int], batch_tokens: int,
-                  buffer_tokens: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
-    """One epoch of shuffled token batches (b, d) float32 from chunks read in a seeded random order.
-
-    ``n_chunks``: every chunk ``0 .. n_chunks-1``, or the chunk indices of one shard (a sequence).
-
-    Chunks (n, L, d) are flattened to tokens and mixed in a buffer of at most ``buffer_tokens`` rows:
-    whenever it holds that many, it is shuffled and its first half (rounded down, but at least one
-    row) is emitted in batches, the other half stays to mix with the next chunk. At the end
-    everything left is shuffled and emitted, so an epoch yields every token exactly once. Memory is bounded by the buffer plus two chunks, whatever
-    the store's size. Non-finite tokens stop the run, naming the chunk.
-    """
-    if isinstance(n_chunks, (int, np.integer)):
-        order = rng.permutation(n_chunks)
-    else:
-        order = np.asarray(n_chunks, dtype=np.int64)[rng.permutation(len(n_chunks))]
-    buffer: np.ndarray | None = None
-    carry: np.ndarray | None = None  # rows emitted from the buffer but not yet a full batch
-
-    def emit(rows: np.ndarray) -> Iterator[np.ndarray]:
-        nonlocal carry
-        rows = rows if carry is None else np.concatenate([carry, rows])
-        n_full = len(rows) // batch_tokens * batch_tokens
-        for i in range(0, n_full, batch_tokens):
-            yield rows[i : i + batch_tokens]
-        carry = rows[n_full:]
-
-    for chunk, tokens in ChunkReader(read, order):
-        flat = np.asarray(tokens, dtype=np.float32).reshape(-1, tokens.shape[-1])
-        if not np.isfinite(flat).all():
-            raise FloatingPointError(f"chunk {chunk} of the feature store has NaN/Inf tokens; re-extract it")
-        buffer = flat if buffer is None else np.concatenate([buffer, flat])
-        while len(buffer) >= buffer_tokens:
-            buffer = buffer[rng.permutation(len(buffer))]
-            # At least one row, or a one-row buffer (buffer_tokens 1) would emit nothing and spin forever.
-            half = max(1, len(buffer) // 2)
-            yield from emit(buffer[:half])
-            buffer = buffer[half:]
-    if buffer is not None and len(buffer):
-        yield from emit(buffer[rng.permutation(len(buffer))])
-    if carry is not None and len(carry):
-        yield carry  # the last, smaller batch: no token is dropped
-
-
-def split_sizes(total: int, parts: int) -> list[int]:
-    """``total`` items over ``parts`` shards, the first ``total % parts`` one larger: [5, 5, 4] for 14 over 3."""
-    return [total // parts + (i < total % parts) for i in range(parts)]
-
-
-def shard_seeds(rng: np.random.Generator, shards: int) -> list[int]:
-    """One seed per shard for an epoch, drawn from the run's generator (the same on every rank)."""
-    return [int(v) for v in rng.integers(0, 2**63 - 1, size=shards)]
-
-
-def sharded_steps(streams: Sequence[Iterator[np.ndarray]], width: int) -> Iterator[np.ndarray]:
-    """Zip shard streams into steps: step t is the concatenation of every shard's t-th batch (rows of
-    a shard whose stream has ended count as none). Ends when every stream has; each yield (b, width)."""
-    streams = list(streams)
-    while True:
-        parts = [part for part in (next(it, None) for it in streams) if part is not None]
-        if not parts:
-            return
-        yield np.concatenate(parts) if len(parts) > 1 else parts[0]
-
-
-def local_token_steps(read: Callable[[int], np.ndarray], n_chunks: int, batch_tokens: int, buffer_tokens: int,
-                      rng: np.random.Generator, *, shards: int = 1, rank: int = 0, world: int = 1,
-                      width: int = 0) -> Iterator[np.ndarray]:
-    """This process's rows of each step of one epoch: (b_local, d) float32.
-
-    ``shards`` 1: :func:`token_batches` over every chunk, as a single process always did. ``shards`` S
-    > 1: the epoch is S streams, shard s over chunks s, s+S, ... with its own buffer and a generator
-    seeded by :func:`shard_seeds`, batches of ``batch_tokens / S`` tokens (:func:`split_sizes`);
-    the global step is the concatenation of the shards' batches, so it holds ``batch_tokens`` tokens
-    whatever the number of processes. Rank r of ``world`` computes shards r, r+world, ...; once its
-    shards are exhausted it yields empty (0, ``width``) rows until the caller sees that every rank's
-    are (the global count is 0). One process with ``shards`` S sees exactly the global steps of S ranks.
-    """
-    if shards == 1:
-        yield from token_batches(read, n_chunks, batch_tokens, buffer_tokens, rng)
-    else:
-        seeds, sizes = shard_seeds(rng, shards), split_sizes(batch_tokens, shards)
-        buffers = split_sizes(buffer_tokens, shards)
-        mine = range(rank, shards, world)
-        yield from sharded_steps([token_batches(read, list(range(s, n_chunks, shards)), sizes[s], max(1, buffers[s]),
-                                                np.random.default_rng(seeds[s])) for s in mine], width)
-    if world > 1:
-        while True:
-            yield np.zeros((0, width), dtype=np.float32)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -380,7 +286,7 @@ def train(sae: TopKSAE, read: Callable[[int], np.ndarray], n_chunks: int, *, tok
     step it is offered the state, and saves it when its interval is due (rank 0 only).
 
     ``shards``: the epoch's stream as that many interleaved shards (:func:`local_token_steps`); 1 is
-    the single stream. ``comm`` (a :class:`pipeline.distributed.Comm`, under torchrun): this process
+    the single stream. ``comm`` (a :class:`pipeline.method.distributed.Comm`, under torchrun): this process
     trains on its shards' rows of every global step; the FVU and AuxK denominators, the fired latents
     and the gradients are summed over the ranks, so every rank takes the same step, the one a single
     process with the same ``shards`` takes, up to float rounding. None: one process, today's step.
@@ -485,197 +391,6 @@ def evaluate(sae: TopKSAE, read: Callable[[int], np.ndarray], n_chunks: int, *, 
     # Σ‖x − mean‖² = Σ‖x‖² − ‖Σx‖² / N, accumulated in float64 over the stream.
     variance = total_sq - float(total_sum.pow(2).sum()) / count
     return err / variance, ~fired
-
-
-# ----------------------------------------------------------------------------------------------------
-# Resumable training snapshots: safetensors + JSON, written atomically; never pickle.
-
-
-class CheckpointError(PipelineError):
-    """A checkpoint folder holds, where a training snapshot goes, a file this code did not write."""
-
-
-_STATE_FORMAT = "pipeline.sae.TrainCheckpoint/1"
-"""Marker in the snapshot JSON and in its tensors file's metadata: only files carrying it are deleted."""
-_STATE_JSON = "train_state.json"
-_PARTIAL = ".partial"
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``path`` whole or not at all: a temp file beside it, flushed to disk, then renamed over it.
-
-    Not :func:`pipeline.files.atomic_write`: the temp name here is fixed (``<name>.partial``), so the
-    cleanup after a kill finds a half-written snapshot by name and deletes only that; and snapshots are
-    fsync'd, since resuming from a file the OS had not written yet would be worse than starting over.
-    """
-    partial = path.with_name(path.name + _PARTIAL)
-    with partial.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(partial, path)
-
-
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}: the keys the log names when two checkpoint keys differ."""
-    if isinstance(value, dict):
-        return {k: v for name, sub in value.items() for k, v in _flatten(sub, f"{prefix}{name}.").items()}
-    return {prefix[:-1]: value}
-
-
-@dataclass
-class Snapshot:
-    """A loaded training snapshot: ``tensors`` (``model.<param>``, ``adam.<param>.<moment>``,
-    ``since_fired``) and ``state``, the JSON fields of :class:`TrainState`."""
-
-    tensors: dict[str, torch.Tensor]
-    state: dict
-
-    def restore(self, sae: TopKSAE, opt: torch.optim.Optimizer, names: Sequence[str],
-                device: torch.device) -> TrainState:
-        """Load the weights into ``sae`` and the moments into ``opt`` (whose parameters are ``names``,
-        in order); return the loop state."""
-        sae.load_state_dict({name: self.tensors[f"model.{name}"] for name in sae.state_dict()}, strict=True)
-        moments = [{key.rsplit(".", 1)[1]: t for key, t in self.tensors.items() if key.startswith(f"adam.{name}.")}
-                   for name in names]
-        opt.load_state_dict({"state": dict(enumerate(moments)), "param_groups": opt.state_dict()["param_groups"]})
-        return TrainState.from_json(self.state, self.tensors["since_fired"].to(device))
-
-
-class TrainCheckpoint:
-    """A resumable snapshot of :func:`train` kept in ``folder`` while it runs.
-
-    ``train_state.json`` names the tensors file ``train_state.<step>.safetensors`` (weights, Adam
-    moments, dead-latent counters) and holds the loop state (stream position, generator state, curve,
-    counters) and the key. Each file is written to a temp file and renamed into place, tensors first
-    and the JSON last, so a kill at any moment leaves the previous snapshot or the new one, whole.
-
-    ``key``: a JSON-able mapping of everything that determines the result (config, input fingerprint,
-    code). A snapshot saved under another key is ignored, with a log line naming what differs, and
-    replaced by the next save. Saves happen every ``every_s`` seconds (0: after every step), or every
-    ``every_steps`` steps when that is given. Only files carrying this class's marker are ever deleted.
-    """
-
-    def __init__(self, folder: str | Path, key: Mapping[str, Any], *, every_s: float = 600.0,
-                 every_steps: int | None = None) -> None:
-        self.folder = Path(folder)
-        self.key_fields = json.loads(json.dumps(key, sort_keys=True))  # as it reads back from JSON
-        self.key = hashlib.sha256(json.dumps(self.key_fields, sort_keys=True).encode()).hexdigest()
-        self.every_s, self.every_steps = every_s, every_steps
-        self._last = time.monotonic()
-
-    @property
-    def json_path(self) -> Path:
-        return self.folder / _STATE_JSON
-
-    def _read_json(self) -> dict | None:
-        """The snapshot JSON, or None when there is none; refuses a file of that name this code did not write."""
-        if self.folder.exists() and not self.folder.is_dir():
-            raise CheckpointError(f"{self.folder}: checkpoint folder is a file; move it or pass another "
-                                  "--checkpoint-dir")
-        if not self.json_path.exists():
-            return None
-        try:
-            meta = json.loads(self.json_path.read_text())
-        except (OSError, ValueError) as err:
-            meta = {"error": str(err)}
-        if not isinstance(meta, dict) or meta.get("format") != _STATE_FORMAT:
-            raise CheckpointError(f"{self.json_path}: not a training snapshot written by this code (no "
-                                  f"format {_STATE_FORMAT!r}); move it away or pass another --checkpoint-dir")
-        return meta
-
-    def _ours(self, path: Path) -> bool:
-        """True when ``path`` is a tensors file this class wrote (its metadata carries the marker)."""
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                return (fh.metadata() or {}).get("format") == _STATE_FORMAT
-        except Exception:  # unreadable: cannot prove it is ours, so it is kept
-            return False
-
-    def load(self) -> Snapshot | None:
-        """The saved snapshot when its key is this one; None (saying why in the log) otherwise."""
-        from safetensors.torch import load_file
-
-        meta = self._read_json()
-        if meta is None:
-            return None
-        if meta.get("key") != self.key:
-            old, new = _flatten(meta.get("key_fields", {})), _flatten(self.key_fields)
-            diff = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-                    if old.get(k) != new.get(k)]
-            log.warning("%s: not resuming, the snapshot was made with other inputs (%s%s); starting afresh",
-                        self.json_path, "; ".join(diff[:3]) or "unknown key",
-                        f"; {len(diff) - 3} more" if len(diff) > 3 else "")
-            return None
-        tensors_path = self.folder / str(meta.get("tensors"))
-        try:
-            tensors = load_file(str(tensors_path))
-        except Exception as err:
-            log.warning("%s: not resuming, its tensors file %s cannot be read (%s); starting afresh",
-                        self.json_path, tensors_path.name, err)
-            return None
-        return Snapshot(tensors, meta["state"])
-
-    def offer(self, sae: TopKSAE, opt: torch.optim.Optimizer, state: TrainState) -> None:
-        """Save when due: every ``every_steps`` steps, else when ``every_s`` seconds have passed."""
-        if self.every_steps is not None:
-            due = state.step % self.every_steps == 0
-        else:
-            due = time.monotonic() - self._last >= self.every_s
-        if due:
-            self.save(sae, opt, state)
-            self._last = time.monotonic()
-
-    def save(self, sae: TopKSAE, opt: torch.optim.Optimizer, state: TrainState) -> None:
-        """Write the snapshot (tensors, then the JSON naming them) and delete the one it replaces."""
-        from safetensors.torch import save
-
-        self._read_json()  # refuses to write over a file of that name that is not ours
-        self.folder.mkdir(parents=True, exist_ok=True)
-        names = {id(p): name for name, p in sae.named_parameters()}
-        tensors = {f"model.{name}": t for name, t in sae.state_dict().items()}
-        for group in opt.param_groups:
-            for p in group["params"]:
-                tensors.update({f"adam.{names[id(p)]}.{k}": t for k, t in opt.state[p].items()})
-        tensors["since_fired"] = state.since_fired
-        tensors = {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
-        name = f"train_state.{state.step:09d}.safetensors"
-        _write_atomic(self.folder / name, save(tensors, metadata={"format": _STATE_FORMAT, "key": self.key}))
-        meta = {"format": _STATE_FORMAT, "key": self.key, "tensors": name, "state": state.to_json(),
-                "key_fields": self.key_fields}
-        _write_atomic(self.json_path, (json.dumps(meta, indent=1) + "\n").encode())
-        self._remove_tensors(keep=name)
-        log.debug("%s: snapshot at step %d", self.folder, state.step)
-
-    def _remove_tensors(self, keep: str | None = None) -> None:
-        for path in self.folder.glob("train_state.*.safetensors"):
-            if path.name != keep and self._ours(path):
-                path.unlink()
-
-    def remove(self) -> None:
-        """Delete the snapshot once the run it belongs to is saved: this class's files only, and the
-        folder when that leaves it empty."""
-        if not self.folder.is_dir():
-            return
-        try:
-            self._read_json()
-        except CheckpointError as err:  # someone else's file: leave it and the folder alone
-            log.warning("%s", err)
-            return
-        # The JSON first: a kill half-way through leaves marked tensors files (deleted by the next save
-        # or remove), never a JSON naming a tensors file that is gone.
-        self.json_path.unlink(missing_ok=True)
-        self._remove_tensors()
-        # temp files of a save that was killed half-way: named by this class, never complete
-        (self.folder / (_STATE_JSON + _PARTIAL)).unlink(missing_ok=True)
-        for partial in self.folder.glob(f"train_state.*.safetensors{_PARTIAL}"):
-            partial.unlink()
-        try:
-            self.folder.rmdir()
-        except OSError:  # other files are in it: not ours to delete
-            pass
 
 
 # ----------------------------------------------------------------------------------------------------

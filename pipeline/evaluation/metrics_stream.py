@@ -21,7 +21,7 @@ Memory: one batch's words while adding; while merging ``block_words`` words of r
 merged block (a few times 8 x ``block_words`` bytes), whatever the number of images. Disk: 8 bytes per
 pixel per stream in ``folder`` while it is open (twice that during a merge pass); :meth:`close`
 deletes the stream's files. Only float32 maps (or maps float32 holds exactly) are accepted: the maps
-of :mod:`pipeline.scoring` are float32.
+of :mod:`pipeline.method.scoring` are float32.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from typing import Any, Iterator
 import numpy as np
 from scipy import ndimage
 
-from pipeline import metrics
+from pipeline.evaluation import metrics
 
 BLOCK_WORDS = 1 << 22
 """Words (8 bytes each) of run buffers held at once while merging: 32 MiB."""

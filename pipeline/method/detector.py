@@ -3,7 +3,7 @@
 A detector folder (``models/<A>/detector``, written by the export stage) holds
 
     detector.safetensors   ``vectors`` (n_seeds, 4, d) float32: each guide seed's ``c·D``, rows in
-                           :data:`pipeline.guides.ROWS` order (no SAE is needed at inference)
+                           :data:`pipeline.method.guides.ROWS` order (no SAE is needed at inference)
     detector.json          format ``spg-detector/1``; backbone, weights_sha256, weights_path, layer,
                            image_size, grid, temperature, blur_sigma, image_score, lse_temperature,
                            top_fraction, threshold, threshold_rule, seeds, map_range, aux, sae_sha256,
@@ -11,11 +11,11 @@ A detector folder (``models/<A>/detector``, written by the export stage) holds
 
 :class:`Detector` loads it with the backbone weights it was made for (checked by sha256) and maps PIL
 images or tokens to anomaly maps (B, S, S) in [0, 1] and image scores (B,). Maps come from
-:func:`pipeline.scoring.score_tokens`, the function the evaluate stage scores with; tokens are rounded
+:func:`pipeline.method.scoring.score_tokens`, the function the evaluate stage scores with; tokens are rounded
 to float16 first, as the feature store keeps them, so ``predict`` equals evaluate on the same images.
 
 Seeds: ``seed=None`` (the default) averages the seeds' maps and scores that mean map (global mode: the
-mean of the seeds' global-guide probabilities), :func:`pipeline.scoring.mean_of_seeds`; the threshold in
+mean of the seeds' global-guide probabilities), :func:`pipeline.method.scoring.mean_of_seeds`; the threshold in
 detector.json was chosen on the auxiliary set with that same scoring. ``seed=s`` scores with one seed.
 """
 
@@ -29,7 +29,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from pipeline import scoring
+from pipeline.method import scoring
 from pipeline.errors import PipelineError
 from pipeline.files import sha256_file, write_bytes
 
@@ -37,7 +37,7 @@ FORMAT = "spg-detector/1"
 REQUIRED = ("format", "backbone", "weights_sha256", "weights_path", "layer", "image_size", "grid", "temperature",
             "blur_sigma", "image_score", "lse_temperature", "top_fraction", "threshold", "threshold_rule",
             "seeds", "map_range", "aux", "sae_sha256", "guides")
-"""Keys every detector.json holds (the contract shared with ``pipeline.predict``)."""
+"""Keys every detector.json holds (the contract shared with ``pipeline.cli.predict``)."""
 SETTINGS = ("image_score", "blur_sigma", "lse_temperature", "top_fraction", "fusion")
 """detector.json keys that come from params ``evaluate`` (temperature comes from the guides)."""
 
@@ -158,7 +158,7 @@ class Detector:
         info, vectors = read(folder)
         backbone = transform = None
         if with_backbone:
-            from pipeline import backbones
+            from pipeline.features import backbones
 
             path = Path(info["weights_path"] if weights is None else weights)
             if not path.is_file():
@@ -205,9 +205,9 @@ class Detector:
 
     @torch.inference_mode()
     def features(self, images: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
-        """PIL images (any size and mode :func:`pipeline.datasets.to_rgb` accepts) -> tokens (B, L, d) and
+        """PIL images (any size and mode :func:`pipeline.data.tables.to_rgb` accepts) -> tokens (B, L, d) and
         cls (B, d) float32 on the detector's device, rounded through float16 as the feature store keeps them."""
-        from pipeline.datasets import to_rgb
+        from pipeline.data.images import to_rgb
 
         if self.backbone is None:
             raise DetectorError("this detector was loaded with with_backbone=False; it scores tokens only")

@@ -1,9 +1,7 @@
 """Training across processes with torch.distributed (``torchrun``), and no-ops when run plainly.
 
-The stages ``train_sae`` and ``fit_guides`` call :func:`init` once: under ``torchrun`` (``WORLD_SIZE``
-> 1 in the environment) it opens the process group (NCCL when the device is CUDA, gloo on CPU) and
-pins CUDA device ``LOCAL_RANK``; run plainly it does nothing. The reductions below return their input
-untouched when there is no group, so the library's single-process path is exactly today's.
+The group itself is opened by the entry point (:func:`pipeline.launch.process_group`). The reductions
+below return their input untouched when there is no group, so one process computes what it always did.
 
 Why an explicit all-reduce and not DistributedDataParallel: the SAE's loss is an FVU whose denominator
 is a statistic of the *global* batch (‖x − mean‖² over every rank's tokens), the AuxK term needs the
@@ -16,14 +14,12 @@ scaled by the global denominator is the exact global gradient and keeps every st
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
 
 from pipeline.errors import PipelineError
-from pipeline.runtime import DistInfo, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -45,37 +41,6 @@ def world_size() -> int:
 def is_main() -> bool:
     """True on the one process that writes files (rank 0, or the only process)."""
     return rank() == 0
-
-
-def init(device_name: str) -> tuple[DistInfo, torch.device]:
-    """Read ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``; under torchrun open the group. Returns (info, device).
-
-    ``device_name`` as in params (``auto``/``cpu``/``cuda``); on CUDA each rank gets device
-    ``LOCAL_RANK``. The backend follows the device: NCCL for CUDA, gloo for CPU.
-    """
-    info = DistInfo.from_env()
-    device = resolve_device(device_name, info)
-    if info.world_size > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        log.info("process group: rank %d of %d on %s", info.rank, info.world_size, device)
-    return info, device
-
-
-def shutdown() -> None:
-    """Close the group when there is one."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-@contextmanager
-def process_group(device_name: str) -> Iterator[tuple[DistInfo, torch.device]]:
-    """:func:`init` for the duration of a ``with`` block, closing the group however it ends."""
-    try:
-        yield init(device_name)
-    finally:
-        shutdown()
 
 
 def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:

@@ -24,10 +24,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from pipeline import store
-from pipeline.datasets import Sample, load_image, load_mask
+from pipeline.features import store
+from pipeline.data.tables import Sample
+from pipeline.data.images import load_image, load_mask
 from pipeline.errors import PipelineError
-from pipeline.runtime import DistInfo
+from pipeline.launch import DistInfo
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ def extract(
     finalises the store and every rank writes its own chunks. ``after_write`` is a test hook.
 
     An anomalous image whose mask file binarises empty is an error unless ``allow_empty_masks``
-    (:func:`pipeline.datasets.load_mask`). One whose defect is smaller than a pixel at S and vanishes
+    (:func:`pipeline.data.tables.load_mask`). One whose defect is smaller than a pixel at S and vanishes
     in the nearest-neighbour resize is kept and logged as a warning: the image is still anomalous (image
     metrics count it), S and the resize are the paper's protocol, and refusing it would make real
     datasets with tiny defects (VisA) unusable at the paper's resolution without also switching off the

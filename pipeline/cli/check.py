@@ -1,8 +1,8 @@
 """Verify dataset layouts before a long extraction: counts per category and defect type.
 
-    python -m pipeline.check                 # every dataset in params.yaml
-    python -m pipeline.check mvtec visa      # only these keys of the datasets section
-    python -m pipeline.check --decode mvtec  # also decode every image and mask (finds truncated files)
+    python -m pipeline.cli.check                 # every dataset in params.yaml
+    python -m pipeline.cli.check mvtec visa      # only these keys of the datasets section
+    python -m pipeline.cli.check --decode mvtec  # also decode every image and mask (finds truncated files)
 
 Stops at the first problem with an error naming the file and the convention expected (the same
 checks the extract stage makes), and exits non-zero. Without ``--decode`` images are read to their
@@ -24,7 +24,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline.config import ConfigError, load_params
-from pipeline.datasets import DatasetError, load_image, load_mask, load_table, mask_from_header, summarize
+from pipeline.data.images import DatasetError, load_image, load_mask, mask_from_header
+from pipeline.data.tables import load_table, summarize
 from pipeline.errors import PipelineError
 
 

@@ -23,7 +23,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -33,8 +33,8 @@ from tqdm import tqdm
 
 from pipeline.errors import NonFiniteError, PipelineError
 from pipeline.files import write_bytes
-from pipeline.sae import shard_seeds, split_sizes
-from pipeline.store import ChunkReader
+from pipeline.features.stream import local_image_steps
+from pipeline.features.store import ChunkReader
 
 log = logging.getLogger(__name__)
 
@@ -217,56 +217,6 @@ class Batch:
     labels: torch.Tensor  # (B,) int64
 
 
-def image_batches(read: Callable[[int], Mapping[str, np.ndarray]], n_chunks: int | Sequence[int], batch_images: int,
-                  rng: np.random.Generator) -> Iterator[dict[str, np.ndarray]]:
-    """One epoch of image batches: chunks in a seeded random order, images shuffled within each chunk,
-    every image exactly once. ``read(chunk)`` returns tokens, cls, masks, labels of that chunk.
-    ``n_chunks``: every chunk ``0 .. n_chunks-1``, or the chunk indices of one shard (a sequence)."""
-    carry: dict[str, np.ndarray] | None = None
-    if isinstance(n_chunks, (int, np.integer)):
-        order = rng.permutation(n_chunks)
-    else:
-        order = np.asarray(n_chunks, dtype=np.int64)[rng.permutation(len(n_chunks))]
-    for _, arrays in ChunkReader(read, order):
-        order = rng.permutation(len(arrays["labels"]))
-        arrays = {k: v[order] for k, v in arrays.items()}
-        if carry is not None:
-            arrays = {k: np.concatenate([carry[k], v]) for k, v in arrays.items()}
-        n_full = len(arrays["labels"]) // batch_images * batch_images
-        for i in range(0, n_full, batch_images):
-            yield {k: v[i : i + batch_images] for k, v in arrays.items()}
-        carry = {k: v[n_full:] for k, v in arrays.items()}
-    if carry is not None and len(carry["labels"]):
-        yield carry
-
-
-def local_image_steps(read: Callable[[int], Mapping[str, np.ndarray]], n_chunks: int, batch_images: int,
-                      rng: np.random.Generator, *, shards: int = 1, rank: int = 0,
-                      world: int = 1) -> Iterator[dict[str, np.ndarray] | None]:
-    """This process's images of each step of one epoch (None: none left on this rank).
-
-    As :func:`pipeline.sae.local_token_steps`: ``shards`` 1 is :func:`image_batches` over every chunk;
-    S > 1 is S streams (shard s over chunks s, s+S, ..., ``batch_images / S`` images a batch, its own
-    generator), a global step the concatenation of the shards' batches, rank r computing shards r,
-    r+world, ... Under torchrun (``world`` > 1) the stream then yields None for ever: the caller ends
-    the epoch when no rank has images.
-    """
-    if shards == 1:
-        yield from image_batches(read, n_chunks, batch_images, rng)
-    else:
-        seeds, sizes = shard_seeds(rng, shards), split_sizes(batch_images, shards)
-        streams = [image_batches(read, list(range(s, n_chunks, shards)), sizes[s], np.random.default_rng(seeds[s]))
-                   for s in range(rank, shards, world)]
-        while True:
-            parts = [part for part in (next(it, None) for it in streams) if part is not None]
-            if not parts:
-                break
-            yield {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if len(parts) > 1 else parts[0]
-    if world > 1:
-        while True:
-            yield None
-
-
 @dataclass
 class FitResult:
     codes: torch.Tensor
@@ -285,7 +235,7 @@ def fit(read: Callable[[int], Mapping[str, np.ndarray]], n_chunks: int, dictiona
         desc: str = "fit_guides", shards: int = 1, comm: Any = None) -> FitResult:
     """Fit one guide set. ``dictionary`` (n_latents, d) is frozen; only the codes get gradients.
 
-    ``shards`` and ``comm`` as in :func:`pipeline.sae.train`: under torchrun each rank computes its
+    ``shards`` and ``comm`` as in :func:`pipeline.method.sae.train`: under torchrun each rank computes its
     share of every global batch of ``batch_images`` images (:func:`guide_loss_share`), the gradient of
     the codes and the loss terms are summed over the ranks, and every rank takes the step one process
     with the same ``shards`` takes, up to float rounding.

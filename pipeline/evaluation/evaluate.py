@@ -1,11 +1,11 @@
 """The method side of evaluation: which guide sets are scored, how a store's rows are scored, and how
 per-category metrics are summarised over categories and seeds. No paths, no reports (the evaluate
-stage does those); maps come from :func:`pipeline.scoring.score_tokens` only.
+stage does those); maps come from :func:`pipeline.method.scoring.score_tokens` only.
 
 Named guide sets (:func:`guide_sets`), each (4, d) in :data:`guides.ROWS` order:
 
 - ``learned/<seed>``: the detector's decoded guide vectors of that seed (``c·D``), exactly what
-  :class:`pipeline.detector.Detector` scores with;
+  :class:`pipeline.method.detector.Detector` scores with;
 - ``untrained_init/<seed>``: the guide codes as initialised, before any training (what the learned
   coefficients add);
 - ``no_sae/0``: local guides = mean normal and mean anomalous auxiliary patch tokens, global guides =
@@ -14,10 +14,10 @@ Named guide sets (:func:`guide_sets`), each (4, d) in :data:`guides.ROWS` order:
 :func:`score_rows` adds :data:`ENSEMBLE`, the mean of the ``learned/*`` seeds' maps
 (:func:`scoring.mean_of_seeds`): the detector's default scoring, which the auxiliary threshold belongs to.
 
-:func:`baseline_rows` scores the training-free baselines of :mod:`pipeline.baselines` from the same
+:func:`baseline_rows` scores the training-free baselines of :mod:`pipeline.method.baselines` from the same
 tokens, with the same upsampling, blur and image scores (:func:`scoring.patch_maps`,
 :func:`scoring.scores_by_mode`); :func:`baseline_metrics` and :func:`image_by_score` turn maps and
-scores into per-category metrics with the metric code the learned result uses (:mod:`pipeline.metrics`).
+scores into per-category metrics with the metric code the learned result uses (:mod:`pipeline.evaluation.metrics`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline import baselines, guides, metrics, scoring, store
+from pipeline.method import baselines
+from pipeline.method import guides
+from pipeline.evaluation import metrics
+from pipeline.method import scoring
+from pipeline.features import store
 
 KEYS = metrics.METRIC_KEYS
 IMAGE_KEYS = KEYS[:3]
@@ -236,7 +240,7 @@ def baseline_metrics(labels: np.ndarray, masks: np.ndarray | None, scored: tuple
     metrics by ``image_score``; null for ``global``, which needs a CLS guide), ``image_by_score`` and
     ``null_reasons``. ``scored`` is an entry of :func:`baseline_rows`; an undefined baseline (maps None)
     has every metric null with its reason. labels (n,), masks (n, S, S); or, for maps streamed through
-    a sink, ``pixels``: their :class:`pipeline.metrics_stream.PixelStream` (masks then unused)."""
+    a sink, ``pixels``: their :class:`pipeline.evaluation.metrics_stream.PixelStream` (masks then unused)."""
     maps, by_mode, reason = scored
     if by_mode is None:
         out: dict[str, Any] = dict.fromkeys(KEYS)

@@ -980,7 +980,7 @@ def generate(
     _clear_tmp(tmp)
     tmp.mkdir(parents=True)
     # The marker goes in first, so a killed run leaves either an empty folder or a marked one.
-    (tmp / _TMP_MARKER).write_text("partial tree of pipeline.synthetic.generate; deleted on the next run\n")
+    (tmp / _TMP_MARKER).write_text("partial tree of pipeline.data.synthetic.generate; deleted on the next run\n")
 
     counts: dict[str, dict] = {
         c: {"train_good": train_good, "test_good": test_good, "test_anomalous": {}} for c in spec["categories"]

@@ -7,7 +7,7 @@ score = max of the map (default) | log-sum-exp at a temperature | mean of the to
         | the global-guide probability (softmax of the CLS-to-global-guide cosines)
 
 :func:`score_tokens` is the one place a map is computed from tokens: the evaluate stage (through
-:mod:`pipeline.evaluation`), the export stage and :class:`pipeline.detector.Detector` all call it, so
+:mod:`pipeline.evaluation.evaluate`), the export stage and :class:`pipeline.method.detector.Detector` all call it, so
 their maps agree for the same tokens. Several guide seeds are combined by :func:`mean_of_seeds`.
 """
 
@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-from pipeline import baselines
-from pipeline import guides as G
+from pipeline.method import baselines
+from pipeline.method import guides as G
 
 IMAGE_SCORES = ("max", "lse", "top_mean", "global")
 FUSIONS = ("none", "self_dissimilarity")

@@ -1,0 +1,638 @@
+"""Score your own images with an exported detector: anomaly maps, scores and pass/fail decisions.
+
+    python -m pipeline.predict --detector models/synth_a/detector IMAGES... --out predictions/<name>
+        [--threshold X | --threshold-from-normals DIR [--far 0.01]]
+        [--batch-size 8] [--writers 4] [--device auto] [--seed S] [--weights FILE] [--max-pixels 50000000]
+
+IMAGES are files, folders (searched recursively for the image extensions of
+:data:`pipeline.data.tables.IMAGE_EXTENSIONS`, any case, skipping dot files, dot folders and OS litter such as
+``Thumbs.db``) or glob patterns (expanded here, so quoting them works; ``**`` recurses). A pattern or
+folder that yields no image is reported in the log and in ``summary.json`` (``unmatched``); a path that
+does not exist and is not a pattern is an error, and so is an input set with no image at all. A file
+named explicitly is always tried, whatever its extension. Anything under ``--out`` is never an input.
+
+Each image is decoded by :func:`pipeline.data.tables.load_image` (any size; modes L, RGB, RGBA, 16-bit grey,
+palette, ...; 32-bit ``I``/``F`` refused; more than ``--max-pixels`` pixels refused) and scored by the
+detector (:class:`pipeline.method.detector.Detector`: maps (B, S, S) in [0, 1] and image scores (B,)). An image
+is **anomalous** when ``score >= threshold`` (the rule under which the F1-max threshold is defined,
+:func:`pipeline.evaluation.metrics.f1_max`).
+
+Writes into ``--out`` (each file whole or not at all, through a temp file and ``os.replace``):
+
+- ``scores.csv``: ``path, score, decision, seconds, map, overlay`` per scored image, in input order;
+  ``seconds`` is the image's own decode and write time plus an equal share of its batch's scoring time.
+- ``maps/<relative path>.png``: the map at the image's **original size** (the S x S map resized
+  bilinearly), a 16-bit greyscale PNG whose pixel value v means the anomaly probability v / 65535
+  (a detector exported with ``fusion: self_dissimilarity`` has ``map_range`` [0, 2]: v / 65535 · 2).
+- ``overlays/<relative path>.png``: the image with the map over it as a colour layer (``jet``, fixed
+  scale 0 to the map range's top, half transparent) and the outline, in white, of the pixels whose map
+  value is ``>= threshold``.
+- ``skipped.csv``: ``path, input, reason`` for every file that could not be scored (truncated, not an
+  image, a decompression bomb, a refused mode, a name that cannot be mirrored under ``--out``); the
+  batch goes on without them. Always written (the header alone when nothing was skipped).
+- ``summary.json`` (last): counts, the threshold and how it was chosen, timing, the map encoding and
+  the detector's provenance (its ``detector.json``).
+
+``<relative path>`` is the image's path relative to the deepest folder holding every input image, with
+its own extension kept (``a/good/000.png`` -> ``maps/a/good/000.png.png``), so two images with one stem
+(in two folders, or ``x.png`` beside ``x.jpg``) never share an output file. Files of an earlier run into
+the same ``--out`` are overwritten when their names recur and otherwise left alone (``scores.csv`` lists
+what this run wrote).
+
+Threshold, in order of precedence: ``--threshold X``; ``--threshold-from-normals DIR`` (see
+:func:`threshold_from_normals`: at most a fraction ``--far`` of the known-good images in DIR is flagged);
+otherwise the detector's own (chosen on its auxiliary set, ``detector.json`` ``threshold``).
+
+``--seed``: which guide seed's vectors score; the default (none) is the mean of every seed's map, as
+:meth:`Detector.load` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import io
+import logging
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+from PIL import Image
+from scipy.ndimage import minimum_filter
+from tqdm import tqdm
+
+from pipeline.evaluation import report
+from pipeline.data.images import IMAGE_EXTENSIONS, DatasetError, load_image
+from pipeline.data.images import visible
+from pipeline.errors import NonFiniteError, PipelineError
+from pipeline.files import atomic_write
+
+log = logging.getLogger("pipeline.cli.predict")
+
+MAP_SCALE = 65535
+"""A map PNG's pixel value v stands for the anomaly probability v / MAP_SCALE."""
+SCORE_COLUMNS = ("path", "score", "decision", "seconds", "map", "overlay")
+SKIPPED_COLUMNS = ("path", "input", "reason")
+ANOMALOUS, NORMAL = "anomalous", "normal"
+OVERLAY_ALPHA = 0.5
+"""Weight of the colour layer in an overlay (the image keeps the rest)."""
+
+
+class PredictError(PipelineError, ValueError):
+    """The inputs of ``predict`` cannot be used (no image, a missing path, a bad threshold or rate)."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inputs
+
+
+@dataclass
+class InputSet:
+    """The image files an argument list names, in order, without duplicates."""
+
+    files: list[Path]
+    """Image paths as found (absolute when the argument was), first occurrence kept."""
+    unmatched: list[str] = field(default_factory=list)
+    """Patterns and folders that yielded no image file."""
+
+
+def _has_magic(text: str) -> bool:
+    return any(c in text for c in "*?[")
+
+
+def _is_image_name(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _inside(path: Path, folder: Path | None) -> bool:
+    if folder is None:
+        return False
+    try:
+        Path(os.path.realpath(path)).relative_to(folder)
+        return True
+    except ValueError:
+        return False
+
+
+def _walk(folder: Path, exclude: Path | None) -> Iterator[Path]:
+    """Image files under ``folder``, recursively: a folder's files (sorted) before its subfolders' (sorted,
+    depth first). Dot names, litter and ``exclude`` are skipped; a symlinked folder is followed once
+    (a link loop is not walked twice)."""
+    seen: set[str] = set()
+    stack = [folder]
+    while stack:
+        current = stack.pop()
+        real = os.path.realpath(current)
+        if real in seen or _inside(current, exclude):
+            continue
+        seen.add(real)
+        try:
+            entries = visible(current.iterdir())
+        except OSError as e:
+            log.warning("%s: cannot list (%s); skipped", current, e)
+            continue
+        subfolders = []
+        for p in entries:
+            if p.is_dir():
+                subfolders.append(p)
+            elif _is_image_name(p):
+                yield p
+        stack.extend(reversed(subfolders))  # depth first, in sorted order
+
+
+def collect_images(items: Sequence[str | Path], exclude: str | Path | None = None) -> InputSet:
+    """Expand files, folders and glob patterns into the ordered list of image files.
+
+    An existing path is taken as such (a file is kept whatever its extension; a folder is walked);
+    otherwise an argument holding ``*``, ``?`` or ``[`` is a glob pattern (``recursive=True``), whose
+    matched files are kept when they have an image extension and are not litter, and whose matched
+    folders are walked. Files under ``exclude`` (the output folder) are never taken from a folder or a
+    pattern. Raises PredictError for an argument that neither exists nor is a pattern.
+    """
+    excluded = Path(os.path.realpath(exclude)) if exclude is not None else None
+    files: list[Path] = []
+    seen: set[str] = set()
+    unmatched: list[str] = []
+
+    def add(path: Path) -> None:
+        key = os.path.abspath(path)
+        if key not in seen:
+            seen.add(key)
+            files.append(path)
+
+    for item in items:
+        text = str(item)
+        path = Path(text)
+        if path.is_file():
+            add(path)
+            continue
+        if path.is_dir():
+            found = list(_walk(path, excluded))
+        elif _has_magic(text):
+            found = []
+            for match in sorted(glob.glob(text, recursive=True)):
+                m = Path(match)
+                if m.is_dir():
+                    found += _walk(m, excluded)
+                elif visible([m]) and _is_image_name(m) and not _inside(m, excluded):
+                    found.append(m)
+        else:
+            raise PredictError(f"input {text} does not exist (not a file, a folder or a glob pattern)")
+        if not found:
+            unmatched.append(text)
+            log.warning("%s: no image file (%s) matched", text, " ".join(IMAGE_EXTENSIONS))
+        for p in found:
+            add(p)
+    return InputSet(files, unmatched)
+
+
+def relative_names(files: Sequence[Path]) -> list[tuple[str, ...]]:
+    """Each file's path parts relative to the deepest folder holding all of them (its extension kept).
+
+    ``[a/x/1.png, a/y/1.png]`` -> ``[(x, 1.png), (y, 1.png)]``; one file -> its name alone. The parts
+    come from absolute, normalised paths, so none is ``..`` and two files never share a name.
+    """
+    if not files:
+        return []
+    absolute = [Path(os.path.abspath(p)) for p in files]
+    root = Path(os.path.commonpath([str(p.parent) for p in absolute]))
+    return [p.relative_to(root).parts for p in absolute]
+
+
+def output_path(folder: Path, parts: Sequence[str], suffix: str = ".png") -> Path:
+    """``folder/<parts...><suffix>``, each part checked by :func:`pipeline.evaluation.report.report_path` so that
+    nothing is written outside ``folder`` (raises ReportError for a part holding a separator)."""
+    path = Path(folder)
+    for part in parts[:-1]:
+        path = report.report_path(path, part)
+    return report.report_path(path, parts[-1], suffix)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Threshold
+
+
+def threshold_from_normals(scores: Sequence[float], far: float) -> tuple[float, int]:
+    """The lowest threshold at which at most ``floor(far * n)`` of ``n`` known-good scores are flagged.
+
+    Rule (an image is flagged when ``score >= threshold``): sort the scores from the highest,
+    ``s(1) >= s(2) >= ... >= s(n)``; let ``k = floor(far * n)`` (``far * n`` rounded down, with a
+    1e-9 allowance so that 0.1 * 10 gives 1); the threshold is the smallest float64 above ``s(k+1)``
+    (``numpy.nextafter``). Flagged are then exactly the normals scoring above ``s(k+1)``: ``k`` of
+    them when ``s(k) > s(k+1)``, fewer when scores tie at ``s(k+1)`` (every image of a tie is treated
+    alike, so the whole tie passes). ``far = 0`` puts the threshold just above the highest normal.
+
+    Args:
+        scores: (n,) image scores of known-good images, n >= 1, finite.
+        far: the false-alarm rate allowed on them, in [0, 1).
+
+    Returns:
+        (threshold, k): the threshold and the number of normals it may flag at most.
+    """
+    s = np.sort(np.asarray(scores, dtype=np.float64))[::-1]
+    if s.size == 0:
+        raise PredictError("threshold from normals: no known-good image was scored")
+    if not np.isfinite(s).all():
+        raise PredictError("threshold from normals: a known-good image's score is not finite")
+    if not (isinstance(far, (int, float)) and 0.0 <= far < 1.0):
+        raise PredictError(f"--far must be a rate in [0, 1), got {far!r}")
+    k = int(math.floor(far * s.size + 1e-9))
+    return float(np.nextafter(s[k], np.inf)), k
+
+
+def decisions(scores: np.ndarray, threshold: float) -> list[str]:
+    """scores (B,) -> ``anomalous`` where ``score >= threshold``, else ``normal``."""
+    return [ANOMALOUS if v >= threshold else NORMAL for v in np.asarray(scores, dtype=np.float64)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Maps and overlays
+
+
+def map_top(detector: Any) -> float:
+    """The upper end of a detector's map values: ``map_range`` of its detector.json (1 for the guide
+    probability, 2 with ``fusion: self_dissimilarity``); 1 where the info does not say."""
+    return float(detector.info.get("map_range", (0.0, 1.0))[1])
+
+
+def map_at_size(amap: np.ndarray, size: tuple[int, int], top: float = 1.0) -> np.ndarray:
+    """amap (S, S) float in [0, top] -> (H, W) float32 for ``size`` = (W, H), PIL order.
+
+    PIL's bilinear resize of a float (mode ``F``) image: pixel centres aligned (output pixel j samples
+    the source at (j + 0.5) * S / W - 0.5), with the filter widened when shrinking (antialiasing).
+    Clipped to [0, top] (the interpolation of values in that range stays there but for rounding).
+    """
+    image = Image.fromarray(np.ascontiguousarray(amap, dtype=np.float32))  # mode F
+    if image.size != tuple(size):
+        image = image.resize(tuple(size), Image.Resampling.BILINEAR)
+    return np.clip(np.asarray(image, dtype=np.float32), 0.0, top)
+
+
+def map_png(full: np.ndarray, top: float = 1.0) -> Image.Image:
+    """full (H, W) float in [0, top] -> a 16-bit greyscale image, value round(v / top * 65535)."""
+    return Image.fromarray(np.rint(full * (MAP_SCALE / top)).astype(np.uint16))
+
+
+_JET = None
+
+
+def _jet_lut() -> np.ndarray:
+    """(256, 3) uint8 colours of matplotlib's ``jet`` (one table lookup per pixel is cheap)."""
+    global _JET
+    if _JET is None:
+        import matplotlib
+
+        _JET = (matplotlib.colormaps["jet"](np.linspace(0.0, 1.0, 256))[:, :3] * 255).round().astype(np.uint8)
+    return _JET
+
+
+def overlay(image: Image.Image, full: np.ndarray, threshold: float, top: float = 1.0) -> Image.Image:
+    """The RGB ``image`` (W, H) with ``full`` (H, W) in [0, top] as a ``jet`` layer (0 to top) and, in
+    white, the outline (about 1/300 of the longer side thick, at least 1 pixel) of the region
+    ``full >= threshold`` (threshold in map units, as the detector's image scores are)."""
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+    colour = _jet_lut()[np.rint(full * (255 / top)).astype(np.uint8)].astype(np.float32)
+    out = ((1 - OVERLAY_ALPHA) * rgb + OVERLAY_ALPHA * colour).round().astype(np.uint8)
+    region = full >= threshold
+    if region.any():
+        width = max(1, round(max(region.shape) / 300))
+        # the region's inner band: pixels of the region within `width` of a pixel outside it
+        inner = minimum_filter(region.view(np.uint8), size=2 * width + 1, mode="nearest").astype(bool)
+        out[region & ~inner] = 255
+    return Image.fromarray(out)
+
+
+def _write_png(path: Path, image: Image.Image) -> None:
+    # compress_level 1: several times faster than the default for a few % larger files
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", compress_level=1))
+
+
+def _write_outputs(out: Path, parts: Sequence[str], image: Image.Image, amap: np.ndarray,
+                   threshold: float, top: float = 1.0) -> tuple[Path, Path, float]:
+    """Write one image's map (16-bit, original size) and overlay PNGs; (map file, overlay file, seconds)."""
+    t0 = time.perf_counter()
+    full = map_at_size(amap, image.size, top)
+    map_file, overlay_file = output_path(out / "maps", parts), output_path(out / "overlays", parts)
+    _write_png(map_file, map_png(full, top))
+    _write_png(overlay_file, overlay(image, full, threshold, top))
+    return map_file, overlay_file, time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scoring
+
+
+@dataclass
+class _Batch:
+    paths: list[Path]
+    names: list[tuple[str, ...]]
+    images: list[Image.Image]
+    decode_s: list[float]
+
+
+def _batches(files: Sequence[Path], names: Sequence[tuple[str, ...]] | None, batch_size: int, max_pixels: int,
+             skip, desc: str) -> Iterator[_Batch]:
+    """Decoded images in batches of ``batch_size``; an undecodable file goes to ``skip(path, reason)``."""
+    batch = _Batch([], [], [], [])
+    for i, path in enumerate(tqdm(files, desc=desc, unit="image", dynamic_ncols=True)):
+        t0 = time.perf_counter()
+        try:
+            image = load_image(path, max_pixels)
+        except DatasetError as e:
+            skip(path, str(e))
+            continue
+        batch.paths.append(path)
+        batch.names.append(names[i] if names is not None else ())
+        batch.images.append(image)
+        batch.decode_s.append(time.perf_counter() - t0)
+        if len(batch.images) == batch_size:
+            yield batch
+            batch = _Batch([], [], [], [])
+    if batch.images:
+        yield batch
+
+
+def _score(detector, images: list[Image.Image], paths: Sequence[Path]) -> tuple[np.ndarray, np.ndarray, float]:
+    """maps (B, S, S) float32, scores (B,) float64 and the seconds ``detector.predict`` took."""
+    t0 = time.perf_counter()
+    maps, scores = detector.predict(images)
+    maps, scores = np.asarray(maps, dtype=np.float32), np.asarray(scores, dtype=np.float64)
+    if maps.ndim != 3 or maps.shape[0] != len(images) or scores.shape != (len(images),):
+        raise ValueError(f"detector returned maps {maps.shape} and scores {scores.shape} for {len(images)} images")
+    bad = ~(np.isfinite(scores) & np.isfinite(maps).all(axis=(1, 2)))
+    if bad.any():
+        raise NonFiniteError(f"the detector's map or score of image {paths[int(np.argmax(bad))]} is not finite "
+                             "(NaN or Inf); check the detector's vectors and the backbone weights")
+    return maps, scores, time.perf_counter() - t0
+
+
+def score_normals(files: Sequence[Path], detector, *, batch_size: int, max_pixels: int, skip) -> np.ndarray:
+    """Image scores (n,) float64 of the decodable files among ``files`` (the others go to ``skip``)."""
+    out = [_score(detector, b.images, b.paths)[1]
+           for b in _batches(files, None, batch_size, max_pixels, skip, "normals")]
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def _csv_line(values: Sequence[Any]) -> str:
+    buffer = io.StringIO(newline="")
+    csv.writer(buffer).writerow(values)
+    return buffer.getvalue()
+
+
+def predict_files(
+    inputs: Sequence[str | Path],
+    detector,
+    out: str | Path,
+    *,
+    batch_size: int = 8,
+    max_pixels: int = 50_000_000,
+    threshold: float | None = None,
+    normals: Sequence[str | Path] | None = None,
+    far: float = 0.01,
+    writers: int = 4,
+    meta: Mapping[str, Any] | None = None,
+) -> dict:
+    """Score every image ``inputs`` name and write the outputs listed in the module docstring into ``out``.
+
+    Args:
+        inputs: files, folders and glob patterns (:func:`collect_images`).
+        detector: a loaded :class:`pipeline.method.detector.Detector`, or any object with its ``predict(images)``
+            (a list of B RGB PIL images -> maps (B, S, S) in [0, 1], scores (B,)), ``threshold``
+            (float or None) and ``info`` (dict, copied into ``summary.json``).
+        out: output folder (created).
+        batch_size: images decoded and scored together; memory holds at most two batches (one being
+            scored, the one before it being written), whatever the count.
+        max_pixels: refuse (skip) images with more pixels than this.
+        threshold: overrides the detector's threshold.
+        normals: known-good images (files, folders, patterns) to set the threshold from, at false-alarm
+            rate ``far`` (:func:`threshold_from_normals`); not with ``threshold``.
+        writers: threads rendering and writing the PNGs while the next batch is decoded and scored.
+        meta: extra entries for ``summary.json`` (the detector folder, its load time).
+
+    Returns:
+        The summary written to ``summary.json``.
+
+    Raises:
+        PredictError: no image among ``inputs`` (or among ``normals``, or none of them decodable), an
+            input that does not exist, both ``threshold`` and ``normals``, a non-finite threshold, or no
+            threshold at all (the detector has none and none is given).
+    """
+    t_start = time.perf_counter()
+    out = Path(out)
+    inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    if normals is not None:
+        normals = [normals] if isinstance(normals, (str, Path)) else list(normals)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise PredictError(f"--batch-size must be a positive integer, got {batch_size!r}")
+    if not isinstance(writers, int) or writers < 1:
+        raise PredictError(f"--writers must be a positive integer, got {writers!r}")
+    if threshold is not None and normals is not None:
+        raise PredictError("give either --threshold or --threshold-from-normals, not both")
+    if normals is not None and not (isinstance(far, (int, float)) and 0.0 <= far < 1.0):
+        raise PredictError(f"--far must be a rate in [0, 1), got {far!r}")  # before any normal is scored
+    found = collect_images(inputs, exclude=out)
+    if not found.files:
+        raise PredictError(f"no image to score in {' '.join(map(str, inputs)) or '(no input)'}: expected image files "
+                           f"({' '.join(IMAGE_EXTENSIONS)}, any case), folders holding them, or glob patterns")
+    top = map_top(detector)  # 2 for a fused detector: its maps are not probabilities
+    skipped: list[tuple[str, str, str]] = []
+
+    def skipper(role: str):
+        def skip(path: Path, reason: str) -> None:
+            log.warning("skipped %s: %s", path, reason)
+            skipped.append((str(path), role, reason))
+        return skip
+
+    detector_threshold = getattr(detector, "threshold", None)
+    if threshold is not None:
+        if not math.isfinite(threshold):
+            raise PredictError(f"--threshold must be a finite number, got {threshold!r}")
+        chosen = {"value": float(threshold), "source": "override", "rule": "--threshold given on the command line",
+                  "detector_threshold": detector_threshold}
+    elif normals is not None:
+        normal_set = collect_images(normals, exclude=out)
+        if not normal_set.files:
+            raise PredictError(f"--threshold-from-normals: no image in {' '.join(map(str, normals))}; expected a "
+                               "folder of known-good images")
+        normal_scores = score_normals(normal_set.files, detector, batch_size=batch_size, max_pixels=max_pixels,
+                                      skip=skipper("normals"))
+        if normal_scores.size == 0:
+            raise PredictError(f"--threshold-from-normals: none of the {len(normal_set.files)} images in "
+                               f"{' '.join(map(str, normals))} could be decoded (see the warnings above)")
+        value, k = threshold_from_normals(normal_scores, far)
+        flagged = int((normal_scores >= value).sum())
+        if k == 0 and far > 0:
+            log.warning("%d known-good images at --far %g allow no false alarm: the threshold sits just above the "
+                        "highest of them; give at least %d for the rate to count", normal_scores.size, far,
+                        math.ceil(1 / far))
+        chosen = {"value": value, "source": "normals",
+                  "rule": "smallest float64 above the (k+1)-th highest known-good score, k = floor(far * n); "
+                          "an image is flagged when score >= threshold",
+                  "normals": [str(p) for p in normals], "far": far, "n_normals": int(normal_scores.size),
+                  "n_normals_skipped": len(normal_set.files) - int(normal_scores.size), "k": k,
+                  "n_normals_flagged": flagged, "far_on_normals": flagged / normal_scores.size,
+                  "normal_score_range": [float(normal_scores.min()), float(normal_scores.max())],
+                  "detector_threshold": detector_threshold}
+    else:
+        if detector_threshold is None or not math.isfinite(float(detector_threshold)):
+            raise PredictError("the detector has no threshold (detector.json 'threshold' is "
+                               f"{detector_threshold!r}); pass --threshold X or --threshold-from-normals DIR")
+        chosen = {"value": float(detector_threshold), "source": "detector",
+                  "rule": (getattr(detector, "info", {}) or {}).get("threshold_rule", "detector.json threshold")}
+    t = chosen["value"]
+    log.info("threshold %.6g (%s)", t, chosen["source"])
+
+    names = relative_names(found.files)
+    files, file_names = [], []
+    for path, parts in zip(found.files, names):
+        try:
+            output_path(out / "maps", parts)
+        except PipelineError as e:
+            skipper("images")(path, str(e))
+            continue
+        files.append(path)
+        file_names.append(parts)
+
+    counts = {ANOMALOUS: 0, NORMAL: 0}
+    timing = {"decode_s": 0.0, "score_s": 0.0, "write_s": 0.0}
+    score_min, score_max = math.inf, -math.inf
+
+    def run_all(scores_tmp: Path) -> None:
+        nonlocal score_min, score_max
+        with open(scores_tmp, "w", newline="", encoding="utf-8") as table, \
+                ThreadPoolExecutor(max_workers=writers, thread_name_prefix="predict-writer") as pool:
+            table.write(_csv_line(SCORE_COLUMNS))
+
+            def finish(pending: list[tuple]) -> None:
+                """Wait for one batch's files and write its rows, in input order."""
+                nonlocal score_min, score_max
+                for path, score, decision, own_s, job in pending:
+                    map_file, overlay_file, write_s = job.result()
+                    timing["write_s"] += write_s
+                    counts[decision] += 1
+                    score_min, score_max = min(score_min, score), max(score_max, score)
+                    # repr: the score as computed (float64), so a decision can be checked against the threshold
+                    table.write(_csv_line((str(path), repr(score), decision, f"{own_s + write_s:.4f}",
+                                           map_file.relative_to(out).as_posix(),
+                                           overlay_file.relative_to(out).as_posix())))
+                table.flush()
+
+            pending: list[tuple] = []
+            for b in _batches(files, file_names, batch_size, max_pixels, skipper("images"), "predict"):
+                maps, scores, score_s = _score(detector, b.images, b.paths)
+                verdicts = decisions(scores, t)
+                timing["score_s"] += score_s
+                timing["decode_s"] += sum(b.decode_s)
+                # PNG encoding (PIL releases the GIL) runs in the writers while the next batch is decoded and
+                # scored; waiting for the previous batch first keeps at most two batches in memory
+                jobs = [pool.submit(_write_outputs, out, parts, image, maps[i], t, top)
+                        for i, (parts, image) in enumerate(zip(b.names, b.images))]
+                finish(pending)
+                pending = [(path, float(scores[i]), verdicts[i], b.decode_s[i] + score_s / len(b.images), jobs[i])
+                           for i, path in enumerate(b.paths)]
+            finish(pending)
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "scores.csv", run_all)
+    report.write_csv(out / "skipped.csv", [dict(zip(SKIPPED_COLUMNS, row)) for row in skipped], SKIPPED_COLUMNS)
+
+    n_scored = counts[ANOMALOUS] + counts[NORMAL]
+    total_s = time.perf_counter() - t_start
+    if n_scored == 0:
+        log.warning("no image could be scored: all %d were skipped (see %s)", len(found.files), out / "skipped.csv")
+    summary = {
+        "n_inputs": len(found.files),
+        "n_scored": n_scored,
+        "n_skipped": sum(1 for row in skipped if row[1] == "images"),
+        "n_anomalous": counts[ANOMALOUS],
+        "n_normal": counts[NORMAL],
+        "unmatched": found.unmatched,
+        "threshold": chosen,
+        "decision_rule": f"anomalous when score >= threshold ({t!r})",
+        "score_range": [score_min, score_max] if n_scored else None,
+        "maps": {"folder": "maps", "format": "16-bit greyscale PNG at the original image size, the S x S map "
+                 "resized bilinearly",
+                 "value": (f"anomaly probability = pixel / {MAP_SCALE}" if top == 1 else
+                           f"map value (guide probability x self-dissimilarity) = pixel / {MAP_SCALE} x {top:g}"),
+                 "range": [0, top]},
+        "overlays": {"folder": "overlays", "colours": f"matplotlib jet, 0 to {top:g}, alpha 0.5",
+                     "outline": "white, pixels with map >= threshold"},
+        "timing": {**{k: round(v, 4) for k, v in timing.items()}, "total_s": round(total_s, 4),
+                   "note": "write_s is summed over the writer threads, which run while batches are decoded "
+                           "and scored, so the parts add up to more than total_s",
+                   "images_per_s": round(n_scored / total_s, 4) if n_scored and total_s > 0 else None},
+        "batch_size": batch_size,
+        "writers": writers,
+        "max_pixels": max_pixels,
+        **dict(meta or {}),
+        "detector": dict(getattr(detector, "info", {}) or {}),
+    }
+    report.write_json(out / "summary.json", summary)
+    log.info("%d images: %d anomalous, %d normal, %d skipped -> %s", len(found.files), counts[ANOMALOUS],
+             counts[NORMAL], summary["n_skipped"], out)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("images", nargs="+", help="image files, folders (recursive) or glob patterns")
+    parser.add_argument("--detector", required=True, type=Path, help="models/<A>/detector")
+    parser.add_argument("--out", required=True, type=Path, help="output folder, e.g. predictions/<name>")
+    parser.add_argument("--weights", type=Path, default=None,
+                        help="backbone weights (.safetensors); default: the path in detector.json")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--threshold", type=float, default=None, help="image-score threshold (overrides the detector's)")
+    group.add_argument("--threshold-from-normals", nargs="+", default=None, metavar="DIR",
+                       help="known-good images (folders, files, patterns) to set the threshold on, at --far")
+    parser.add_argument("--far", type=float, default=0.01, help="false-alarm rate allowed on the normals (default 0.01)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--writers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="threads writing the PNGs (default: min(4, CPU count))")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu or cuda")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="score with this guide seed's vectors (default: the mean of every seed's map)")
+    parser.add_argument("--max-pixels", type=int, default=50_000_000,
+                        help="skip images with more pixels than this (as data.max_pixels)")
+    args = parser.parse_args(argv)
+    from pipeline.launch import setup_logging
+
+    setup_logging()
+    if args.far is not None and not 0.0 <= args.far < 1.0:
+        raise PredictError(f"--far must be a rate in [0, 1), got {args.far}")
+    if args.max_pixels < 1:
+        raise PredictError(f"--max-pixels must be a positive integer, got {args.max_pixels}")
+    from pipeline.method.detector import Detector  # heavy (torch, timm): only when a real detector is loaded
+    from pipeline.launch import resolve_device
+
+    try:
+        device = str(resolve_device(args.device))
+    except RuntimeError as e:  # "cuda" asked for on a machine without one
+        raise PredictError(f"--device {args.device}: {e}; use --device cpu or auto") from e
+    t0 = time.perf_counter()
+    detector = Detector.load(args.detector, weights=args.weights, device=device, seed=args.seed)
+    meta = {"detector_folder": str(args.detector), "seed": args.seed, "device": device,
+            "detector_load_s": round(time.perf_counter() - t0, 4)}
+    predict_files(args.images, detector, args.out, batch_size=args.batch_size, max_pixels=args.max_pixels,
+                  threshold=args.threshold, normals=args.threshold_from_normals, far=args.far,
+                  writers=args.writers, meta=meta)
+
+
+def console() -> None:
+    """The ``spg-predict`` command: :func:`main` with errors as one line (:func:`pipeline.launch.run`)."""
+    from pipeline.launch import run
+
+    run(main)
+
+
+if __name__ == "__main__":
+    console()
