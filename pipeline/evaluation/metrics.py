@@ -38,8 +38,8 @@ _PIXEL_KEYS = METRIC_KEYS[3:]
 
 # 3x3 all-ones in the image plane, nothing across the image axis: ndimage.label on a (N, H, W) stack
 # then finds each image's 8-connected components and never joins two images.
-_REGIONS_8 = np.zeros((3, 3, 3), dtype=bool)
-_REGIONS_8[1] = True
+REGIONS_8 = np.zeros((3, 3, 3), dtype=bool)
+REGIONS_8[1] = True
 
 
 # --------------------------------------------------------------------------------------------------
@@ -74,7 +74,7 @@ def _finite(name: str, a: Any) -> np.ndarray:
     return a
 
 
-def _image_inputs(labels: Any, scores: Any, scores_name: str = "scores") -> tuple[np.ndarray, np.ndarray]:
+def image_inputs(labels: Any, scores: Any, scores_name: str = "scores") -> tuple[np.ndarray, np.ndarray]:
     labels, scores = np.asarray(labels), np.asarray(scores)
     if labels.ndim != 1 or labels.shape != scores.shape or labels.size == 0:
         raise ValueError(f"labels {labels.shape} and {scores_name} {scores.shape}: expected two non-empty "
@@ -82,7 +82,7 @@ def _image_inputs(labels: Any, scores: Any, scores_name: str = "scores") -> tupl
     return _binary("labels", labels), _finite(scores_name, scores)
 
 
-def _pixel_inputs(masks: Any, maps: Any) -> tuple[np.ndarray, np.ndarray]:
+def pixel_inputs(masks: Any, maps: Any) -> tuple[np.ndarray, np.ndarray]:
     masks, maps = np.asarray(masks), np.asarray(maps)
     if masks.ndim != 3 or masks.size == 0:
         raise ValueError(f"masks: expected a non-empty (N, H, W) array, got shape {masks.shape}")
@@ -114,14 +114,14 @@ def _two_classes(name: str, positive: np.ndarray, unit: str) -> None:
 
 def image_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     """Area under the ROC curve. labels (N,) {0, 1}, scores (N,) higher = more anomalous."""
-    labels, scores = _image_inputs(labels, scores)
+    labels, scores = image_inputs(labels, scores)
     _two_classes("labels", labels, "images")
     return float(roc_auc_score(labels, scores))
 
 
 def image_ap(labels: np.ndarray, scores: np.ndarray) -> float:
     """Average precision (scikit-learn's step-wise area under the PR curve). labels (N,), scores (N,)."""
-    labels, scores = _image_inputs(labels, scores)
+    labels, scores = image_inputs(labels, scores)
     _two_classes("labels", labels, "images")
     return float(average_precision_score(labels, scores))
 
@@ -131,7 +131,7 @@ def f1_max(labels: np.ndarray, scores: np.ndarray) -> float:
 
     labels (N,) {0, 1}, scores (N,). The thresholds are every distinct score (scikit-learn's PR curve).
     """
-    labels, scores = _image_inputs(labels, scores)
+    labels, scores = image_inputs(labels, scores)
     _two_classes("labels", labels, "images")
     precision, recall, _ = precision_recall_curve(labels, scores)
     denom = precision + recall
@@ -146,7 +146,7 @@ def f1_max_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, flo
     value the first element equals). Where several thresholds reach the same F1, the highest one is
     returned (the fewest alarms for the same F1). Two classes are required (ValueError otherwise).
     """
-    labels, scores = _image_inputs(labels, scores)
+    labels, scores = image_inputs(labels, scores)
     _two_classes("labels", labels, "images")
     precision, recall, thresholds = precision_recall_curve(labels, scores)
     # scikit-learn's last point (recall 0, precision 1) has no threshold; its F1 is 0 and never the max
@@ -169,7 +169,7 @@ def at_threshold(labels: np.ndarray, scores: np.ndarray, threshold: float) -> di
     threshold; recall = TP / (TP + FN) and F1 = 2 TP / (2 TP + FP + FN), None when there is no anomalous
     image (a set of normal images has no recall; its false alarms show in the precision).
     """
-    labels, scores = _image_inputs(labels, scores)
+    labels, scores = image_inputs(labels, scores)
     if not math.isfinite(threshold):
         raise ValueError(f"threshold: must be finite, got {threshold}")
     alarm = scores >= threshold
@@ -212,7 +212,7 @@ def curves(labels: np.ndarray, scores: np.ndarray, max_points: int = 200,
     last point of each curve are always kept. The curves' end points that no score realises (ROC's
     (0, 0), PR's (recall 0, precision 1)) have ``threshold`` None, as JSON has no infinity.
     """
-    labels, scores = _image_inputs(labels, scores)
+    labels, scores = image_inputs(labels, scores)
     _two_classes("labels", labels, unit)
     if max_points < 2:
         raise ValueError(f"max_points: must be >= 2 to keep both end points, got {max_points}")
@@ -234,14 +234,14 @@ def curves(labels: np.ndarray, scores: np.ndarray, max_points: int = 200,
 
 def pixel_auroc(masks: np.ndarray, maps: np.ndarray) -> float:
     """AUROC over all pixels of all images. masks (N, H, W) {0, 1}, maps (N, H, W)."""
-    masks, maps = _pixel_inputs(masks, maps)
+    masks, maps = pixel_inputs(masks, maps)
     _two_classes("masks", masks, "pixels")
     return _roc_pr_from_ranking(_ranking(masks, maps, regions=False))[0]
 
 
 def pixel_ap(masks: np.ndarray, maps: np.ndarray) -> float:
     """Average precision over all pixels of all images. masks (N, H, W) {0, 1}, maps (N, H, W)."""
-    masks, maps = _pixel_inputs(masks, maps)
+    masks, maps = pixel_inputs(masks, maps)
     _two_classes("masks", masks, "pixels")
     return _roc_pr_from_ranking(_ranking(masks, maps, regions=False))[1]
 
@@ -252,7 +252,7 @@ def pixel_metrics(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -
     masks (N, H, W) {0, 1}, maps (N, H, W); the same values as :func:`pixel_auroc`, :func:`pixel_ap`
     and :func:`aupro` called one by one.
     """
-    masks, maps = _pixel_inputs(masks, maps)
+    masks, maps = pixel_inputs(masks, maps)
     _two_classes("masks", masks, "pixels")
     if not 0 < fpr_limit <= 1:
         raise ValueError(f"fpr_limit: must be in (0, 1], got {fpr_limit}")
@@ -310,7 +310,7 @@ def _regions(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     """
     pixels = np.flatnonzero(masks)
     with_regions = masks.any(axis=(1, 2))  # label only those images: normal ones hold half the pixels
-    labelled, n_regions = ndimage.label(masks[with_regions], structure=_REGIONS_8)
+    labelled, n_regions = ndimage.label(masks[with_regions], structure=REGIONS_8)
     # Same C order as ``pixels``: dropping all-zero images removes no anomalous pixel.
     region_ids = labelled[labelled != 0]
     return pixels, region_ids, int(n_regions)
@@ -363,7 +363,7 @@ def pro_curve(masks: np.ndarray, maps: np.ndarray, fpr_stop: float = 1.0) -> tup
     Cumulative sums run over the R-region pixels only (the normal count at a position is the position
     minus the region pixels before it), so no float array of all pixels is ever made.
     """
-    masks, maps = _pixel_inputs(masks, maps)
+    masks, maps = pixel_inputs(masks, maps)
     _two_classes("masks", masks, "pixels")
     if not 0 < fpr_stop <= 1:
         raise ValueError(f"fpr_stop: must be in (0, 1], got {fpr_stop}")
@@ -454,8 +454,8 @@ def compute_all(labels: np.ndarray, image_scores: np.ndarray, masks: np.ndarray,
     pixel metrics None with the reason :data:`NO_MASKS_REASON`; the image metrics are computed as
     usual. Invalid inputs raise a ValueError.
     """
-    labels, image_scores = _image_inputs(labels, image_scores, "image_scores")
-    masks, maps = _pixel_inputs(masks, maps)
+    labels, image_scores = image_inputs(labels, image_scores, "image_scores")
+    masks, maps = pixel_inputs(masks, maps)
     if masks.shape[0] != labels.shape[0]:
         raise ValueError(f"labels {labels.shape} and masks {masks.shape}: expected one mask per image")
     out: dict[str, Any] = dict.fromkeys(METRIC_KEYS)
@@ -489,7 +489,7 @@ def image_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
     """The three image metrics of :data:`METRIC_KEYS` for one category and ``null_reasons``, exactly as
     :func:`compute_all` gives them (None with the same reason without normal or anomalous images).
     labels (N,) {0, 1}, scores (N,)."""
-    labels, scores = _image_inputs(labels, scores)
+    labels, scores = image_inputs(labels, scores)
     n_bad = int(np.count_nonzero(labels))
     if n_bad == 0 or n_bad == labels.size:
         reason = (f"no {'anomalous' if n_bad == 0 else 'normal'} images in this category "

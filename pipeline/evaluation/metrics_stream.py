@@ -44,7 +44,7 @@ FAN_IN = 64
 def label_regions(masks: np.ndarray) -> tuple[np.ndarray, int]:
     """masks (b, H, W) bool -> (region ids (b, H, W) uint32, 0 = normal, 1..r; r) with the 8-connected
     components of each image's mask numbered in C order, as :func:`metrics._regions` numbers them."""
-    labelled, n = ndimage.label(masks, structure=metrics._REGIONS_8)
+    labelled, n = ndimage.label(masks, structure=metrics.REGIONS_8)
     return labelled.astype(np.uint32, copy=False), int(n)
 
 
@@ -150,7 +150,7 @@ class PixelStream:
         one batch share one labelling); else it is computed here. Invalid inputs raise a ValueError
         as :func:`metrics.compute_all` does.
         """
-        masks, maps = metrics._pixel_inputs(masks, maps)
+        masks, maps = metrics.pixel_inputs(masks, maps)
         if self.shape is not None and maps.shape[1:] != self.shape:
             raise ValueError(f"maps {maps.shape}: expected images of {self.shape} like the earlier batches")
         self.shape = maps.shape[1:]
@@ -303,7 +303,7 @@ def compute_all(labels: np.ndarray, image_scores: np.ndarray, pixels: PixelStrea
     if pixels.n_images != np.asarray(labels).shape[0]:
         raise ValueError(f"labels {np.asarray(labels).shape} and {pixels.n_images} images of maps: expected one "
                          "map per image")
-    labels, image_scores = metrics._image_inputs(labels, image_scores, "image_scores")
+    labels, image_scores = metrics.image_inputs(labels, image_scores, "image_scores")
     image = metrics.image_metrics(labels, image_scores)
     out: dict[str, Any] = {k: image[k] for k in metrics.METRIC_KEYS[:3]}
     reasons = dict(image["null_reasons"])
