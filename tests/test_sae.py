@@ -276,9 +276,9 @@ def test_token_batches_terminate_and_yield_every_token_once_for_any_buffer(buffe
     tokens = np.arange(n_images * length, dtype=np.float16).reshape(n_images, length, 1)
     read, n = chunked(tokens, 4)
     expected = -(-n_images * length // batch)  # 16 batches: 15 of 12 tokens and one of 5
-    stream = stream.token_batches(read, n, batch_tokens=batch, buffer_tokens=buffer_tokens,
-                               rng=BoundedRng(0, limit=10_000))
-    batches = list(itertools.islice(stream, 10 * expected))
+    produced = stream.token_batches(read, n, batch_tokens=batch, buffer_tokens=buffer_tokens,
+                                    rng=BoundedRng(0, limit=10_000))
+    batches = list(itertools.islice(produced, 10 * expected))
     assert len(batches) == expected
     assert [len(b) for b in batches] == [batch] * (expected - 1) + [n_images * length - batch * (expected - 1)]
     seen = np.concatenate([b[:, 0] for b in batches])

@@ -137,8 +137,8 @@ class KilledAt(resume.TrainCheckpoint):
 
 
 def dying_writes(monkeypatch, checkpoint: KilledAt) -> None:
-    """Make ``sae._write_atomic`` die where ``checkpoint.where`` says, during the dying save."""
-    write = sae._write_atomic
+    """Make ``resume._write_atomic`` die where ``checkpoint.where`` says, during the dying save."""
+    write = resume._write_atomic
 
     def write_or_die(path, data):
         tensors = path.suffix == ".safetensors"
@@ -149,7 +149,7 @@ def dying_writes(monkeypatch, checkpoint: KilledAt) -> None:
         if checkpoint.dying and tensors and checkpoint.where == "between tensors and json":
             raise Killed
 
-    monkeypatch.setattr(sae, "_write_atomic", write_or_die)
+    monkeypatch.setattr(resume, "_write_atomic", write_or_die)
 
 
 @pytest.mark.parametrize("kill_at, where", [(5, "after"), (12, "after"), (17, "after"), (36, "after"),
