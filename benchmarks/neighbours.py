@@ -6,13 +6,14 @@
 For each L (256: a 16x16 grid, 224 px on a /14 backbone; 1024: 32x32, 448 px) and N images it times
 :func:`pipeline.method.neighbours.mutual` three ways on the same tokens:
 
-- ``one-sided float32``: ``symmetric=False``, every image pair multiplied from both sides (the
-  algorithm evaluate used before the symmetric one: the reference for the speed-up);
+- ``baselines.mutual_streamed``: the one-sided float32 code the evaluate stage ran for the ``mutual``
+  baseline (every image pair multiplied from both sides): the reference for the speed-ups;
+- ``one-sided float32``: ``symmetric=False``, the same algorithm in this module;
 - ``symmetric float32``: each pair of image blocks multiplied once, both directions reduced from it;
 - ``symmetric bfloat16``: the same in bfloat16 matmuls.
 
 It prints ms per image per other image, the speed-ups over the one-sided path, and the largest
-difference of each path from the one-sided float32 scores (float32 paths: summation order only;
+difference of each path from the reference scores (float32 paths: summation order only;
 bfloat16: its rounding). Then the reference signal: a batch of 16 query images against the patches of
 ``--bank-images`` normal images, ms per query image, float32 and bfloat16.
 
@@ -28,7 +29,7 @@ import time
 import numpy as np
 import torch
 
-from pipeline.method import neighbours
+from pipeline.method import baselines, neighbours
 
 
 def best_of(repeats: int, fn):
@@ -71,13 +72,15 @@ def main(argv: list[str] | None = None) -> int:
         read = lambda i, j: tokens[i:j]  # noqa: E731
         pairs = n * (n - 1)
         rows = {}
+        rows["baselines.mutual_streamed"] = best_of(args.repeats,
+                                                    lambda: baselines.mutual_streamed(read, n, length))
         for name, kw in [("one-sided float32", dict(symmetric=False)), ("symmetric float32", {}),
                          ("symmetric bfloat16", dict(precision="bfloat16"))]:
             rows[name] = best_of(args.repeats, lambda: neighbours.mutual(read, n, length, **kw))
-        base_t, base = rows["one-sided float32"]
+        base_t, base = rows["baselines.mutual_streamed"]
         print(f"\nmutual, N={n}, L={length}, d={d}")
         for name, (t, out) in rows.items():
-            print(f"  {name:20s} {t * 1e3 / pairs:8.3f} ms/image/other  x{base_t / t:5.2f}  "
+            print(f"  {name:26s} {t * 1e3 / pairs:8.3f} ms/image/other  x{base_t / t:5.2f}  "
                   f"max |diff| {np.abs(out - base).max():.2e}")
         bank_n = min(args.bank_images, n - 1)
         bank = tokens[:bank_n].reshape(-1, d)

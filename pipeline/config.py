@@ -392,6 +392,24 @@ class EvaluateConfig:
         _check_device(self.device)
 
 
+@dataclass(frozen=True)
+class NeighboursConfig:
+    """The target-only nearest-patch scores (stage ``neighbours@<T>``): computed once per target and
+    reused by every run that scores it, whatever its auxiliary set."""
+
+    precision: str = "float32"
+    """``float32`` or ``bfloat16``: the matmul that chooses each nearest patch (in bfloat16 its distance
+    is recomputed in float32; ``pipeline.method.neighbours``). ``benchmarks/neighbours.py`` prints the
+    speed of each on the machine at hand: bfloat16 pays off only where bfloat16 matmuls are fast."""
+    device: str = "auto"
+    """``auto`` (CUDA when present), ``cpu`` or ``cuda``."""
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("float32", "bfloat16"):
+            _fail("precision", f"{self.precision!r} is not one of float32, bfloat16")
+        _check_device(self.device)
+
+
 SECTIONS: dict[str, type] = {
     "synthetic": SyntheticConfig,
     "data": DataConfig,
@@ -399,6 +417,7 @@ SECTIONS: dict[str, type] = {
     "extract": ExtractConfig,
     "sae": SAEConfig,
     "guides": GuidesConfig,
+    "neighbours": NeighboursConfig,
     "evaluate": EvaluateConfig,
 }
 """Section name in params.yaml -> its dataclass. ``datasets`` (name -> DatasetConfig) and ``runs``
@@ -424,6 +443,7 @@ class Params:
     extract: ExtractConfig | None = None
     sae: SAEConfig | None = None
     guides: GuidesConfig | None = None
+    neighbours: NeighboursConfig | None = None
     evaluate: EvaluateConfig | None = None
     runs: Mapping[str, RunConfig] = field(default_factory=dict)
     aux_datasets: tuple[str, ...] = ()

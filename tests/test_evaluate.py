@@ -495,9 +495,9 @@ def test_stage_streams_every_category_and_matches_compute_all_on_the_same_maps(s
     monkeypatch.setattr(metrics_stream.PixelStream, "metrics", compare)
     result, per_category = run(setup, out="report_streamed")
     # t1 (24 images: 5 batches) and t2 (6 images, no anomaly); 2 learned + 2 untrained + no_sae + ensemble
-    # + 2 baselines = 8 streams each
-    assert sorted(n for n, _, _ in checked) == [6] * 8 + [24] * 8
+    # + 2 baselines + 2 fused = 10 streams each
+    assert sorted(n for n, _, _ in checked) == [6] * 10 + [24] * 10
     assert all(runs == (5 if n == 24 else 2) for n, runs, _ in checked)
-    assert sum(defined for _, _, defined in checked) == 8  # t2's pixel metrics are null (no anomalous pixel)
+    assert sum(defined for _, _, defined in checked) == 10  # t2's pixel metrics are null (no anomalous pixel)
     assert 0 < result["pixel_auroc"] <= 1 and per_category["t2"]["pixel_auroc"] is None
     assert not [p for p in (setup / "report_streamed").iterdir() if p.name.startswith(".")]  # run files removed

@@ -33,6 +33,8 @@ from pipeline.method import guides
 from pipeline.evaluation import metrics
 from pipeline.method import scoring
 from pipeline.features import store
+from pipeline.evaluation.target_scores import category_ranges  # noqa: F401  (re-exported)
+from pipeline.method import fusion, neighbours
 
 KEYS = metrics.METRIC_KEYS
 IMAGE_KEYS = KEYS[:3]
@@ -72,20 +74,6 @@ def no_sae_guides(aux: store.FeatureStore, device: torch.device) -> torch.Tensor
                          "(pn/pa: normal/anomalous patches, cn/ca: normal/anomalous images)")
     mean = {k: (sums[k] / counts[k]).float() for k in sums}
     return torch.stack([mean["cn"], mean["ca"], mean["pn"], mean["pa"]]).to(device)
-
-
-def category_ranges(target: store.FeatureStore) -> dict[str, tuple[int, int]]:
-    """Category name -> [start, stop) rows; the extract stage writes each category contiguously."""
-    category = target.category[:]
-    out = {}
-    for i, name in enumerate(target.attrs["categories"]):
-        rows = np.flatnonzero(category == i)
-        if len(rows) == 0:
-            continue
-        if rows[-1] - rows[0] + 1 != len(rows):
-            raise ValueError(f"{target.path}: category {name!r} is not contiguous in the store")
-        out[name] = (int(rows[0]), int(rows[-1]) + 1)
-    return out
 
 
 def learned_sets(vectors: torch.Tensor, seeds: Sequence[int]) -> dict[str, torch.Tensor]:
@@ -162,8 +150,8 @@ def score_rows(target: store.FeatureStore, start: int, stop: int, vectors: Mappi
 
 
 def baseline_rows(target: store.FeatureStore, start: int, stop: int, settings: scoring.ScoreSettings,
-                  batch_images: int, device: torch.device,
-                  sink: MapSink | None = None) -> dict[str, tuple[np.ndarray | None, dict | None, str | None]]:
+                  batch_images: int, device: torch.device, sink: MapSink | None = None,
+                  mutual: np.ndarray | None = None) -> dict[str, tuple[np.ndarray | None, dict | None, str | None]]:
     """The baselines of rows [start, stop) (one category): name -> (maps (n, S, S) float32, {mode: image
     scores (n,) float64, ``global`` None}, None), or (None, None, reason) where a baseline is undefined
     (``mutual`` on a category of one image).
@@ -171,9 +159,11 @@ def baseline_rows(target: store.FeatureStore, start: int, stop: int, settings: s
     Maps are the patch scores upsampled and blurred like the guide maps (:func:`scoring.patch_maps`,
     ``settings.blur_sigma``). ``mutual`` sees every image of [start, stop), so the rows must be one
     whole category. Tokens are read chunk by chunk (:class:`baselines.ChunkRows`, one decoded chunk
-    kept), ``mutual`` in blocks of images (:func:`baselines.mutual_streamed`) and ``self_dissimilarity``
+    kept), ``mutual`` in blocks of images (:func:`pipeline.method.neighbours.mutual`) and ``self_dissimilarity``
     batch by batch, so no (n, L, d) token array of the category is held (issue 13 §5); each chunk's rows
-    of the category are checked finite the first time they are read. With a ``sink``
+    of the category are checked finite the first time they are read. ``mutual`` (n, L): the category's
+    mutual patch scores when already computed (the ``neighbours@<T>`` stage's,
+    :mod:`pipeline.evaluation.target_scores`), else they are computed here. With a ``sink``
     (:data:`MapSink`), each batch's maps go to it instead and the result's maps are None (the scores
     by mode are the same).
     """
@@ -181,12 +171,14 @@ def baseline_rows(target: store.FeatureStore, start: int, stop: int, settings: s
     n, length = stop - start, target.tokens.shape[1]
     read = baselines.ChunkRows(lambda c: target.read(c, ("tokens",))["tokens"], target.chunk_images, start, stop,
                                check=lambda values, first: target.check_finite("tokens", values, first))
-    mutual = None  # (n, L) float32: needs every image of the category before any batch's map
     reasons = {}
-    if n >= 2:
-        mutual = baselines.mutual_streamed(read, n, length, device=device)
-    else:
+    if n < 2:
+        mutual = None
         reasons[baselines.MUTUAL] = baselines.ONE_IMAGE
+    elif mutual is None:  # (n, L) float32: needs every image of the category before any batch's map
+        mutual = neighbours.mutual(read, n, length, device=device)
+    elif mutual.shape != (n, length):
+        raise ValueError(f"mutual scores {mutual.shape} for {n} images of {length} patches")
     names = [baselines.SELF_DISSIMILARITY] + ([baselines.MUTUAL] if mutual is not None else [])
     out: dict[str, tuple] = {name: (None, None, reason) for name, reason in reasons.items()}
     maps: dict[str, list] = {name: [] for name in names}
@@ -210,6 +202,46 @@ def baseline_rows(target: store.FeatureStore, start: int, stop: int, settings: s
                    for mode in scoring.IMAGE_SCORES}
         out[name] = (np.concatenate(maps[name]) if sink is None else None, by_mode, None)
     return {name: out[name] for name in baselines.SETTINGS}
+
+
+FUSED = {
+    "guides+batch": "the detector's guide map (mean of the learned seeds) fused with the batch (mutual) distances: "
+                    + fusion.RULE,
+    "no_sae+batch": "the no-SAE control's guide map fused with the batch distances the same way (what the SAE "
+                    "adds on top of the batch)",
+}
+"""The fused scorings evaluate reports next to the guides alone and the batch alone."""
+
+
+def fused_rows(target: store.FeatureStore, start: int, stop: int, vectors: Mapping[str, torch.Tensor],
+               settings: scoring.ScoreSettings, batch_images: int, device: torch.device, mutual: np.ndarray,
+               sink: MapSink | None = None) -> dict[str, dict[str, np.ndarray | None]]:
+    """The :data:`FUSED` scorings of rows [start, stop) (one whole category): name -> {mode: image scores
+    (n,) float64; ``global`` None}. mutual (n, L): the category's batch patch scores. The guide signal
+    is :func:`scoring.patch_signal` (the values a guide map upsamples), averaged over the ``learned/*``
+    seeds for ``guides+batch`` as :func:`scoring.mean_of_seeds` averages their maps; ``no_sae/0`` for
+    the control. Each batch's fused maps go to ``sink``."""
+    grid, size = tuple(target.attrs["grid"]), target.masks.shape[-1]
+    learned = [g for name, g in vectors.items() if name.startswith(LEARNED + "/")]
+    modes: dict[str, list] = {name: [] for name in FUSED}
+    for i in range(start, stop, batch_images):
+        j = min(i + batch_images, stop)
+        raw = target.tokens[i:j]
+        target.check_finite("tokens", raw, i)
+        tokens = torch.from_numpy(raw.astype(np.float32)).to(device)
+        batch = torch.from_numpy(mutual[i - start:j - start]).to(device)
+        signal = lambda g: scoring.patch_signal(tokens, g, temperature=settings.temperature,  # noqa: E731
+                                                fusion=settings.fusion)
+        guide = torch.stack([signal(g) for g in learned]).mean(dim=0)
+        patches = {"guides+batch": fusion.geometric(guide, batch),
+                   "no_sae+batch": fusion.geometric(signal(vectors["no_sae/0"]), batch)}
+        maps = {name: scoring.patch_maps(v.cpu(), grid, size, sigma=settings.blur_sigma) for name, v in patches.items()}
+        if sink is not None:
+            sink(i - start, maps)
+        for name, m in maps.items():
+            modes[name].append(scoring.scores_by_mode(m, None, settings))
+    return {name: {mode: None if mode == "global" else np.concatenate([b[mode] for b in modes[name]])
+                   for mode in scoring.IMAGE_SCORES} for name in FUSED}
 
 
 def image_by_score(labels: np.ndarray, by_mode: Mapping[str, np.ndarray | None] | None,

@@ -20,10 +20,12 @@ each pick is the patch farthest from every patch picked so far, so the bank cove
 with the smallest largest gap.
 
 ``precision``: ``float32`` reproduces the obviously correct loops to 1e-5. ``bfloat16`` multiplies the
-normalised tokens in bfloat16 (float32 accumulation, the cosines rounded to bfloat16): about 3× the
-float32 matmul speed on CPUs with AVX512-BF16 and on GPUs; the cosines move by at most 2⁻⁹ relative
-(≈ 2e-3 near cos 1), the patch scores, means of k such minima, by less (``benchmarks/mutual.py`` prints
-the largest difference measured on the same tokens).
+normalised tokens in bfloat16 (about 3× the float32 matmul speed on CPUs with AVX512-BF16 and on GPUs)
+only to *choose* each nearest patch; the distance to the chosen patch is then recomputed in float32 from
+the float32 tokens (one dot product per patch and image, L times less work than the matmul). A score
+differs from float32 only where rounding makes bfloat16 choose another patch of a near tie, and then by
+less than the tie's width (``benchmarks/neighbours.py`` prints the largest difference measured on the
+same tokens; rounding the cosines themselves would move a score by up to ~4e-3 near cos 1).
 """
 
 from __future__ import annotations
@@ -98,12 +100,12 @@ def mutual(read: TokenReader, n_images: int, length: int, fraction: float = MUTU
     b = block_images(length, n, elements) if block is None else max(1, min(n, block))
     starts = list(range(0, n, b))
 
-    def unit(i: int, j: int) -> torch.Tensor:
+    def unit(i: int, j: int) -> _Block:
         values = torch.as_tensor(read(i, j))
         if values.ndim != 3 or tuple(values.shape[:2]) != (j - i, length):
             raise ValueError(f"mutual: the reader gave {tuple(values.shape)} for images [{i}, {j}), "
                              f"expected ({j - i}, {length}, d)")
-        return unit_rows(values, device, dtype)
+        return _Block(unit_rows(values, device, torch.float32), dtype)
 
     # waiting[J]: (column start, (bJ·L, bI) distances) of earlier rows I for block J
     waiting: dict[int, list[tuple[int, torch.Tensor]]] = {s: [] for s in starts}
@@ -115,13 +117,12 @@ def mutual(read: TokenReader, n_images: int, length: int, fraction: float = MUTU
         for ra in (starts[starts.index(qa):] if symmetric else starts):
             rb = min(ra + b, n)
             reference = query if ra == qa else unit(ra, rb)
-            cos = query @ reference.T  # (bq·L, br·L), read twice below and never copied
-            forward = cos.view(len(query), rb - ra, length).amax(dim=-1)  # query patches vs each image of J
-            parts.append((ra, 1 - forward.float()))
-            if symmetric and ra != qa:
-                backward = cos.view(qb - qa, length, len(reference)).amax(dim=1)  # (bq, br·L)
-                waiting[ra].append((qa, 1 - backward.T.float()))
-            del reference, cos
+            forward, backward = _block_nearest(query, reference, qb - qa, rb - ra, length,
+                                               both=symmetric and ra != qa)
+            parts.append((ra, forward))
+            if backward is not None:
+                waiting[ra].append((qa, backward))
+            del reference
         parts.sort(key=lambda p: p[0])
         nearest = torch.cat([p for _, p in parts], dim=1)  # (bq·L, N)
         del parts
@@ -130,6 +131,63 @@ def mutual(read: TokenReader, n_images: int, length: int, fraction: float = MUTU
         smallest = torch.topk(nearest, k, dim=1, largest=False).values
         out[qa:qb] = smallest.mean(dim=1).reshape(qb - qa, length).cpu().numpy()
     return out
+
+
+class _Block:
+    """The unit tokens (rows, d) of a block of images in float32 and, for a half precision, the rows
+    augmented so that one matmul gives distances: [x, 1] · [−y, 1] = 1 − cos(x, y). Rounding a distance
+    near 0 to bfloat16 costs far less than rounding a cosine near 1, so the nearest patch is chosen
+    with ~2^-9 relative error of its distance instead of ~2^-9 absolute."""
+
+    def __init__(self, exact: torch.Tensor, dtype: torch.dtype) -> None:
+        self.exact, self.half = exact, dtype != torch.float32
+        if self.half:
+            one = torch.ones(len(exact), 1, device=exact.device)
+            self.as_query = torch.cat([exact, one], dim=1).to(dtype)
+            self.as_reference = torch.cat([-exact, one], dim=1).to(dtype)
+
+    def __len__(self) -> int:
+        return len(self.exact)
+
+    def rows(self, a: int, b: int) -> "_Block":
+        """Rows [a, b) as a block of their own: views, no copy."""
+        part = _Block.__new__(_Block)
+        part.exact, part.half = self.exact[a:b], self.half
+        if self.half:
+            part.as_query, part.as_reference = self.as_query[a:b], self.as_reference[a:b]
+        return part
+
+    def distances(self, reference: "_Block") -> torch.Tensor:
+        """(rows, reference rows) 1 − cos, in this block's precision."""
+        if self.half:
+            return self.as_query @ reference.as_reference.T
+        return 1 - self.exact @ reference.exact.T
+
+
+def _block_nearest(query: _Block, reference: _Block, bq: int, br: int, length: int,
+                   both: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Nearest-patch distances of one block pair: (bq·L, br) from each query patch to each reference
+    image and, with ``both``, (br·L, bq) from each reference patch to each query image; float32.
+
+    In float32 the distance block is reduced directly (read twice, never copied). In a half precision it
+    only chooses the nearest patch, whose distance is then recomputed from the float32 tokens.
+    """
+    dist = query.distances(reference)  # (bq·L, br·L)
+    rows = dist.view(len(query), br, length)
+    if not query.half:
+        forward = rows.amin(dim=-1)
+    else:
+        pick = rows.argmin(dim=-1) + torch.arange(br, device=dist.device)[None] * length  # (bq·L, br)
+        forward = 1 - torch.einsum("pd,pjd->pj", query.exact, reference.exact[pick])
+    backward = None
+    if both:
+        cols = dist.view(bq, length, len(reference))
+        if not query.half:
+            backward = cols.amin(dim=1).T  # (br·L, bq)
+        else:
+            pick = cols.argmin(dim=1) + torch.arange(bq, device=dist.device)[:, None] * length  # (bq, br·L)
+            backward = (1 - torch.einsum("qrd,rd->qr", query.exact[pick], reference.exact)).T
+    return forward, backward
 
 
 def coreset(bank: np.ndarray | torch.Tensor, size: int, *, seed: int = 0, device: torch.device | str = "cpu",
@@ -161,21 +219,27 @@ def reference(tokens: np.ndarray | torch.Tensor, bank: np.ndarray | torch.Tensor
               device: torch.device | str = "cpu", precision: str = "float32",
               elements: int = BLOCK_ELEMENTS) -> torch.Tensor:
     """Patch tokens (B, L, d) and a bank of normal patches (M, d) -> (B, L) float32: per patch, 1 − cos
-    to its nearest bank patch. The bank is multiplied in blocks of at most ``elements`` cosines."""
+    to its nearest bank patch. The bank is multiplied in blocks of at most ``elements`` cosines; in
+    bfloat16 each block only chooses its nearest patch, whose cosine is recomputed in float32."""
     dtype = _check_precision(precision)
     t = torch.as_tensor(tokens)
     if t.ndim != 3:
         raise ValueError(f"reference: tokens {tuple(t.shape)}, expected (B, L, d)")
     bsz, length, _ = t.shape
-    query = unit_rows(t, device, dtype)
-    units = unit_rows(bank, device, dtype)
+    query = _Block(unit_rows(t, device, torch.float32), dtype)
+    units = _Block(unit_rows(bank, device, torch.float32), dtype)
     if len(units) == 0:
         raise ValueError("reference: the bank holds no patch")
-    best = torch.full((len(query),), -math.inf, device=query.device)
+    best = torch.full((len(query),), math.inf, device=query.exact.device)
     step = max(1, elements // max(1, len(query)))
     for a in range(0, len(units), step):
-        best = torch.maximum(best, (query @ units[a:a + step].T).amax(dim=1).float())
-    return (1 - best).reshape(bsz, length)
+        dist = query.distances(units.rows(a, a + step))
+        if not query.half:
+            best = torch.minimum(best, dist.amin(dim=1))
+        else:
+            pick = dist.argmin(dim=1) + a
+            best = torch.minimum(best, 1 - (query.exact * units.exact[pick]).sum(dim=1))
+    return best.reshape(bsz, length)
 
 
 def draws(n_candidates: int, k: int, seeds: Sequence[int]) -> list[np.ndarray]:

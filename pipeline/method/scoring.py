@@ -59,14 +59,22 @@ def anomaly_maps(tokens: torch.Tensor, guide_vectors: torch.Tensor, grid: tuple[
     The blur runs on each image's 2-D map alone (``gaussian_filter`` per image, σ in pixels of S), so
     no image's scores leak into its neighbour's in the batch.
     """
+    return patch_maps(patch_signal(tokens, guide_vectors, temperature=temperature, fusion=fusion), grid, size,
+                      sigma=sigma)
+
+
+def patch_signal(tokens: torch.Tensor, guide_vectors: torch.Tensor, *, temperature: float,
+                 fusion: str = "none") -> torch.Tensor:
+    """tokens (B, L, d), guide vectors (4, d) -> the per-patch values (B, L) float32 that
+    :func:`anomaly_maps` upsamples: the anomaly probability, times the self-dissimilarity with ``fusion``
+    ``self_dissimilarity``. Bilinear upsampling acts on each channel alone, so upsampling this equals
+    upsampling the two-channel probabilities and taking the anomalous one."""
+    probs = G.patch_probabilities(tokens, guide_vectors[G.NORMAL_LOCAL], guide_vectors[G.ANOMALY_LOCAL],
+                                  temperature)[..., 1].float()
     if fusion == "none":
-        probs = G.local_probabilities(tokens, guide_vectors[G.NORMAL_LOCAL], guide_vectors[G.ANOMALY_LOCAL],
-                                      grid, size, temperature)[:, 1]
-        return blur_maps(probs.float().cpu().numpy(), sigma)
+        return probs
     if fusion == "self_dissimilarity":
-        probs = G.patch_probabilities(tokens, guide_vectors[G.NORMAL_LOCAL], guide_vectors[G.ANOMALY_LOCAL],
-                                      temperature)[..., 1]
-        return patch_maps(probs * baselines.self_dissimilarity(tokens), grid, size, sigma=sigma)
+        return probs * baselines.self_dissimilarity(tokens)
     raise ValueError(f"evaluate.fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
 
 

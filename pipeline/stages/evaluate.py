@@ -76,6 +76,7 @@ from pipeline.method import guides
 from pipeline.evaluation import metrics
 from pipeline.evaluation import metrics_stream
 from pipeline.evaluation import report
+from pipeline.evaluation import target_scores
 from pipeline.method import sae
 from pipeline.features import store
 from pipeline.method import scoring
@@ -172,6 +173,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--detector", required=True, type=Path,
                         help="the detector exported from these SAE and guides, models/<A>/detector")
     parser.add_argument("--out", required=True, type=Path, help="report folder, reports/<A>_to_<T>")
+    parser.add_argument("--neighbours", type=Path,
+                        help="the target's patch scores from the neighbours stage, neighbours/<T> "
+                             "(without it the batch scores are computed here)")
     parser.add_argument("--params", default="params.yaml", type=Path)
     args = parser.parse_args(argv)
     setup_logging()
@@ -194,6 +198,7 @@ def main(argv: list[str] | None = None) -> None:
                    guides_sha256=sha256_file(args.guides / "guides.safetensors"), guides_folder=args.guides,
                    params={k: getattr(cfg, k) for k in detector.SETTINGS}, params_path=args.params)
     ranges = evaluation.category_ranges(target)
+    batch_scores = target_scores.load(args.neighbours, target)[0] if args.neighbours else None
     # category names become file names: refuse one that would leave overlays/ before any work is done
     overlay_paths = {category: report.report_path(args.out / "overlays", category, ".png") for category in ranges}
     training = guides_config["training"]
@@ -206,6 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     per_category: dict[str, dict[str, dict]] = {name: {} for name in [*vectors, ENSEMBLE]}
     by_score: dict[str, dict[str, dict]] = {name: {} for name in [*vectors, ENSEMBLE]}  # image_by_score per set
     per_baseline: dict[str, dict[str, dict]] = {name: {} for name in baselines.SETTINGS}
+    per_fused: dict[str, dict[str, dict]] = {name: {} for name in evaluation.FUSED}
     pooled_labels, pooled_scores, pixel_sample = [], [], ([], [])
     rng = np.random.default_rng(0)
     # labels-only categories (a folder target without ground_truth/): their zero masks are no ground truth
@@ -229,10 +235,18 @@ def main(argv: list[str] | None = None) -> None:
                 for name, (_, scores) in scored.items():
                     per_category[name][category] = sink.streams[name].metrics(labels, scores, has_masks=has_masks)
                     by_score[name][category] = evaluation.image_by_score(labels, modes[name])
+                mutual = (target_scores.mutual_of(target, start, stop, device=device) if batch_scores is None
+                          else target_scores.category_mutual(batch_scores, start, stop))
                 for name, entry in evaluation.baseline_rows(target, start, stop, det.settings, cfg.batch_images,
-                                                            device, sink=sink).items():
+                                                            device, sink=sink, mutual=mutual).items():
                     per_baseline[name][category] = evaluation.baseline_metrics(
                         labels, None, entry, cfg.image_score, has_masks=has_masks, pixels=sink.streams.get(name))
+                for name, by_mode in (evaluation.fused_rows(target, start, stop, vectors, det.settings,
+                                                            cfg.batch_images, device, mutual, sink=sink).items()
+                                      if mutual is not None else ()):
+                    per_fused[name][category] = evaluation.baseline_metrics(
+                        labels, None, (None, by_mode, None), cfg.image_score, has_masks=has_masks,
+                        pixels=sink.streams[name])
             finally:
                 sink.close()
             # the aux threshold belongs to the detector's scoring: the mean of the seeds' maps
@@ -292,6 +306,9 @@ def main(argv: list[str] | None = None) -> None:
         "controls": {"untrained_init": control("untrained_init"), "no_sae": control("no_sae")},
         "baselines": {name: {"setting": setting, **evaluation.summarise(per_baseline[name])}
                       for name, setting in baselines.SETTINGS.items()},
+        "fused": {name: {"setting": setting, **(evaluation.summarise(per_fused[name]) if per_fused[name]
+                                                 else {"null_reasons": {"all": baselines.ONE_IMAGE}})}
+                  for name, setting in evaluation.FUSED.items()},
     }
     by_category = {}
     for category in ranges:
@@ -317,6 +334,8 @@ def main(argv: list[str] | None = None) -> None:
             entry["null_reasons"] = {**entry.get("null_reasons", {}), **ensemble_modes["null_reasons"]}
         entry["baselines"] = {name: {"setting": setting, **per_baseline[name][category]}
                               for name, setting in baselines.SETTINGS.items()}
+        entry["fused"] = {name: {"setting": setting, **per_fused[name][category]}
+                          for name, setting in evaluation.FUSED.items() if category in per_fused[name]}
         by_category[category] = entry
 
     null_reasons = {key: "undefined in every category; " + "; ".join(
@@ -362,6 +381,7 @@ def main(argv: list[str] | None = None) -> None:
                        if isinstance(v, float) and not k.endswith("_std")}
     log.info("controls: %s", {c: plain(m) for c, m in result["controls"].items()})
     log.info("baselines: %s", {b: plain(m) for b, m in result["baselines"].items()})
+    log.info("fused: %s", {b: plain(m) for b, m in result["fused"].items()})
     log.info("aux threshold %.6g (%s) on the mean of the seeds' maps: %s", det.threshold, det.info["threshold_rule"],
              ", ".join(f"{k} {result[k]:.3f}" for k in THRESHOLD_KEYS if result[k] is not None))
     for key, reason in null_reasons.items():

@@ -1,0 +1,132 @@
+"""Patch scores that depend on the target alone: computed once per target, reused by every run.
+
+The batch signal (``mutual``, :func:`pipeline.method.neighbours.mutual`) of a target needs no SAE, no
+guides and no auxiliary set, yet it is the costliest step of evaluate (N² image pairs per category).
+The ``neighbours@<T>`` stage computes it once into ``neighbours/<T>/patch_scores.safetensors``:
+
+- ``mutual`` (N, L) float32, store row order; each category scored against its own images only; NaN
+  for the rows of a category of one image (no other image to compare with);
+
+with the metadata ``{"format", "store", "precision", "fraction", "one_image_categories"}`` as JSON under
+the safetensors metadata key ``info``. ``store`` is the target's fingerprint
+(:func:`pipeline.method.guides.store_fingerprint`): :func:`load` refuses scores of another store.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save
+
+from pipeline.errors import PipelineError
+from pipeline.features import store
+from pipeline.files import write_bytes
+from pipeline.method import guides, neighbours
+
+FORMAT = "pipeline.target_scores/1"
+FILE = "patch_scores.safetensors"
+MUTUAL = "mutual"
+
+
+class TargetScoresError(PipelineError, ValueError):
+    """Patch scores that do not belong to the store they are used with."""
+
+
+def category_ranges(target: store.FeatureStore) -> dict[str, tuple[int, int]]:
+    """Category name -> [start, stop) rows; the extract stage writes each category contiguously."""
+    category = target.category[:]
+    out = {}
+    for i, name in enumerate(target.attrs["categories"]):
+        rows = np.flatnonzero(category == i)
+        if len(rows) == 0:
+            continue
+        if rows[-1] - rows[0] + 1 != len(rows):
+            raise ValueError(f"{target.path}: category {name!r} is not contiguous in the store")
+        out[name] = (int(rows[0]), int(rows[-1]) + 1)
+    return out
+
+
+class _Rows:
+    """``read(i, j)`` over rows [start + i, start + j) of the store's tokens, checked finite as read."""
+
+    def __init__(self, target: store.FeatureStore, start: int) -> None:
+        self.target, self.start = target, start
+
+    def __call__(self, i: int, j: int) -> np.ndarray:
+        a, b = self.start + i, self.start + j
+        values = self.target.tokens[a:b]
+        self.target.check_finite("tokens", values, a)
+        return values
+
+
+def compute_mutual(target: store.FeatureStore, *, precision: str = "float32", device: torch.device | str = "cpu",
+                   fraction: float = neighbours.MUTUAL_FRACTION) -> tuple[np.ndarray, list[str]]:
+    """(N, L) float32 mutual patch scores of every category of ``target`` (module docstring) and the
+    categories of one image (their rows NaN)."""
+    n, length = target.tokens.shape[:2]
+    out = np.full((n, length), np.nan, dtype=np.float32)
+    alone = []
+    for name, (start, stop) in category_ranges(target).items():
+        scores = mutual_of(target, start, stop, precision=precision, device=device, fraction=fraction)
+        if scores is None:
+            alone.append(name)
+        else:
+            out[start:stop] = scores
+    return out, alone
+
+
+def mutual_of(target: store.FeatureStore, start: int, stop: int, *, precision: str = "float32",
+              device: torch.device | str = "cpu", fraction: float = neighbours.MUTUAL_FRACTION) -> np.ndarray | None:
+    """(stop − start, L) float32 mutual scores of rows [start, stop), one whole category, read block by
+    block from the store; None for a category of one image."""
+    if stop - start < 2:
+        return None
+    return neighbours.mutual(_Rows(target, start), stop - start, target.tokens.shape[1], fraction, device=device,
+                             precision=precision)
+
+
+def write(folder: str | Path, target: store.FeatureStore, mutual: np.ndarray, *, precision: str, fraction: float,
+          one_image: list[str]) -> Path:
+    """Write ``folder/patch_scores.safetensors`` (whole or not at all) and return its path."""
+    info = {"format": FORMAT, "store": guides.store_fingerprint(target.attrs), "precision": precision,
+            "fraction": fraction, "one_image_categories": one_image}
+    path = Path(folder) / FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes(path, save({MUTUAL: np.ascontiguousarray(mutual, dtype=np.float32)},
+                           metadata={"info": json.dumps(info, sort_keys=True)}))
+    return path
+
+
+def load(folder: str | Path, target: store.FeatureStore) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The arrays and info of ``folder``'s patch scores, checked to belong to ``target``."""
+    path = Path(folder) / FILE
+    if not path.is_file():
+        raise TargetScoresError(f"{path}: no target patch scores; run the neighbours stage "
+                                f"(dvc repro neighbours@{target.attrs.get('dataset')})")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as fh:
+        info = json.loads((fh.metadata() or {}).get("info", "{}"))
+    if info.get("format") != FORMAT:
+        raise TargetScoresError(f"{path}: not written by this code (format {info.get('format')!r}, "
+                                f"expected {FORMAT!r})")
+    have = guides.store_fingerprint(target.attrs)
+    if info["store"] != have:
+        diff = {k: (info["store"].get(k), v) for k, v in have.items() if info["store"].get(k) != v}
+        raise TargetScoresError(f"{path}: computed from another store than {target.path} "
+                                f"(recorded vs the store's: {diff}); re-run the neighbours stage")
+    arrays = load_file(str(path))
+    expect = tuple(target.tokens.shape[:2])
+    if arrays[MUTUAL].shape != expect:
+        raise TargetScoresError(f"{path}: mutual scores {arrays[MUTUAL].shape}, the store has {expect}")
+    return arrays, info
+
+
+def category_mutual(arrays: Mapping[str, np.ndarray], start: int, stop: int) -> np.ndarray | None:
+    """The mutual scores of rows [start, stop), or None for a category of one image."""
+    values = arrays[MUTUAL][start:stop]
+    return None if np.isnan(values).any() else values

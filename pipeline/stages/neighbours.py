@@ -1,0 +1,50 @@
+"""Stage neighbours@<T>: the target-only nearest-patch scores, once per target for every run.
+
+    python -m pipeline.stages.neighbours --target features/<T> --out neighbours/<T>
+
+Writes ``neighbours/<T>/patch_scores.safetensors`` (:mod:`pipeline.evaluation.target_scores`): the
+batch (``mutual``) patch scores of each category against its own other images. They depend on the
+target's tokens alone, so every ``evaluate@<A>_to_<T>`` reads them instead of recomputing them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.config import load_params
+from pipeline.evaluation import target_scores
+from pipeline.features import store
+from pipeline.method import neighbours
+from pipeline.launch import resolve_device, run, setup_logging
+
+log = logging.getLogger("pipeline.stages.neighbours")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", required=True, type=Path, help="the target dataset's feature store")
+    parser.add_argument("--out", required=True, type=Path, help="folder, neighbours/<T>")
+    parser.add_argument("--params", default="params.yaml", type=Path)
+    args = parser.parse_args(argv)
+    setup_logging()
+    cfg = load_params(args.params, ["neighbours"]).neighbours
+    target = store.open_store(args.target)
+    started = time.perf_counter()
+    mutual, one_image = target_scores.compute_mutual(target, precision=cfg.precision,
+                                                     device=resolve_device(cfg.device))
+    path = target_scores.write(args.out, target, mutual, precision=cfg.precision,
+                               fraction=neighbours.MUTUAL_FRACTION, one_image=one_image)
+    log.info("%s: mutual scores of %d images in %.1f s (%s) -> %s", args.target, target.n_images,
+             time.perf_counter() - started, cfg.precision, path)
+    for name in one_image:
+        log.warning("%s: category %r has one image: no mutual score", args.target, name)
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    run(main)

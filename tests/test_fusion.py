@@ -1,0 +1,126 @@
+"""The batch signal cached per target and fused with the guides: a hand-worked rule, slow references
+for the cached scores and the fused maps, and the stage's equality with and without the cache."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import gaussian_filter
+
+from pipeline.evaluation import evaluate as evaluation
+from pipeline.evaluation import metrics, target_scores
+from pipeline.features import store
+from pipeline.method import detector, fusion
+from pipeline.method import guides as G
+from pipeline.stages import neighbours as neighbours_stage
+from tests.test_evaluate import GRID, SIZE, run, setup  # noqa: F401  (setup: a fixture)
+
+
+def test_geometric_mean_by_hand_and_its_scale_invariance():
+    a = torch.tensor([[4.0, 0.0, 1.0, 9.0]])
+    b = torch.tensor([[1.0, 5.0, -2.0, 4.0]])
+    # sqrt(4·1), sqrt(0·5), sqrt(1·0) (clipped), sqrt(9·4)
+    np.testing.assert_allclose(fusion.geometric(a, b).numpy(), [[2.0, 0.0, 0.0, 6.0]], atol=1e-6)
+    np.testing.assert_allclose(fusion.geometric(a, b, torch.full_like(a, 8.0)).numpy(),
+                               [[3.1748021, 0.0, 0.0, 6.6038545]], atol=1e-5)  # 32^(1/3) = 2^(5/3); 288^(1/3)
+    # scaling one signal scales the fused values by a constant: the ranking of patches is unchanged
+    rng = np.random.default_rng(0)
+    x, y = (torch.from_numpy(rng.random((3, 50))).float() for _ in range(2))
+    np.testing.assert_allclose(fusion.geometric(x, 100 * y).numpy(), 10 * fusion.geometric(x, y).numpy(), rtol=1e-5)
+    with pytest.raises(ValueError, match="shapes"):
+        fusion.geometric(x, y[:, :3])
+
+
+@pytest.fixture(scope="module")
+def cached(setup):  # noqa: F811
+    neighbours_stage.main(["--target", str(setup / "target"), "--out", str(setup / "neighbours"),
+                           "--params", str(setup / "params.yaml")])
+    return setup / "neighbours"
+
+
+def test_cached_mutual_scores_equal_the_definition_per_category(setup, cached):  # noqa: F811
+    target = store.open_store(setup / "target")
+    arrays, info = target_scores.load(cached, target)
+    assert info["precision"] == "float32" and info["one_image_categories"] == []
+    category = target.category[:]
+    for ci in range(len(target.attrs["categories"])):
+        rows = np.flatnonzero(category == ci)
+        tokens = target.tokens[rows].astype(np.float64)
+        unit = tokens / np.linalg.norm(tokens, axis=-1, keepdims=True)
+        n, length = len(rows), tokens.shape[1]
+        k = max(1, int(0.3 * (n - 1) + 1e-9))
+        want = np.array([[np.mean(sorted(min(1 - unit[i, p] @ unit[j, q] for q in range(length))
+                                         for j in range(n) if j != i)[:k]) for p in range(length)] for i in range(n)])
+        np.testing.assert_allclose(arrays["mutual"][rows], want, atol=1e-5)
+
+
+def test_scores_of_another_store_are_refused(setup, cached, tmp_path):  # noqa: F811
+    from tests.test_evaluate import copy_store
+    other = copy_store(setup / "target", tmp_path / "other", attrs={"inputs_sha256": "another"})
+    with pytest.raises(target_scores.TargetScoresError, match="another store"):
+        target_scores.load(cached, store.open_store(other))
+    with pytest.raises(target_scores.TargetScoresError, match="neighbours stage"):
+        target_scores.load(tmp_path / "none", store.open_store(other))
+
+
+def slow_fused_maps(setup, rows):  # noqa: F811
+    """guides+batch maps of one category: each seed's patch probability softmax(cos / τ) from plain numpy,
+    their mean, times the slow mutual scores, square root, bilinear upsampling and the per-image blur."""
+    target = store.open_store(setup / "target")
+    det = detector.Detector.load(setup / "detector", with_backbone=False)
+    tokens = target.tokens[rows].astype(np.float64)
+    unit = tokens / np.linalg.norm(tokens, axis=-1, keepdims=True)
+    probs = []
+    for v in det.vectors.numpy().astype(np.float64):
+        g = v / np.linalg.norm(v, axis=-1, keepdims=True)
+        cos_n, cos_a = unit @ g[G.NORMAL_LOCAL], unit @ g[G.ANOMALY_LOCAL]
+        probs.append(1 / (1 + np.exp((cos_n - cos_a) / det.settings.temperature)))
+    guide = np.mean(probs, axis=0)
+    n, length, _ = tokens.shape
+    k = max(1, int(0.3 * (n - 1) + 1e-9))
+    batch = np.array([[np.mean(sorted(min(1 - unit[i, p] @ unit[j, q] for q in range(length))
+                                      for j in range(n) if j != i)[:k]) for p in range(length)] for i in range(n)])
+    fused = np.sqrt(guide * batch)
+    up = torch.nn.functional.interpolate(torch.tensor(fused, dtype=torch.float32).reshape(n, 1, GRID, GRID),
+                                         size=(SIZE, SIZE), mode="bilinear", align_corners=False)[:, 0].numpy()
+    return np.stack([gaussian_filter(m, sigma=det.settings.blur_sigma, mode="reflect") for m in up])
+
+
+def test_fused_maps_equal_a_slow_reference(setup, cached):  # noqa: F811
+    target = store.open_store(setup / "target")
+    rows = np.flatnonzero(target.category[:] == target.attrs["categories"].index("t1"))
+    det = detector.Detector.load(setup / "detector", with_backbone=False)
+    vectors = {**evaluation.learned_sets(det.vectors, det.seeds),
+               "no_sae/0": evaluation.no_sae_guides(store.open_store(setup / "aux"), torch.device("cpu"))}
+    got = {}
+    sink = lambda i, maps: [got.setdefault(name, []).append(m) for name, m in maps.items()]  # noqa: E731
+    mutual = target_scores.load(cached, target)[0]["mutual"][rows]
+    evaluation.fused_rows(target, int(rows[0]), int(rows[-1]) + 1, vectors, det.settings, 5, torch.device("cpu"),
+                          mutual, sink=sink)
+    np.testing.assert_allclose(np.concatenate(got["guides+batch"]), slow_fused_maps(setup, rows), atol=1e-5)
+    assert np.abs(np.concatenate(got["no_sae+batch"]) - np.concatenate(got["guides+batch"])).max() > 1e-3
+
+
+def test_guides_plus_batch_metrics_and_the_cache_changes_nothing(setup, cached):  # noqa: F811
+    result, per_category = run(setup, out="report_fused")
+    target = store.open_store(setup / "target")
+    rows = np.flatnonzero(target.category[:] == target.attrs["categories"].index("t1"))
+    maps = slow_fused_maps(setup, rows)
+    labels, masks = target.labels[rows].astype(int), target.masks[rows]
+    ref = metrics.compute_all(labels, maps.reshape(len(rows), -1).max(1), masks, maps)
+    got = per_category["t1"]["fused"]["guides+batch"]
+    for key in metrics.METRIC_KEYS:
+        assert got[key] == pytest.approx(ref[key], abs=2e-4), key
+    assert got["image_by_score"]["global"]["image_auroc"] is None
+    assert result["fused"]["guides+batch"]["setting"].startswith("the detector's guide map")
+    assert set(result["fused"]) == {"guides+batch", "no_sae+batch"}
+    # the control is fused the same way, from its own guide map: a different scoring
+    assert per_category["t1"]["fused"]["no_sae+batch"]["pixel_auroc"] != got["pixel_auroc"]
+    # with the batch scores read from the neighbours stage, every number is the same
+    from pipeline.stages import evaluate as evaluate_stage
+    evaluate_stage.main(["--target", str(setup / "target"), "--aux", str(setup / "aux"), "--sae", str(setup / "sae"),
+                         "--guides", str(setup / "guides"), "--detector", str(setup / "detector"),
+                         "--neighbours", str(cached), "--out", str(setup / "report_cached"),
+                         "--params", str(setup / "params.yaml")])
+    assert json.loads((setup / "report_cached" / "metrics.json").read_text()) == result
