@@ -401,12 +401,21 @@ class NeighboursConfig:
     """``float32`` or ``bfloat16``: the matmul that chooses each nearest patch (in bfloat16 its distance
     is recomputed in float32; ``pipeline.method.neighbours``). ``benchmarks/neighbours.py`` prints the
     speed of each on the machine at hand: bfloat16 pays off only where bfloat16 matmuls are fast."""
+    reference_k: tuple[int, ...] = (1, 4, 16)
+    """Few-shot protocol: numbers of known-good reference images per category (each capped at half the
+    category's good images, so as many normal images stay scored)."""
+    reference_seeds: tuple[int, ...] = (0, 1, 2)
+    """One seeded draw of the reference images per seed; metrics are the mean and std over draws."""
     device: str = "auto"
     """``auto`` (CUDA when present), ``cpu`` or ``cuda``."""
 
     def __post_init__(self) -> None:
         if self.precision not in ("float32", "bfloat16"):
             _fail("precision", f"{self.precision!r} is not one of float32, bfloat16")
+        if not self.reference_k or any(k < 1 for k in self.reference_k) or len(set(self.reference_k)) != len(self.reference_k):
+            _fail("reference_k", f"must be distinct integers >= 1, got {list(self.reference_k)}")
+        if not self.reference_seeds or len(set(self.reference_seeds)) != len(self.reference_seeds):
+            _fail("reference_seeds", f"must be distinct seeds, at least one, got {list(self.reference_seeds)}")
         _check_device(self.device)
 
 

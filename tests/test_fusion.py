@@ -123,4 +123,63 @@ def test_guides_plus_batch_metrics_and_the_cache_changes_nothing(setup, cached):
                          "--guides", str(setup / "guides"), "--detector", str(setup / "detector"),
                          "--neighbours", str(cached), "--out", str(setup / "report_cached"),
                          "--params", str(setup / "params.yaml")])
-    assert json.loads((setup / "report_cached" / "metrics.json").read_text()) == result
+    cached_result = json.loads((setup / "report_cached" / "metrics.json").read_text())
+    assert result.pop("few_shot") == {}  # the few-shot protocol needs the neighbours stage's draws
+    few_shot = cached_result.pop("few_shot")
+    assert cached_result == result
+    assert set(few_shot) == {"k=1", "k=4", "k=16"}
+    assert few_shot["k=16"]["k_used"] == {"t1": 6, "t2": 3}  # half of 12 and of 6 good images
+
+
+def unit_rows(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_few_shot_reference_scores_and_metrics_equal_a_slow_reference(setup, cached):  # noqa: F811
+    target = store.open_store(setup / "target")
+    arrays, info = target_scores.load(cached, target)
+    rows = np.flatnonzero(target.category[:] == target.attrs["categories"].index("t1"))
+    tokens = unit_rows(target.tokens[:].astype(np.float64))
+    labels = target.labels[:]
+    for k in (1, 4):
+        for d, refs in enumerate(info["reference"]["images"][str(k)]["t1"]):
+            assert len(refs) == k and all(labels[r] == 0 for r in refs)  # k good images of t1
+            bank = tokens[refs].reshape(-1, tokens.shape[-1])
+            got = arrays[f"reference/{k}"][d]
+            for i in rows:
+                if i in refs:
+                    assert np.isnan(got[i]).all()  # a reference is never scored
+                else:
+                    np.testing.assert_allclose(got[i], (1 - tokens[i] @ bank.T).min(axis=1), atol=1e-5)
+    # the draws differ by seed, and the same seed draws the same images on every run
+    draws = info["reference"]["images"]["4"]["t1"]
+    assert len(draws) == 3 and len({tuple(r) for r in draws}) > 1
+    assert target_scores.compute_reference(target, [4], [0, 1, 2])[1]["images"]["4"]["t1"] == draws
+
+    from pipeline.stages import evaluate as evaluate_stage
+    out = setup / "report_few_shot"
+    evaluate_stage.main(["--target", str(setup / "target"), "--aux", str(setup / "aux"), "--sae", str(setup / "sae"),
+                         "--guides", str(setup / "guides"), "--detector", str(setup / "detector"),
+                         "--neighbours", str(cached), "--out", str(out), "--params", str(setup / "params.yaml")])
+    per_category = json.loads((out / "per_category.json").read_text())
+    result = json.loads((out / "metrics.json").read_text())
+    # reference alone for k = 4: each draw's maps from the slow scores, metrics on the images left
+    want = []
+    for d, refs in enumerate(info["reference"]["images"]["4"]["t1"]):
+        keep = np.array([i for i in rows if i not in refs])
+        bank = tokens[refs].reshape(-1, tokens.shape[-1])
+        patch = np.stack([(1 - tokens[i] @ bank.T).min(axis=1) for i in keep])
+        up = torch.nn.functional.interpolate(torch.tensor(patch, dtype=torch.float32).reshape(len(keep), 1, GRID, GRID),
+                                             size=(SIZE, SIZE), mode="bilinear", align_corners=False)[:, 0].numpy()
+        maps = np.stack([gaussian_filter(m, sigma=1.0, mode="reflect") for m in up])
+        want.append(metrics.compute_all(labels[keep].astype(int), maps.reshape(len(keep), -1).max(1),
+                                        target.masks[keep], maps))
+    got = per_category["t1"]["few_shot"]["k=4"]["reference"]
+    for key in metrics.METRIC_KEYS:
+        values = [w[key] for w in want]
+        assert got[key] == pytest.approx(np.mean(values), abs=2e-4), key
+        assert got[f"{key}_std"] == pytest.approx(np.std(values, ddof=1), abs=2e-4), key
+    # t2 has no anomalous image: the mean over categories of the image metrics is t1's, per draw
+    assert result["few_shot"]["k=4"]["reference"]["image_auroc"] == pytest.approx(got["image_auroc"])
+    assert set(result["few_shot"]["k=4"]) >= {"reference", "guides+reference", "guides+reference+batch",
+                                              "no_sae+reference", "k_used", "draws"}

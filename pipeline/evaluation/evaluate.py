@@ -244,6 +244,58 @@ def fused_rows(target: store.FeatureStore, start: int, stop: int, vectors: Mappi
                    for mode in scoring.IMAGE_SCORES} for name in FUSED}
 
 
+FEW_SHOT = {
+    "reference": "few-shot, training-free: per patch, 1 - cos to the nearest patch of k known-good images of the "
+                 "category (AnomalyDINO-style); the references are not scored",
+    "guides+reference": "the detector's guide map fused with the reference distances: " + fusion.RULE,
+    "guides+reference+batch": "guides, reference and batch (mutual) distances fused: " + fusion.RULE,
+    "no_sae+reference": "the no-SAE control's guide map fused with the reference distances the same way",
+}
+"""The few-shot scorings evaluate reports for each k of ``neighbours.reference_k``."""
+
+
+def guide_signals(target: store.FeatureStore, start: int, stop: int, vectors: Mapping[str, torch.Tensor],
+                  settings: scoring.ScoreSettings, batch_images: int, device: torch.device) -> dict[str, np.ndarray]:
+    """{"guides": mean over the ``learned/*`` seeds, "no_sae": the control} of :func:`scoring.patch_signal`
+    for rows [start, stop): (n, L) float32 each, the patch values a guide map upsamples."""
+    learned = [g for name, g in vectors.items() if name.startswith(LEARNED + "/")]
+    out: dict[str, list] = {"guides": [], "no_sae": []}
+    for i in range(start, stop, batch_images):
+        j = min(i + batch_images, stop)
+        raw = target.tokens[i:j]
+        target.check_finite("tokens", raw, i)
+        tokens = torch.from_numpy(raw.astype(np.float32)).to(device)
+        signal = lambda g: scoring.patch_signal(tokens, g, temperature=settings.temperature,  # noqa: E731
+                                                fusion=settings.fusion)
+        out["guides"].append(torch.stack([signal(g) for g in learned]).mean(dim=0).cpu().numpy())
+        out["no_sae"].append(signal(vectors["no_sae/0"]).cpu().numpy())
+    return {name: np.concatenate(parts) for name, parts in out.items()}
+
+
+def few_shot_metrics(labels: np.ndarray, masks: np.ndarray, signals: Mapping[str, np.ndarray], reference: np.ndarray,
+                     mutual: np.ndarray | None, grid: tuple[int, int], settings: scoring.ScoreSettings, *,
+                     has_masks: bool = True) -> dict[str, list[dict[str, Any]]]:
+    """One category's :data:`FEW_SHOT` scorings for one k: mode -> [metrics of each draw] (the form of
+    :func:`baseline_metrics`). reference (draws, n, L): NaN rows are that draw's references and are not
+    scored; signals: :func:`guide_signals`; mutual (n, L) or None (then no ``guides+reference+batch``)."""
+    size = masks.shape[-1]
+    out: dict[str, list] = {name: [] for name in FEW_SHOT if mutual is not None or "batch" not in name}
+    for draw in reference:
+        keep = ~np.isnan(draw).any(axis=1)
+        ref = torch.from_numpy(draw[keep])
+        guide, control = torch.from_numpy(signals["guides"][keep]), torch.from_numpy(signals["no_sae"][keep])
+        patches = {"reference": ref, "guides+reference": fusion.geometric(guide, ref),
+                   "no_sae+reference": fusion.geometric(control, ref)}
+        if mutual is not None:
+            patches["guides+reference+batch"] = fusion.geometric(guide, ref, torch.from_numpy(mutual[keep]))
+        for name, values in patches.items():
+            maps = scoring.patch_maps(values, grid, size, sigma=settings.blur_sigma)
+            by_mode = scoring.scores_by_mode(maps, None, settings)
+            out[name].append(baseline_metrics(labels[keep], masks[keep], (maps, by_mode, None), settings.image_score,
+                                              has_masks=has_masks))
+    return out
+
+
 def image_by_score(labels: np.ndarray, by_mode: Mapping[str, np.ndarray | None] | None,
                    reason: str | None = None) -> dict[str, Any]:
     """labels (n,), {mode: image scores (n,) or None} -> {mode: {image_auroc, image_ap, image_f1_max}} and

@@ -6,8 +6,17 @@ The ``neighbours@<T>`` stage computes it once into ``neighbours/<T>/patch_scores
 
 - ``mutual`` (N, L) float32, store row order; each category scored against its own images only; NaN
   for the rows of a category of one image (no other image to compare with);
+- ``reference/<k>`` (draws, N, L) float32, the few-shot signal: for each seeded draw, k normal images
+  of each category are its reference, and every other image of the category gets, per patch, the
+  distance to the nearest patch of those k images (:func:`pipeline.method.neighbours.reference`). The
+  reference images themselves are NaN: a draw's references are never scored. The images are drawn
+  from the category's good images in the store (its ``test/good``: the stores hold the test split) and
+  k is capped at half of them (:func:`reference_k`), so as many normal images stay scored as serve as
+  references; a category with fewer than 2 good images has NaN rows and its reason in the info.
 
-with the metadata ``{"format", "store", "precision", "fraction", "one_image_categories"}`` as JSON under
+with the metadata ``{"format", "store", "precision", "fraction", "one_image_categories", "reference":
+{"ks", "seeds", "k_used": {k: {category: k used}}, "images": {k: {category: [[rows] per draw]}},
+"skipped": {category: reason}}}`` as JSON under
 the safetensors metadata key ``info``. ``store`` is the target's fingerprint
 (:func:`pipeline.method.guides.store_fingerprint`): :func:`load` refuses scores of another store.
 """
@@ -16,7 +25,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -89,15 +98,54 @@ def mutual_of(target: store.FeatureStore, start: int, stop: int, *, precision: s
                              precision=precision)
 
 
+FEW_GOOD = "fewer than 2 good images: no reference can be drawn with a normal image left to score"
+
+
+def reference_k(k: int, n_good: int) -> int:
+    """The k used for a category of ``n_good`` good images: at most half of them (0: none drawable)."""
+    return min(k, n_good // 2)
+
+
+def compute_reference(target: store.FeatureStore, ks: Sequence[int], seeds: Sequence[int], *,
+                      precision: str = "float32", device: torch.device | str = "cpu",
+                      ) -> tuple[dict[int, np.ndarray], dict[str, Any]]:
+    """{k: (draws, N, L) float32} few-shot reference scores (module docstring) and their info."""
+    n, length = target.tokens.shape[:2]
+    out = {k: np.full((len(seeds), n, length), np.nan, dtype=np.float32) for k in ks}
+    info: dict[str, Any] = {"ks": list(ks), "seeds": list(seeds), "k_used": {str(k): {} for k in ks},
+                            "images": {str(k): {} for k in ks}, "skipped": {}}
+    labels = target.labels[:]
+    for name, (start, stop) in category_ranges(target).items():
+        good = np.flatnonzero(labels[start:stop] == 0)
+        if len(good) < 2:
+            info["skipped"][name] = FEW_GOOD
+            continue
+        tokens = _Rows(target, start)(0, stop - start)  # one category, float16 as stored
+        for k in ks:
+            used = reference_k(k, len(good))
+            info["k_used"][str(k)][name] = used
+            info["images"][str(k)][name] = []
+            for d, pick in enumerate(neighbours.draws(len(good), used, seeds)):
+                refs = good[pick]
+                scores = neighbours.reference(tokens, tokens[refs].reshape(-1, tokens.shape[-1]), device=device,
+                                              precision=precision).cpu().numpy()
+                scores[refs] = np.nan
+                out[k][d, start:stop] = scores
+                info["images"][str(k)][name].append([int(start + r) for r in refs])
+    return out, info
+
+
 def write(folder: str | Path, target: store.FeatureStore, mutual: np.ndarray, *, precision: str, fraction: float,
-          one_image: list[str]) -> Path:
+          one_image: list[str], reference: Mapping[int, np.ndarray] | None = None,
+          reference_info: Mapping[str, Any] | None = None) -> Path:
     """Write ``folder/patch_scores.safetensors`` (whole or not at all) and return its path."""
     info = {"format": FORMAT, "store": guides.store_fingerprint(target.attrs), "precision": precision,
-            "fraction": fraction, "one_image_categories": one_image}
+            "fraction": fraction, "one_image_categories": one_image, "reference": dict(reference_info or {})}
+    tensors = {MUTUAL: np.ascontiguousarray(mutual, dtype=np.float32)}
+    tensors.update({f"reference/{k}": np.ascontiguousarray(v, dtype=np.float32) for k, v in (reference or {}).items()})
     path = Path(folder) / FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes(path, save({MUTUAL: np.ascontiguousarray(mutual, dtype=np.float32)},
-                           metadata={"info": json.dumps(info, sort_keys=True)}))
+    write_bytes(path, save(tensors, metadata={"info": json.dumps(info, sort_keys=True)}))
     return path
 
 
@@ -121,9 +169,17 @@ def load(folder: str | Path, target: store.FeatureStore) -> tuple[dict[str, np.n
                                 f"(recorded vs the store's: {diff}); re-run the neighbours stage")
     arrays = load_file(str(path))
     expect = tuple(target.tokens.shape[:2])
-    if arrays[MUTUAL].shape != expect:
-        raise TargetScoresError(f"{path}: mutual scores {arrays[MUTUAL].shape}, the store has {expect}")
+    for name, values in arrays.items():
+        if tuple(values.shape[-2:]) != expect:
+            raise TargetScoresError(f"{path}: {name} scores {values.shape}, the store has {expect} (images, patches)")
     return arrays, info
+
+
+def category_reference(arrays: Mapping[str, np.ndarray], k: int, start: int, stop: int) -> np.ndarray | None:
+    """(draws, stop − start, L) reference scores of one category for ``k`` (NaN rows: that draw's
+    references), or None where the category had no draw."""
+    values = arrays[f"reference/{k}"][:, start:stop]
+    return None if np.isnan(values).all() else values
 
 
 def category_mutual(arrays: Mapping[str, np.ndarray], start: int, stop: int) -> np.ndarray | None:

@@ -198,7 +198,8 @@ def main(argv: list[str] | None = None) -> None:
                    guides_sha256=sha256_file(args.guides / "guides.safetensors"), guides_folder=args.guides,
                    params={k: getattr(cfg, k) for k in detector.SETTINGS}, params_path=args.params)
     ranges = evaluation.category_ranges(target)
-    batch_scores = target_scores.load(args.neighbours, target)[0] if args.neighbours else None
+    batch_scores, scores_info = target_scores.load(args.neighbours, target) if args.neighbours else (None, {})
+    ks = scores_info.get("reference", {}).get("ks", [])
     # category names become file names: refuse one that would leave overlays/ before any work is done
     overlay_paths = {category: report.report_path(args.out / "overlays", category, ".png") for category in ranges}
     training = guides_config["training"]
@@ -212,6 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     by_score: dict[str, dict[str, dict]] = {name: {} for name in [*vectors, ENSEMBLE]}  # image_by_score per set
     per_baseline: dict[str, dict[str, dict]] = {name: {} for name in baselines.SETTINGS}
     per_fused: dict[str, dict[str, dict]] = {name: {} for name in evaluation.FUSED}
+    per_few_shot: dict[int, dict[str, dict[str, list]]] = {k: {name: {} for name in evaluation.FEW_SHOT} for k in ks}
     pooled_labels, pooled_scores, pixel_sample = [], [], ([], [])
     rng = np.random.default_rng(0)
     # labels-only categories (a folder target without ground_truth/): their zero masks are no ground truth
@@ -247,6 +249,8 @@ def main(argv: list[str] | None = None) -> None:
                     per_fused[name][category] = evaluation.baseline_metrics(
                         labels, None, (None, by_mode, None), cfg.image_score, has_masks=has_masks,
                         pixels=sink.streams[name])
+                few_shot(per_few_shot, target, start, stop, category, vectors, det.settings, cfg.batch_images,
+                         device, batch_scores, mutual, labels, has_masks)
             finally:
                 sink.close()
             # the aux threshold belongs to the detector's scoring: the mean of the seeds' maps
@@ -309,6 +313,7 @@ def main(argv: list[str] | None = None) -> None:
         "fused": {name: {"setting": setting, **(evaluation.summarise(per_fused[name]) if per_fused[name]
                                                  else {"null_reasons": {"all": baselines.ONE_IMAGE}})}
                   for name, setting in evaluation.FUSED.items()},
+        "few_shot": few_shot_summary(per_few_shot, scores_info),
     }
     by_category = {}
     for category in ranges:
@@ -336,6 +341,10 @@ def main(argv: list[str] | None = None) -> None:
                               for name, setting in baselines.SETTINGS.items()}
         entry["fused"] = {name: {"setting": setting, **per_fused[name][category]}
                           for name, setting in evaluation.FUSED.items() if category in per_fused[name]}
+        entry["few_shot"] = {f"k={k}": {"k_used": scores_info["reference"]["k_used"][str(k)].get(category),
+                                        **{name: seed_summary(draws[category]) for name, draws in modes.items()
+                                           if category in draws}}
+                             for k, modes in per_few_shot.items()}
         by_category[category] = entry
 
     null_reasons = {key: "undefined in every category; " + "; ".join(
@@ -386,6 +395,44 @@ def main(argv: list[str] | None = None) -> None:
              ", ".join(f"{k} {result[k]:.3f}" for k in THRESHOLD_KEYS if result[k] is not None))
     for key, reason in null_reasons.items():
         log.warning("%s: %s", key, reason)
+
+
+def few_shot(per_few_shot: dict, target: store.FeatureStore, start: int, stop: int, category: str, vectors: dict,
+             settings: scoring.ScoreSettings, batch_images: int, device: torch.device, batch_scores: dict | None,
+             mutual: np.ndarray | None, labels: np.ndarray, has_masks: bool) -> None:
+    """Score one category's few-shot draws for every k into ``per_few_shot[k][mode][category]``."""
+    if not per_few_shot:
+        return
+    signals = None
+    for k, modes in per_few_shot.items():
+        reference = target_scores.category_reference(batch_scores, k, start, stop)
+        if reference is None:
+            continue
+        if signals is None:  # the guide signals of the category, shared by every k and draw
+            signals = evaluation.guide_signals(target, start, stop, vectors, settings, batch_images, device)
+        scored = evaluation.few_shot_metrics(labels, target.masks[start:stop], signals, reference, mutual,
+                                             tuple(target.attrs["grid"]), settings, has_masks=has_masks)
+        for name, draws in scored.items():
+            modes[name][category] = draws
+
+
+def few_shot_summary(per_few_shot: dict, info: dict) -> dict:
+    """{"k=<k>": {"k_used": {category: k}, mode: {metric: mean over draws of the means over categories,
+    ``<metric>_std``: their std over draws, "setting"}}}; a mode no category could score is absent."""
+    out = {}
+    for k, modes in per_few_shot.items():
+        entry: dict = {"k_used": info["reference"]["k_used"][str(k)], "draws": len(info["reference"]["seeds"])}
+        for name, by_category in modes.items():
+            if not by_category:
+                continue
+            n_draws = len(next(iter(by_category.values())))
+            per_draw = [mean_over_categories({c: draws[d] for c, draws in by_category.items()}) for d in range(n_draws)]
+            entry[name] = {"setting": evaluation.FEW_SHOT[name], **seed_summary(per_draw)}
+        skipped = info["reference"].get("skipped", {})
+        if skipped:
+            entry["null_reasons"] = {f"category {c}": r for c, r in skipped.items()}
+        out[f"k={k}"] = entry
+    return out
 
 
 def check_detector(det: detector.Detector, folder: Path, *, sae_sha256: str, sae_folder: Path, guides_sha256: str,

@@ -3,8 +3,9 @@
     python -m pipeline.stages.neighbours --target features/<T> --out neighbours/<T>
 
 Writes ``neighbours/<T>/patch_scores.safetensors`` (:mod:`pipeline.evaluation.target_scores`): the
-batch (``mutual``) patch scores of each category against its own other images. They depend on the
-target's tokens alone, so every ``evaluate@<A>_to_<T>`` reads them instead of recomputing them.
+batch (``mutual``) patch scores of each category against its own other images, and the few-shot
+reference scores of each seeded draw of k good images. They depend on the target's tokens alone, so
+every ``evaluate@<A>_to_<T>`` reads them instead of recomputing them.
 """
 
 from __future__ import annotations
@@ -37,9 +38,13 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     mutual, one_image = target_scores.compute_mutual(target, precision=cfg.precision,
                                                      device=resolve_device(cfg.device))
+    reference, reference_info = target_scores.compute_reference(target, cfg.reference_k, cfg.reference_seeds,
+                                                                precision=cfg.precision,
+                                                                device=resolve_device(cfg.device))
     path = target_scores.write(args.out, target, mutual, precision=cfg.precision,
-                               fraction=neighbours.MUTUAL_FRACTION, one_image=one_image)
-    log.info("%s: mutual scores of %d images in %.1f s (%s) -> %s", args.target, target.n_images,
+                               fraction=neighbours.MUTUAL_FRACTION, one_image=one_image, reference=reference,
+                               reference_info=reference_info)
+    log.info("%s: mutual and reference scores of %d images in %.1f s (%s) -> %s", args.target, target.n_images,
              time.perf_counter() - started, cfg.precision, path)
     for name in one_image:
         log.warning("%s: category %r has one image: no mutual score", args.target, name)
