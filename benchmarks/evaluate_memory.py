@@ -1,5 +1,5 @@
 """Benchmark: peak RSS and time of scoring one category at N and factor x N images, the streaming path
-(issue 13 §5: the evaluate stage's) side by side with the old in-memory path, in one run.
+(the evaluate stage's) side by side with the old in-memory path, in one run.
 
     python benchmarks/evaluate_memory.py [--images 64] [--factor 4] [--size 224] [--grid 14] [--dim 384]
         [--batch 16] [--no-baselines | --baselines-only] [--repeats 1]
@@ -8,8 +8,8 @@ A synthetic store of one category (half the images anomalous, one rectangle each
 evaluate stage scores a category: 3 guide sets (random (4, d) vectors, named ``learned/<seed>``, so the
 seed ensemble is a 4th map) and the 2 training-free baselines, then the six metrics of each:
 
-- ``old``: ``evaluation.score_rows`` and :func:`old_baseline_rows` (``baseline_rows`` before issue 13
-  §5: the category's tokens (N, L, d) float16 read at once, and ``mutual`` on a float32 copy of them,
+- ``old``: ``evaluation.score_rows`` and :func:`old_baseline_rows` (``baseline_rows`` without a sink:
+  the category's tokens (N, L, d) float16 read at once, and ``mutual`` on a float32 copy of them,
   ``benchmarks/mutual.py:old_mutual``) keeping every map of the category, then ``metrics.compute_all``
   (one sort of all pixels) per scored set: what evaluate did before;
 - ``new``: ``score_rows`` / ``baseline_rows`` with the stage's sink
@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def old_baseline_rows(target, start: int, stop: int, settings, batch_images: int, device) -> dict:
-    """``evaluation.baseline_rows`` before issue 13 §5 (no sink), verbatim but for ``old_mutual``: the
+    """``evaluation.baseline_rows`` with no sink, but for ``old_mutual``: the
     whole category's tokens read at once, ``mutual`` on all of them in memory."""
     import torch
 

@@ -5,7 +5,7 @@
 The bare forward runs on tensors already decoded and normalised in memory; the extract path decodes
 PNGs in a DataLoader worker, runs the same forward, casts to fp16 and writes the Zarr store. The two
 are interleaved (bare, extract, bare, extract, ...) so that machine noise hits both, and the ratio of
-medians is printed. Target (issue 2): ratio >= 0.90 at 224 px on 2 cores. Random weights: speed does
+medians is printed. Target: ratio >= 0.90 at 224 px on 2 cores. Random weights: speed does
 not depend on the values.
 """
 

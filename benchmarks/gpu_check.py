@@ -1,4 +1,4 @@
-"""Speed of each stage's hot loop at the paper's shape on one device (issue 13 §1).
+"""Speed of each stage's hot loop at the paper's shape on one device.
 
     python benchmarks/gpu_check.py --device cuda          # DINOv3 ViT-L/16, 448 px, random weights
     python benchmarks/gpu_check.py --device cpu --tiny    # the same code at tiny shapes, seconds on CPU

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One call on a GPU machine, at most 5 minutes (issue 13 §1): the CUDA tests, then each stage's speed at
+# One call on a GPU machine, at most 5 minutes: the CUDA tests, then each stage's speed at
 # the paper's shape (DINOv3 ViT-L/16, 448 px, random weights: nothing is downloaded).
 #   bash benchmarks/gpu_check.sh                      # on the GPU machine, from the repository root
 #   bash benchmarks/gpu_check.sh --device cpu --tiny  # the same path at tiny shapes on CPU (tests/test_gpu_check.py)

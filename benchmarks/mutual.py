@@ -8,7 +8,7 @@ and L = 1024 (448 px, 32x32), width d. Mutual scoring compares every image with 
 L²): the printed ``ms/image`` divided by N − 1 (``ms/image/other``) should stay about constant.
 Printed times are the best of ``--repeats``.
 
-``--old`` also times :func:`old_mutual`, the in-memory code before issue 13 §5 (the whole category
+``--old`` also times :func:`old_mutual`, the in-memory code (the whole category
 cast to float32 and normalised at once), on the same tokens, and prints old / new (target >= 0.8: the
 streamed version reads, casts and normalises each reference block again for every query block).
 :func:`old_mutual` is also the old path of ``benchmarks/evaluate_memory.py``.
@@ -28,7 +28,7 @@ from pipeline.method import baselines
 
 def old_mutual(tokens, fraction: float = baselines.MUTUAL_FRACTION, *, device="cpu",
                elements: int = baselines.BLOCK_ELEMENTS) -> np.ndarray:
-    """``baselines.mutual`` before issue 13 §5, verbatim: tokens (N, L, d) -> (N, L) float32, holding
+    """The in-memory ``baselines.mutual``: tokens (N, L, d) -> (N, L) float32, holding
     the whole category's normalised tokens (N, L, d) float32."""
     tokens = torch.as_tensor(tokens)
     n, length, d = tokens.shape

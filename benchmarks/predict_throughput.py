@@ -10,7 +10,7 @@ Three timings per repeat, interleaved (bare, detector, predict, bare, ...) so th
   host; bf16 autocast on CUDA, as the extract stage runs it.
 - **detector**: ``Detector.predict`` on the same images as decoded PIL images at their original size
   (``--source-size``): the project's resize and normalisation, the forward, fp16 rounding, the guide part
-  (two cosines per patch), the blur and the image score. Target (issue 11): detector / bare >= 0.85.
+  (two cosines per patch), the blur and the image score. Target: detector / bare >= 0.85.
 - **predict**: ``pipeline.cli.predict.predict_files`` from the PNG files to the written outputs (decode,
   the detector, the map resized to the original size as a 16-bit PNG, the overlay PNG, scores.csv), the
   whole command minus the detector's load.
@@ -143,7 +143,7 @@ def main() -> None:
     print(f"{'size':>5} {'bare img/s':>11} {'detector':>10} {'predict':>10} {'detector/bare':>14} {'predict/bare':>13}")
     for size, b, d, p, rd, rp in results:
         print(f"{size:>5} {b:>11.2f} {d:>10.2f} {p:>10.2f} {rd:>14.3f} {rp:>13.3f}")
-    print("target (issue 11): detector/bare >= 0.85; predict/bare adds decoding the files and writing two PNGs "
+    print("target: detector/bare >= 0.85; predict/bare adds decoding the files and writing two PNGs "
           "per image at the original size")
 
 

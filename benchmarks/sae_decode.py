@@ -11,7 +11,7 @@ gradient, with gradients w.r.t. D and values (training). Before timing, the two 
 max |Δ| of x̂, of dD and of dvalues is printed. The alternatives run interleaved call by call (sparse,
 dense, sparse, ...; the order flips every repeat) so machine noise hits both; each per-repeat figure is
 the median of ``--iters`` calls.
-Target: sparse faster than dense (speed-up > 1) for fwd+bwd at every d on CPU; DESIGN §5 expects
+Target: sparse faster than dense (speed-up > 1) for fwd+bwd at every d on CPU; docs/design.md#the-method expects
 several times.
 """
 

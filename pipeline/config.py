@@ -120,7 +120,7 @@ class DatasetConfig:
 
 @dataclass(frozen=True)
 class SyntheticConfig:
-    """The embedded benchmark (DESIGN §6): seeded textures with defects, written in MVTec layout."""
+    """The embedded benchmark (docs/design.md#the-embedded-default): seeded textures with defects, written in MVTec layout."""
 
     datasets: tuple[str, ...] = ("synth_a", "synth_b")
     """Which generated datasets the ``data`` stage writes (each to ``data/<name>``)."""
@@ -224,7 +224,7 @@ class ExtractConfig:
 
 @dataclass(frozen=True)
 class SAEConfig:
-    """Stage 1: the TopK sparse autoencoder (DESIGN §5). Paper values in brackets; the defaults are
+    """Stage 1: the TopK sparse autoencoder (docs/design.md#the-method). Paper values in brackets; the defaults are
     sized for the embedded benchmark on 2 CPU cores."""
 
     n_latents: int = 2048
@@ -277,7 +277,7 @@ class SAEConfig:
 
 @dataclass(frozen=True)
 class GuidesConfig:
-    """Stage 2: the four guide codes (DESIGN §5). Paper values in brackets."""
+    """Stage 2: the four guide codes (docs/design.md#the-method). Paper values in brackets."""
 
     variant: str = "l1"
     """``l1`` (ReLU codes, dead latents zeroed, L1 penalty) or ``topk`` (straight-through hard top-k)."""

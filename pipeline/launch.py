@@ -65,7 +65,7 @@ def run(main: Callable[[list[str] | None], object], argv: list[str] | None = Non
 
 class DeviceError(PipelineError, RuntimeError):
     """A device asked for that this machine does not have (``device: cuda`` without a GPU). A
-    RuntimeError too, as it was before it became a PipelineError, so callers catching that still do."""
+    RuntimeError too, so that callers catching the error torch raises for a missing device catch it."""
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Device checks for tests (issue 13 §1): collect every tensor an object returns or keeps, and assert
+"""Device checks for tests: collect every tensor an object returns or keeps, and assert
 they all live on the device asked for.
 
 CPU-only machines cannot hold a CUDA tensor, so the unit tests use ``meta`` as the second device:

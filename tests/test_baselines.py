@@ -1,4 +1,4 @@
-"""The training-free baselines (issue 12 §2) against slow, obviously correct loops over patches and images."""
+"""The training-free baselines against slow, obviously correct loops over patches and images."""
 
 import math
 
@@ -45,7 +45,7 @@ def slow_mutual(tokens, fraction=0.3):
 
 
 def inmemory_mutual_before_issue_13(tokens, fraction=0.3, *, elements=1 << 24):
-    """``baselines.mutual`` as it was before issue 13 §5 (the whole category normalised in memory as
+    """The in-memory ``baselines.mutual`` (the whole category normalised in memory as
     float32), copied verbatim as the reference the streamed version must reproduce."""
     tokens = torch.as_tensor(tokens)
     n, length, d = tokens.shape
@@ -179,7 +179,7 @@ def test_chunk_rows_checks_only_the_category_rows_once_per_chunk(tmp_path):
 
 class NoSlicing:
     """Stands in for ``target.tokens``: its shape and chunks, but slicing it (reading a whole
-    category at once, as before issue 13 §5) fails."""
+    category at once fails."""
 
     def __init__(self, array):
         self.shape, self.chunks, self.dtype = array.shape, array.chunks, array.dtype

@@ -40,7 +40,7 @@ def test_check_finds_truncated_images_only_when_decoding(mvtec_tree, tmp_path, c
     assert "001.png" in capsys.readouterr().err
 
 
-# ------------------------------------------------------------------------------- issue 10 (items 5, 6, 9)
+# ----------------------------------------------------------------- masks, pixel modes, OS litter
 
 
 def test_check_refuses_an_empty_mask_without_decode_unless_allowed(mvtec_tree, tmp_path, capsys):
@@ -88,7 +88,7 @@ def test_check_yaml_syntax_error_is_one_line(tmp_path, capsys):
     assert err.startswith(f"error: {params}, line ") and err.count("\n") == 1
 
 
-# ------------------------------------------------------------------------------- issue 11 §4
+# --------------------------------------------------------------------- labels without masks
 
 
 def _labels_only_tree(tmp_path):

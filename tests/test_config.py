@@ -54,7 +54,7 @@ def test_missing_params_file_is_named(tmp_path):
         load_params(tmp_path / "nope.yaml")
 
 
-# ------------------------------------------------------------------------------- issue 10 (items 8, 9)
+# ------------------------------------------------------------------- names that become paths
 
 
 @pytest.mark.parametrize("section, key", [("datasets", "synth a"), ("datasets", ""), ("datasets", "a/b"),
@@ -181,7 +181,7 @@ def test_allow_empty_masks_defaults_off_and_is_in_params_yaml():
     assert parse({"data": {"allow_empty_masks": True}}, ["data"]).data.allow_empty_masks is True
 
 
-# ------------------------------------------------------------------------------- issue 11 §4
+# --------------------------------------------------------------------- which datasets are fitted
 
 
 def _two_datasets(**extra):

@@ -1,4 +1,4 @@
-"""Every stage on the device it is asked for (issue 13 §1).
+"""Every stage on the device it is asked for.
 
 The tiny DAG (extract -> train_sae -> fit_guides -> export -> evaluate, through the stages' own
 ``main``) runs once per device of :func:`tests.devices.devices`: ``cpu`` everywhere, ``cuda`` (marker

@@ -1,4 +1,4 @@
-"""Which stages the DAG holds (issue 11 §4): train_sae and fit_guides exist only for the datasets in
+"""Which stages the DAG holds: train_sae and fit_guides exist only for the datasets in
 ``aux_datasets``; a dataset that is only a target gets extract and evaluate, nothing more.
 
 The stage list is DVC's own (`dvc stage list` in a temporary git + DVC repository holding copies of

@@ -412,7 +412,7 @@ def test_folder_ambiguous_mask(tmp_path):
         load_table("folder", root)
 
 
-# ------------------------------------------------------------------ issue 10: category names (item 4)
+# ------------------------------------------------------------------ category names
 
 
 @pytest.mark.parametrize(
@@ -448,7 +448,7 @@ def test_tree_category_folder_names_are_checked(tmp_path, name):
             load_table(fmt, root)
 
 
-# -------------------------------------------------------------------- issue 10: OS litter (item 9)
+# -------------------------------------------------------------------- OS litter
 
 
 def test_os_litter_is_ignored_in_every_listing(tmp_path):
@@ -465,7 +465,7 @@ def test_os_litter_is_ignored_in_every_listing(tmp_path):
         load_table("mvtec", root)
 
 
-# ------------------------------------------------------------- issue 10: pixel modes (item 5)
+# ------------------------------------------------------------- pixel modes
 
 
 def _palette_image(mode: str, index: np.ndarray, alpha: int | None = None) -> Image.Image:
@@ -579,7 +579,7 @@ def test_load_image_refuses_32_bit_modes_by_name(tmp_path, arr, mode, kind):
         load_image(path)
 
 
-# ------------------------------------------------------------ issue 10: masks (items 5 and 6)
+# ------------------------------------------------------------ masks
 
 
 def _save(im: Image.Image, path: Path) -> Path:
@@ -684,7 +684,7 @@ def test_defect_vanishing_in_the_resize_is_not_an_error(tmp_path):
     assert load_mask(p, (40, 40), resize_to=4).sum() == 0
 
 
-# ------------------------------------------------------------------------------- issue 11 §4
+# --------------------------------------------------------------------- labels without masks
 
 
 def _labels_only(root: Path) -> Path:

@@ -1,4 +1,4 @@
-"""The detector against the evaluate stage (issue 11's acceptance test) and its load errors.
+"""The detector against the evaluate stage and its load errors.
 
 A tiny MVTec tree and a random-weight DINOv2-S/14 saved as safetensors are extracted by the extract
 stage; the SAE and guides are built by hand (no fitting: equality does not need good guides); the

@@ -100,7 +100,7 @@ def export(tmp, out="detector", params="params.yaml", guides_dir="guides"):
 
 
 def fingerprint(attrs):
-    """What a guides checkpoint records of its auxiliary store (issue 10, item 8)."""
+    """What a guides checkpoint records of its auxiliary store."""
     return {k: attrs.get(k) for k in ("dataset", "inputs_sha256", "weights_sha256", "backbone", "layer", "image_size")}
 
 
@@ -120,7 +120,7 @@ def test_metrics_contract_controls_and_plots(setup):
     assert result["n_images"] == 30 and result["n_categories"] == 2
     assert result["backbone"] == "dinov2_vits14" and result["weights_sha256"] == "abc"
     assert set(result["controls"]) == {"untrained_init", "no_sae"}
-    # issue 11: the detector's mean-of-seeds scoring and how the aux threshold transfers, next to the oracle
+    # the detector's mean-of-seeds scoring and how the aux threshold transfers, next to the oracle
     assert set(result["seed_ensemble"]) == set(metrics.METRIC_KEYS)
     assert result["aux_threshold"] == json.loads((setup / "detector" / "detector.json").read_text())["threshold"]
     for key in metrics.THRESHOLD_KEYS:
@@ -161,7 +161,7 @@ def test_target_from_another_extraction_is_refused(setup, attr, value):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Issue 10: hostile inputs (non-finite tokens, one-class targets, mismatched inputs, unsafe names)
+# Hostile inputs (non-finite tokens, one-class targets, mismatched inputs, unsafe names)
 
 
 def copy_store(src_path, dst_path, attrs=None, edit=None):
@@ -319,7 +319,7 @@ def test_category_name_cannot_leave_the_overlays_folder(setup, bad):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Issue 12: training-free baselines and every image score, against slow references
+# Training-free baselines and every image score, against slow references
 
 
 def slow_baseline_maps(tokens, sigma):
@@ -429,7 +429,7 @@ def test_global_image_score_leaves_baseline_image_metrics_null_and_mutual_null_f
 def test_guide_sets_live_on_the_device_asked_for_and_equal_a_cpu_reference(setup):
     """The evaluate stage loads the SAE onto its device (dictionary and dead mask there) and builds
     every guide set there. ``untrained_init`` used to take effective() of codes on the CPU times an
-    alive mask on the device before moving them, a device mix (issue 13). ``meta`` stands in for the
+    alive mask on the device before moving them, a device mix. ``meta`` stands in for the
     GPU (tests/devices.py): every set must come out on it; on the CPU the sets equal a reference
     built by hand from the same seeds."""
     from pipeline.method import detector
@@ -459,7 +459,7 @@ def test_guide_sets_live_on_the_device_asked_for_and_equal_a_cpu_reference(setup
 
 
 def test_stage_streams_every_category_and_matches_compute_all_on_the_same_maps(setup, monkeypatch):
-    """Issue 13 §5: evaluate never holds a category's maps for the in-memory metrics.compute_all; every
+    """Evaluate never holds a category's maps for the in-memory metrics.compute_all; every
     scored set's pixel metrics come from metrics_stream, and they equal compute_all of the very maps
     and masks the stage streamed (recorded here), to 1e-12. Tiny merge blocks and fan-in 2 make the
     5-image batches several runs, blocks and merge passes."""

@@ -228,7 +228,7 @@ def test_allowed_empty_mask_is_extracted_and_logged(setup, tmp_path, caplog):
 
 
 # ------------------------------------------------------------------------------------------------
-# issue 10 item 1: --out that this pipeline did not write is refused and left as it was.
+# --out that this pipeline did not write is refused and left as it was.
 
 
 def _snapshot(path):
@@ -272,7 +272,7 @@ def test_empty_out_folder_is_used(setup, reference, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# issue 11 §4: a folder target with labels but no masks extracts and evaluates (image metrics only)
+# a folder target with labels but no masks extracts and evaluates (image metrics only)
 
 
 def _labels_only_target(setup, tmp_path, categories, without_masks):

@@ -94,7 +94,7 @@ def test_checkpoint_records_sae_hash_and_aux_fingerprint_and_reports_are_strict_
 
 
 def test_aux_store_without_masks_is_refused_before_anything_is_written(setup):
-    """A labels-only store (issue 11 §4): its all-zero masks would teach the guides "no defect"."""
+    """A labels-only store: its all-zero masks would teach the guides "no defect"."""
     src = store.open_store(setup / "aux")
     layout = store.StoreLayout(src.n_images, GRID * GRID, D_IN, SIZE, src.chunk_images)
     attrs = {k: v for k, v in src.attrs.items() if k not in ("schema", "complete")}

@@ -1,4 +1,4 @@
-"""benchmarks/gpu_check.sh's CPU path (issue 13 §1): the same code as on a GPU, at tiny shapes."""
+"""benchmarks/gpu_check.sh's CPU path: the same code as on a GPU, at tiny shapes."""
 
 import os
 import re

@@ -216,7 +216,7 @@ def test_load_refuses_a_checkpoint_with_non_finite_codes(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Devices (issue 13 §1). ``meta`` stands in for a second device on CPU-only machines: see tests/devices.py.
+# Devices. ``meta`` stands in for a second device on CPU-only machines: see tests/devices.py.
 
 
 def test_guide_codes_keep_codes_and_dead_mask_on_one_device():

@@ -305,7 +305,7 @@ def test_single_metrics_reject_undefined_and_bad_arguments():
 
 
 def test_curves_count_pixels_as_pixels_when_one_class():
-    """Issue 10 item 7: the pooled pixel curve of a target without anomalies said '... normal images'."""
+    """The pooled pixel curve of a target without anomalies said '... normal images'."""
     with pytest.raises(ValueError, match=r"labels \(12544,\): only one class \(0 anomalous, 12544 normal pixels\)"):
         metrics.curves(np.zeros(12544, np.uint8), np.linspace(0, 1, 12544), unit="pixels")
     with pytest.raises(ValueError, match=r"only one class \(3 anomalous, 0 normal images\)"):
@@ -315,7 +315,7 @@ def test_curves_count_pixels_as_pixels_when_one_class():
 
 
 # ----------------------------------------------------------------------------------------------------
-# Issue 11: the auxiliary threshold (F1-max and its threshold) and how a fixed threshold transfers
+# The auxiliary threshold (F1-max and its threshold) and how a fixed threshold transfers
 
 
 def brute_f1_threshold(labels, scores):

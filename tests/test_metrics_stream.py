@@ -1,4 +1,4 @@
-"""The streaming pixel metrics (issue 13 §5) against the in-memory reference, metrics.compute_all: the
+"""The streaming pixel metrics against the in-memory reference, metrics.compute_all: the
 same values to 1e-12 on maps full of ties, whatever the batches, the merge blocks and the fan-in."""
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""pipeline.cli.predict against a small fake detector that keeps the Detector contract (issue 11, §2 and §3).
+"""pipeline.cli.predict against a small fake detector that keeps the Detector contract.
 
 The fake's map of an image is a horizontal ramp scaled by the image's mean red: map[y, x] = r * x / (S - 1)
 with r = mean(R) / 255 of the decoded RGB image, and its score is the map's maximum, r. So a uniform

@@ -1,4 +1,4 @@
-"""``python -m pipeline.predict`` against the real Detector (pipeline/method/detector.py, issue 11 §1).
+"""``python -m pipeline.predict`` against the real Detector (pipeline/method/detector.py).
 
 The detector folder is written with ``pipeline.method.detector.save`` from the contract's keys (random guide
 vectors (n_seeds, 4, d)), over a random-weight DINOv2-S/14 at 28 px, so the test needs no DVC run and no

@@ -1,3 +1,5 @@
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -270,7 +272,6 @@ def test_token_batches_terminate_and_yield_every_token_once_for_any_buffer(buffe
     """Buffers of 1, 2, 3 rows, odd sizes, below and above the batch (12) and the chunk (4 images x 5
     tokens = 20 rows). Both the stream and the shuffles are bounded well above what an epoch needs, so
     a loop that stops advancing fails the test instead of hanging it."""
-    import itertools  # local: the tests above belong to another change of this file
 
     n_images, length, batch = 37, 5, 12
     tokens = np.arange(n_images * length, dtype=np.float16).reshape(n_images, length, 1)
@@ -286,7 +287,7 @@ def test_token_batches_terminate_and_yield_every_token_once_for_any_buffer(buffe
 
 
 # ----------------------------------------------------------------------------------------------------
-# Devices (issue 13 §1). ``meta`` stands in for a second device on CPU-only machines: see tests/devices.py.
+# Devices. ``meta`` stands in for a second device on CPU-only machines: see tests/devices.py.
 
 
 def test_a_model_cast_to_bf16_still_saves_a_float32_checkpoint(tmp_path):

@@ -123,7 +123,7 @@ def test_write_chunk_checks_shapes(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# issue 10 item 1: prepare/_create delete only what this pipeline wrote (a group with our `schema`
+# prepare/_create delete only what this pipeline wrote (a group with our `schema`
 # attr, a store whose creation was interrupted, or an empty folder) and refuse anything else.
 
 

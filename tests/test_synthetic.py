@@ -366,7 +366,7 @@ def test_rerun_after_crash_replaces_everything(tmp_path, monkeypatch):
     assert not (tmp_path / "synth_b.tmp").exists()
 
 
-# issue 10 item 1: <root>.tmp is deleted only when generate made it (its marker file) or it is empty.
+# <root>.tmp is deleted only when generate made it (its marker file) or it is empty.
 
 
 @pytest.mark.parametrize("content", ["notes", "dataset"])

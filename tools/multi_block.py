@@ -1,4 +1,4 @@
-"""Maps from several blocks, averaged (issue 12 §4, "which block(s)"), measured offline before building it.
+"""Maps from several blocks, averaged ("which block(s)"), measured offline before building it.
 
 Each ROOT is a checkout after `python -m pipeline.cli.preset configs/real.yaml && dvc repro` with a different
 `backbone.layer` (same image size, so the same patch grid). For every run and every method (learned guides,

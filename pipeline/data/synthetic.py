@@ -16,7 +16,7 @@ procedural ones (wood, woven fabric, brushed metal, marble, concrete, leather), 
 on one and evaluating on another is a true cross-dataset zero-shot protocol in every direction.
 ``synth_a``/``synth_b`` defects are high-contrast and geometric; ``synth_c``'s imitate the families of
 real surface defects (faint shading, cracks that follow the texture, pits, edge chips, contamination)
-on generic surfaces, as auxiliary data for real targets (issue 12 §4). Adding ``synth_c`` changed no
+on generic surfaces, as auxiliary data for real targets. Adding ``synth_c`` changed no
 byte of the other two (a test pins their digests).
 
 The ground-truth mask is *exactly* the set of changed pixels: outside the mask an image equals its
@@ -536,7 +536,7 @@ def _fold(clean: np.ndarray, rng: np.random.Generator, area: int):
     return region, flap * shade[..., None]
 
 
-# synth_c: defect families shaped like real ones (issue 12 §4): subtle unevenness, cracks that follow
+# synth_c: defect families shaped like real ones: subtle unevenness, cracks that follow
 # the texture, pitting, chipped edges and contamination, rather than synth_a/b's high-contrast shapes.
 
 

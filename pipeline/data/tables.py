@@ -1,7 +1,7 @@
 """Sample tables for the supported dataset layouts, and image / mask loading.
 
 Every layout is turned into one flat, sorted list of :class:`Sample` rows, so later stages never
-care where a dataset came from. Three formats are understood (DESIGN §7):
+care where a dataset came from. Three formats are understood (docs/design.md#datasets):
 
 ``mvtec``
     ``<root>/<category>/train/good/*.png``, ``<root>/<category>/test/<defect>/*.png`` and, for every

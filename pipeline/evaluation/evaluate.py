@@ -41,7 +41,7 @@ IMAGE_KEYS = KEYS[:3]
 THRESHOLD_KEYS = metrics.THRESHOLD_KEYS
 MapSink = Callable[[int, Mapping[str, np.ndarray]], None]
 """Called with (row offset in [start, stop) minus start, {name: maps (b, S, S) float32}) for each batch
-of images as it is scored, in row order: how the evaluate stage streams maps to disk (issue 13 §5)."""
+of images as it is scored, in row order: how the evaluate stage streams maps to disk."""
 LEARNED = "learned"
 ENSEMBLE = "seed_ensemble"
 """The name of the mean-of-seeds map in :func:`score_rows`' result."""
@@ -160,7 +160,7 @@ def baseline_rows(target: store.FeatureStore, start: int, stop: int, settings: s
     ``settings.blur_sigma``). ``mutual`` sees every image of [start, stop), so the rows must be one
     whole category. Tokens are read chunk by chunk (:class:`baselines.ChunkRows`, one decoded chunk
     kept), ``mutual`` in blocks of images (:func:`pipeline.method.neighbours.mutual`) and ``self_dissimilarity``
-    batch by batch, so no (n, L, d) token array of the category is held (issue 13 §5); each chunk's rows
+    batch by batch, so no (n, L, d) token array of the category is held; each chunk's rows
     of the category are checked finite the first time they are read. ``mutual`` (n, L): the category's
     mutual patch scores when already computed (the ``neighbours@<T>`` stage's,
     :mod:`pipeline.evaluation.target_scores`), else they are computed here. With a ``sink``

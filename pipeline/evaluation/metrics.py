@@ -1,4 +1,4 @@
-"""Evaluation metrics, image and pixel level (DESIGN §4-§5): numpy in, Python floats out.
+"""Evaluation metrics, image and pixel level (docs/design.md#artifacts): numpy in, Python floats out.
 
     image_auroc, image_ap, f1_max   labels (N,) {0, 1}, scores (N,)          1 = anomalous
     f1_max_threshold, at_threshold  labels (N,), scores (N,)                 (a chosen image threshold)
@@ -31,7 +31,7 @@ from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 METRIC_KEYS = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_aupro")
-"""The keys of :func:`compute_all` and of ``metrics.json`` (DESIGN §4)."""
+"""The keys of :func:`compute_all` and of ``metrics.json`` (docs/design.md#artifacts)."""
 
 _IMAGE_KEYS = METRIC_KEYS[:3]
 _PIXEL_KEYS = METRIC_KEYS[3:]

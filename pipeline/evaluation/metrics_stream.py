@@ -1,5 +1,5 @@
 """Pixel AUROC, AP and AUPRO of one category in bounded memory: :func:`metrics.compute_all`'s values
-(to float rounding of the sums, < 1e-12) without ever holding a category's maps (issue 13 §5).
+(to float rounding of the sums, < 1e-12) without ever holding a category's maps.
 
 :func:`metrics.pixel_metrics` sorts all pixels of a category at once: 8 bytes per pixel per scored set
 on top of the float32 maps themselves, so a category of 540 images at 448 px took 7.8 GB. Here:

@@ -1,4 +1,4 @@
-"""The Zarr feature store: one Zarr v3 group per dataset (DESIGN §4).
+"""The Zarr feature store: one Zarr v3 group per dataset (docs/design.md#artifacts).
 
 Layout of ``features/<D>/``::
 

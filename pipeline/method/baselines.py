@@ -1,4 +1,4 @@
-"""Training-free baselines scored next to the learned guides (issue 12 §2): patch scores (N, L) from a
+"""Training-free baselines scored next to the learned guides: patch scores (N, L) from a
 target's own tokens, no SAE, no guides, no auxiliary data, no labels.
 
 - ``self_dissimilarity`` (single image, training-free): per patch 1 − cos(token, mean token of the same
@@ -20,7 +20,7 @@ target's own tokens, no SAE, no guides, no auxiliary data, no labels.
   linearly with the category (``benchmarks/mutual.py`` prints it; on 2 CPU threads, d = 384: about
   1.0 ms per image per other image at 224 px, L = 256, and 14 ms at 448 px, L = 1024, so a category of
   100 images costs about 0.1 s and 1.4 s per image). Memory does not hold the category's tokens
-  (issue 13 §5): :func:`mutual_streamed` reads them through a reader (:data:`TokenReader`, e.g. a
+  :func:`mutual_streamed` reads them through a reader (:data:`TokenReader`, e.g. a
   :class:`ChunkRows` over the feature store), b images at a time (:func:`block_images`). Per query
   block of b images it reads every reference block of b images again (float16 from the store, cast and
   normalised per block), reduces each (b·L, b·L) block of cosines at once to the query block's

@@ -1,4 +1,4 @@
-"""Stage 2 of SPG: four sparse guide codes fitted against the auxiliary masks (DESIGN §5).
+"""Stage 2 of SPG: four sparse guide codes fitted against the auxiliary masks (docs/design.md#the-method).
 
 Codes ``C`` (4, n_latents), rows in :data:`ROWS` order, are the only trainable tensor; the backbone
 tokens and the SAE dictionary ``D`` (n_latents, d) are frozen. The effective codes are
@@ -39,7 +39,7 @@ from pipeline.features.store import ChunkReader
 log = logging.getLogger(__name__)
 
 ROWS = ("normal_global", "anomaly_global", "normal_local", "anomaly_local")
-"""Row order of the codes and of the guide vectors (DESIGN §4)."""
+"""Row order of the codes and of the guide vectors (docs/design.md#artifacts)."""
 NORMAL_GLOBAL, ANOMALY_GLOBAL, NORMAL_LOCAL, ANOMALY_LOCAL = range(4)
 
 STORE_FINGERPRINT = ("dataset", "inputs_sha256", "weights_sha256", "backbone", "layer", "image_size")
@@ -373,7 +373,7 @@ def summarize(codes: torch.Tensor, top: int = 10) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Checkpoint: config.json + guides.safetensors (DESIGN §4)
+# Checkpoint: config.json + guides.safetensors (docs/design.md#artifacts)
 
 
 def save(folder: str | Path, codes_per_seed: torch.Tensor, config: Mapping) -> None:

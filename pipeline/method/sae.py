@@ -1,4 +1,4 @@
-"""Stage 1 of SPG: a TopK sparse autoencoder over patch tokens (DESIGN §5).
+"""Stage 1 of SPG: a TopK sparse autoencoder over patch tokens (docs/design.md#the-method).
 
     z  = TopK_k( max(W_enc (x - b), 0) )          z (B, n_latents), at most k non-zeros per row
     x̂ = z D + b                                   D (n_latents, d_in), rows of unit norm
@@ -289,7 +289,7 @@ def train(sae: TopKSAE, read: Callable[[int], np.ndarray], n_chunks: int, *, tok
     the single stream. ``comm`` (a :class:`pipeline.method.distributed.Comm`, under torchrun): this process
     trains on its shards' rows of every global step; the FVU and AuxK denominators, the fired latents
     and the gradients are summed over the ranks, so every rank takes the same step, the one a single
-    process with the same ``shards`` takes, up to float rounding. None: one process, today's step.
+    process with the same ``shards`` takes, up to float rounding. None: one process, the plain single-stream step.
     """
     rank, world = (comm.rank, comm.world) if comm is not None else (0, 1)
     if world > 1 and shards % world:
@@ -394,7 +394,7 @@ def evaluate(sae: TopKSAE, read: Callable[[int], np.ndarray], n_chunks: int, *, 
 
 
 # ----------------------------------------------------------------------------------------------------
-# Checkpoints: config.json + sae.safetensors (DESIGN §4); never pickle.
+# Checkpoints: config.json + sae.safetensors (docs/design.md#artifacts); never pickle.
 
 
 def save(sae: TopKSAE, folder: str | Path, dead_mask: torch.Tensor, extra: dict | None = None) -> None:

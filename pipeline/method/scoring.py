@@ -1,4 +1,4 @@
-"""Anomaly maps and image scores from guide vectors (DESIGN §5, evaluation).
+"""Anomaly maps and image scores from guide vectors (docs/design.md#the-method, evaluation).
 
 map   = Gaussian blur (σ, per image) of the anomaly probability of :func:`guides.local_probabilities`
         (``fusion: self_dissimilarity``: of the patch probability times the patch's self-dissimilarity,

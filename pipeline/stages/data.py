@@ -1,4 +1,4 @@
-"""Stage data@D: generate one embedded dataset (DESIGN §6) in MVTec layout.
+"""Stage data@D: generate one embedded dataset (docs/design.md#the-embedded-default) in MVTec layout.
 
     python -m pipeline.stages.data --dataset synth_a --out data/synth_a
 """

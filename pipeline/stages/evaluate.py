@@ -19,7 +19,7 @@ and the fingerprint of its auxiliary store, and both are checked (:func:`guides.
 detector records the sha256 of that SAE and of those guides, and its scoring settings must be params
 ``evaluate``'s (else: re-run export).
 
-Keys of ``metrics.json`` beyond the six metrics of DESIGN §4 (each a mean over categories; per
+Keys of ``metrics.json`` beyond the six metrics of docs/design.md#artifacts (each a mean over categories; per
 category in ``per_category.json``):
 
 - ``seed_ensemble``: the six metrics of the mean of the seeds' maps (the detector's default scoring),
@@ -118,7 +118,7 @@ def overlay_rows(target: store.FeatureStore, start: int, labels, masks, maps, n:
 
 
 class CategoryMaps:
-    """The sink (:data:`evaluation.MapSink`) of one category's maps, batch by batch (issue 13 §5): every
+    """The sink (:data:`evaluation.MapSink`) of one category's maps, batch by batch: every
     scored set's maps go to its :class:`metrics_stream.PixelStream` (run files in ``folder``); of the
     ``overlay_set``'s maps only what the report needs stays: the pooled pixel-curve sample (drawn from
     ``rng`` batch by batch, the same draws as one ``rng.random`` of the category's mask shape), the
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     # labels-only categories (a folder target without ground_truth/): their zero masks are no ground truth
     no_masks = set(target.attrs.get("categories_without_masks", []))
     # every category's maps stream to sorted run files here, batch by batch, and the pixel metrics come
-    # from merging them (metrics_stream): a category's maps never sit in memory at once (issue 13 §5)
+    # from merging them (metrics_stream): a category's maps never sit in memory at once
     scratch = metrics_stream.scratch_folder(args.out)
     try:
         for category, (start, stop) in tqdm(ranges.items(), desc="evaluate", unit="category"):

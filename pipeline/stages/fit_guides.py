@@ -99,7 +99,7 @@ def _fit(args, cfg, features: store.FeatureStore, model: sae.TopKSAE, dead_mask:
               # what evaluate checks: these guides belong with this SAE and this auxiliary store
               "sae_sha256": sha256_file(args.sae / "sae.safetensors"),
               "aux_store": guides.store_fingerprint(features.attrs)}
-    if shards > 1:  # only then, so a single-process checkpoint stays byte for byte what it was
+    if shards > 1:  # only then: a single-process checkpoint has no shards key, so it matches one written without torchrun
         config["shards"] = shards
     summary = {
         "seeds": list(cfg.seeds),

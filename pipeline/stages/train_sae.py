@@ -3,7 +3,7 @@
     python -m pipeline.stages.train_sae --features features/synth_a --out models/synth_a/sae \
         --report reports/synth_a --checkpoint-dir checkpoints/synth_a/train_sae
 
-Writes ``<out>/config.json`` + ``<out>/sae.safetensors`` (DESIGN §4), ``<report>/sae.json`` (final
+Writes ``<out>/config.json`` + ``<out>/sae.safetensors`` (docs/design.md#artifacts), ``<report>/sae.json`` (final
 FVU, dead fraction, epochs), ``<report>/sae_curve.csv`` and ``<report>/sae_curve.png``. These are
 tracked (git or DVC), so they hold no timings and no paths of this machine: the measured tokens/s is
 only logged.
@@ -129,7 +129,7 @@ def _train(args, cfg, features: store.FeatureStore, device: torch.device, world:
     # What later stages need to refuse a target store extracted differently from this SAE's tokens.
     provenance = {k: features.attrs[k] for k in ("dataset", "backbone", "weights_sha256", "layer", "image_size", "grid")}
     extra = {"training": asdict(cfg), "features": provenance}
-    if shards > 1:  # only then, so a single-process checkpoint stays byte for byte what it was
+    if shards > 1:  # only then: a single-process checkpoint has no shards key, so it matches one written without torchrun
         extra["shards"] = shards
     sae.save(model, args.out, dead_mask, extra=extra)
     summary = {
