@@ -17,19 +17,27 @@ from pipeline.stages import neighbours as neighbours_stage
 from tests.test_evaluate import GRID, SIZE, run, setup  # noqa: F401  (setup: a fixture)
 
 
-def test_geometric_mean_by_hand_and_its_scale_invariance():
-    a = torch.tensor([[4.0, 0.0, 1.0, 9.0]])
-    b = torch.tensor([[1.0, 5.0, -2.0, 4.0]])
-    # sqrt(4·1), sqrt(0·5), sqrt(1·0) (clipped), sqrt(9·4)
-    np.testing.assert_allclose(fusion.geometric(a, b).numpy(), [[2.0, 0.0, 0.0, 6.0]], atol=1e-6)
-    np.testing.assert_allclose(fusion.geometric(a, b, torch.full_like(a, 8.0)).numpy(),
-                               [[3.1748021, 0.0, 0.0, 6.6038545]], atol=1e-5)  # 32^(1/3) = 2^(5/3); 288^(1/3)
-    # scaling one signal scales the fused values by a constant: the ranking of patches is unchanged
-    rng = np.random.default_rng(0)
-    x, y = (torch.from_numpy(rng.random((3, 50))).float() for _ in range(2))
-    np.testing.assert_allclose(fusion.geometric(x, 100 * y).numpy(), 10 * fusion.geometric(x, y).numpy(), rtol=1e-5)
+def test_standardised_mean_by_hand_and_its_invariance_to_each_signals_scale():
+    a = torch.tensor([[1.0, 2.0, 3.0, 6.0]])  # mean 3, population std sqrt(3.5)
+    b = torch.tensor([[4.0, 4.0, 0.0, 0.0]])  # mean 2, std 2: z = 1, 1, -1, -1
+    za = (np.array([1.0, 2.0, 3.0, 6.0]) - 3) / np.sqrt(3.5)
+    np.testing.assert_allclose(fusion.standardised_mean(a, b).numpy()[0], (za + [1, 1, -1, -1]) / 2, atol=1e-6)
+    # a constant signal adds nothing; an affine change of any signal changes nothing
+    np.testing.assert_allclose(fusion.standardised_mean(a, torch.full_like(a, 5.0)).numpy()[0], za / 2, atol=1e-6)
+    np.testing.assert_allclose(fusion.standardised_mean(100 * a + 7, b).numpy(), fusion.standardised_mean(a, b).numpy(),
+                               atol=1e-6)
     with pytest.raises(ValueError, match="shapes"):
-        fusion.geometric(x, y[:, :3])
+        fusion.standardised_mean(a, b[:, :3])
+
+
+def test_fuse_takes_the_guide_probability_as_its_logit():
+    p = torch.tensor([[0.5, 0.9, 0.1, 0.99]])
+    d = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
+    logit = np.log(p.numpy() / (1 - p.numpy()))  # 0, 2.197, -2.197, 4.595
+    z = lambda x: (x - x.mean()) / x.std()  # noqa: E731
+    np.testing.assert_allclose(fusion.fuse(p, d).numpy(), (z(logit) + z(d.numpy())) / 2, atol=1e-5)
+    np.testing.assert_allclose(fusion.fuse(p, d, probability=False).numpy(), (z(p.numpy()) + z(d.numpy())) / 2,
+                               atol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +74,8 @@ def test_scores_of_another_store_are_refused(setup, cached, tmp_path):  # noqa: 
 
 def slow_fused_maps(setup, rows):  # noqa: F811
     """guides+batch maps of one category: each seed's patch probability softmax(cos / τ) from plain numpy,
-    their mean, times the slow mutual scores, square root, bilinear upsampling and the per-image blur."""
+    their mean, its logit and the slow mutual scores each standardised over the category's patches and
+    averaged, bilinear upsampling and the per-image blur."""
     target = store.open_store(setup / "target")
     det = detector.Detector.load(setup / "detector", with_backbone=False)
     tokens = target.tokens[rows].astype(np.float64)
@@ -77,11 +86,13 @@ def slow_fused_maps(setup, rows):  # noqa: F811
         cos_n, cos_a = unit @ g[G.NORMAL_LOCAL], unit @ g[G.ANOMALY_LOCAL]
         probs.append(1 / (1 + np.exp((cos_n - cos_a) / det.settings.temperature)))
     guide = np.mean(probs, axis=0)
+    logit = np.log(guide / (1 - guide))
     n, length, _ = tokens.shape
     k = max(1, int(0.3 * (n - 1) + 1e-9))
     batch = np.array([[np.mean(sorted(min(1 - unit[i, p] @ unit[j, q] for q in range(length))
                                       for j in range(n) if j != i)[:k]) for p in range(length)] for i in range(n)])
-    fused = np.sqrt(guide * batch)
+    z = lambda x: (x - x.mean()) / x.std()  # noqa: E731  over the category's patches
+    fused = (z(logit) + z(batch)) / 2
     up = torch.nn.functional.interpolate(torch.tensor(fused, dtype=torch.float32).reshape(n, 1, GRID, GRID),
                                          size=(SIZE, SIZE), mode="bilinear", align_corners=False)[:, 0].numpy()
     return np.stack([gaussian_filter(m, sigma=det.settings.blur_sigma, mode="reflect") for m in up])

@@ -216,28 +216,22 @@ FUSED = {
 def fused_rows(target: store.FeatureStore, start: int, stop: int, vectors: Mapping[str, torch.Tensor],
                settings: scoring.ScoreSettings, batch_images: int, device: torch.device, mutual: np.ndarray,
                sink: MapSink | None = None) -> dict[str, dict[str, np.ndarray | None]]:
-    """The :data:`FUSED` scorings of rows [start, stop) (one whole category): name -> {mode: image scores
-    (n,) float64; ``global`` None}. mutual (n, L): the category's batch patch scores. The guide signal
-    is :func:`scoring.patch_signal` (the values a guide map upsamples), averaged over the ``learned/*``
-    seeds for ``guides+batch`` as :func:`scoring.mean_of_seeds` averages their maps; ``no_sae/0`` for
-    the control. Each batch's fused maps go to ``sink``."""
+    """The :data:`FUSED` scorings of rows [start, stop) (one whole category, the set scored together):
+    name -> {mode: image scores (n,) float64; ``global`` None}. mutual (n, L): the category's batch
+    patch scores; the guide signals are :func:`guide_signals`'. The rule's statistics are the
+    category's (:func:`pipeline.method.fusion.fuse`); each batch's fused maps go to ``sink``."""
     grid, size = tuple(target.attrs["grid"]), target.masks.shape[-1]
-    learned = [g for name, g in vectors.items() if name.startswith(LEARNED + "/")]
+    signals = guide_signals(target, start, stop, vectors, settings, batch_images, device)
+    batch = torch.from_numpy(mutual)
+    probability = settings.fusion == "none"
+    patches = {"guides+batch": fusion.fuse(torch.from_numpy(signals["guides"]), batch, probability=probability),
+               "no_sae+batch": fusion.fuse(torch.from_numpy(signals["no_sae"]), batch, probability=probability)}
     modes: dict[str, list] = {name: [] for name in FUSED}
-    for i in range(start, stop, batch_images):
-        j = min(i + batch_images, stop)
-        raw = target.tokens[i:j]
-        target.check_finite("tokens", raw, i)
-        tokens = torch.from_numpy(raw.astype(np.float32)).to(device)
-        batch = torch.from_numpy(mutual[i - start:j - start]).to(device)
-        signal = lambda g: scoring.patch_signal(tokens, g, temperature=settings.temperature,  # noqa: E731
-                                                fusion=settings.fusion)
-        guide = torch.stack([signal(g) for g in learned]).mean(dim=0)
-        patches = {"guides+batch": fusion.geometric(guide, batch),
-                   "no_sae+batch": fusion.geometric(signal(vectors["no_sae/0"]), batch)}
-        maps = {name: scoring.patch_maps(v.cpu(), grid, size, sigma=settings.blur_sigma) for name, v in patches.items()}
+    for i in range(0, stop - start, batch_images):
+        j = min(i + batch_images, stop - start)
+        maps = {name: scoring.patch_maps(v[i:j], grid, size, sigma=settings.blur_sigma) for name, v in patches.items()}
         if sink is not None:
-            sink(i - start, maps)
+            sink(i, maps)
         for name, m in maps.items():
             modes[name].append(scoring.scores_by_mode(m, None, settings))
     return {name: {mode: None if mode == "global" else np.concatenate([b[mode] for b in modes[name]])
@@ -277,17 +271,20 @@ def few_shot_metrics(labels: np.ndarray, masks: np.ndarray, signals: Mapping[str
                      has_masks: bool = True) -> dict[str, list[dict[str, Any]]]:
     """One category's :data:`FEW_SHOT` scorings for one k: mode -> [metrics of each draw] (the form of
     :func:`baseline_metrics`). reference (draws, n, L): NaN rows are that draw's references and are not
-    scored; signals: :func:`guide_signals`; mutual (n, L) or None (then no ``guides+reference+batch``)."""
+    scored; signals: :func:`guide_signals`; mutual (n, L) or None (then no ``guides+reference+batch``).
+    The fusion's statistics are those of the draw's scored images."""
     size = masks.shape[-1]
     out: dict[str, list] = {name: [] for name in FEW_SHOT if mutual is not None or "batch" not in name}
     for draw in reference:
         keep = ~np.isnan(draw).any(axis=1)
         ref = torch.from_numpy(draw[keep])
         guide, control = torch.from_numpy(signals["guides"][keep]), torch.from_numpy(signals["no_sae"][keep])
-        patches = {"reference": ref, "guides+reference": fusion.geometric(guide, ref),
-                   "no_sae+reference": fusion.geometric(control, ref)}
+        probability = settings.fusion == "none"
+        patches = {"reference": ref, "guides+reference": fusion.fuse(guide, ref, probability=probability),
+                   "no_sae+reference": fusion.fuse(control, ref, probability=probability)}
         if mutual is not None:
-            patches["guides+reference+batch"] = fusion.geometric(guide, ref, torch.from_numpy(mutual[keep]))
+            patches["guides+reference+batch"] = fusion.fuse(guide, ref, torch.from_numpy(mutual[keep]),
+                                                            probability=probability)
         for name, values in patches.items():
             maps = scoring.patch_maps(values, grid, size, sigma=settings.blur_sigma)
             by_mode = scoring.scores_by_mode(maps, None, settings)

@@ -1,30 +1,64 @@
 """Fusing the detector's signals: the guide map with the batch (mutual) and reference distances.
 
-Rule: the geometric mean of the per-patch signals, each clipped at 0, then upsampled and blurred like
-any map (:func:`pipeline.method.scoring.patch_maps`). Why this rule: a geometric mean ranks patches
-by the sum of the signals' logarithms, so multiplying any one signal by a constant changes no ranking
-and no metric. The signals live on unrelated scales (a probability in [0, 1], a cosine distance in
-[0, 2] whose typical size depends on the backbone and the line), and the rule needs no weight, no
-statistics of the batch and nothing fitted: predict can apply it to a single image exactly as evaluate
-does. A patch scores high only where every signal calls it unusual.
+Rule: per patch, the mean of the signals, each standardised (z-score) over the patches of the scored
+set, with the guide probability taken as its logit; then upsampled and blurred like any map
+(:func:`pipeline.method.scoring.patch_maps`). Standardising puts a probability in [0, 1] and cosine
+distances whose size depends on the backbone and the line on one scale; the logit undoes the
+softmax's squashing, whose tails would otherwise dominate the guide's spread. Equal weights: no
+weight is fitted. The statistics come from the set scored together (a category in evaluate, the batch
+in predict), so a fused score needs that set.
+
+Chosen on the mean over every target (embedded and real, six runs) among the geometric mean, the
+mean of ranks and z-score means with weight 0.5 or 0.25 on the guide, with and without the logit:
+``python tools/fusion_rules.py``, figures in docs/experiments.md.
 """
 
 from __future__ import annotations
 
 import torch
 
-RULE = "geometric mean of the per-patch signals (each clipped at 0), then upsampled and blurred like a guide map"
+RULE = ("mean of the signals, each standardised over the patches of the set scored together "
+        "(the guide probability as its logit), then upsampled and blurred like a guide map")
+LOGIT_EPS = 1e-6
+"""Probabilities are clipped to [eps, 1 − eps] before the logit."""
 
 
-def geometric(*signals: torch.Tensor) -> torch.Tensor:
-    """Patch signals, each (B, L) -> (B, L) float32, the geometric mean of their values clipped at 0."""
+def logit(p: torch.Tensor) -> torch.Tensor:
+    p = p.double().clamp(LOGIT_EPS, 1 - LOGIT_EPS)
+    return torch.log(p) - torch.log1p(-p)
+
+
+def standardised_mean(*signals: torch.Tensor) -> torch.Tensor:
+    """Signals, each (B, L) over the same patches -> (B, L) float32: the mean over the signals of
+    (s − mean(s)) / std(s), the statistics over all B·L values of each signal (a constant signal
+    contributes 0)."""
     if not signals:
         raise ValueError("fusion needs at least one signal")
     shape = signals[0].shape
-    for s in signals[1:]:
-        if s.shape != shape:
-            raise ValueError(f"fusion: signals of shapes {[tuple(t.shape) for t in signals]}")
-    prod = torch.ones(shape, dtype=torch.float64, device=signals[0].device)
+    if any(s.shape != shape for s in signals[1:]):
+        raise ValueError(f"fusion: signals of shapes {[tuple(t.shape) for t in signals]}")
+    out = torch.zeros(shape, dtype=torch.float64, device=signals[0].device)
+    for s in signals:
+        s = s.double()
+        std = s.std(unbiased=False)
+        out += (s - s.mean()) / std if std > 0 else torch.zeros_like(s)
+    return (out / len(signals)).float()
+
+
+def fuse(guide: torch.Tensor | None, *distances: torch.Tensor, probability: bool = True) -> torch.Tensor:
+    """The rule of the module docstring: a guide signal (B, L) or None, and distance signals (B, L)
+    each -> fused patch scores (B, L) float32. ``probability`` False: the guide signal is no
+    probability (``evaluate.fusion: self_dissimilarity`` multiplies it by a distance) and is
+    standardised as it is."""
+    parts = ([logit(guide) if probability else guide] if guide is not None else []) + list(distances)
+    return standardised_mean(*parts)
+
+
+def geometric(*signals: torch.Tensor) -> torch.Tensor:
+    """A candidate measured against :func:`fuse`: the geometric mean of the signals clipped at 0."""
+    prod = torch.ones(signals[0].shape, dtype=torch.float64, device=signals[0].device)
     for s in signals:
         prod = prod * s.double().clamp_min(0)
     return prod.pow(1.0 / len(signals)).float()
+
+

@@ -1,0 +1,102 @@
+"""Which rule fuses the guide map with the batch best, on the mean over every target (a research
+analysis behind docs/experiments.md; nothing here is used by the pipeline).
+
+    python tools/fusion_rules.py --root . --runs synth_a_to_synth_b synth_b_to_synth_a ... [--out f.json]
+
+For each run (aux -> target) it reads the target store, the aux detector and the target's
+``neighbours/<T>`` batch scores, and scores each category with every candidate rule:
+
+- ``geometric``: sqrt(guide · batch) per patch (scale-free, no statistics);
+- ``zmean``: mean of the two signals, each standardised over the category's patches;
+- ``rankmean``: mean of the two signals' ranks (percentiles) over the category's patches;
+- ``zmean_w<w>``, ``zlogit_w<w>``, ``geometric_w<w>``: the same with weight w on the guide (the
+  guide as its logit for ``zlogit``), w in {0.5, 0.25};
+- ``guide`` and ``batch`` alone, for reference.
+
+Then upsampled and blurred like a guide map, image score = max, and the six metrics per category, the
+mean over categories, per run and over runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import rankdata
+
+from pipeline.evaluation import evaluate as evaluation
+from pipeline.evaluation import metrics, target_scores
+from pipeline.features import store
+from pipeline.method import detector, fusion, scoring
+
+
+def rules(guide: np.ndarray, batch: np.ndarray) -> dict[str, np.ndarray]:
+    z = lambda x: (x - x.mean()) / (x.std() + 1e-12)  # noqa: E731
+    r = lambda x: rankdata(x.ravel()).reshape(x.shape) / x.size  # noqa: E731
+    logit = np.log(np.clip(guide, 1e-6, None)) - np.log(np.clip(1 - guide, 1e-6, None))
+    out = {"guide": guide, "batch": batch,
+           "geometric": fusion.geometric(torch.from_numpy(guide), torch.from_numpy(batch)).numpy(),
+           "rankmean": (r(guide) + r(batch)) / 2,
+           "fuse": fusion.fuse(torch.from_numpy(guide), torch.from_numpy(batch)).numpy()}
+    for w in (0.5, 0.25):
+        out[f"zmean_w{w}"] = w * z(guide) + (1 - w) * z(batch)
+        out[f"zlogit_w{w}"] = w * z(logit) + (1 - w) * z(batch)
+        out[f"geometric_w{w}"] = np.clip(guide, 0, None) ** w * np.clip(batch, 0, None) ** (1 - w)
+    return out
+
+
+def score_run(root: Path, aux: str, target_name: str) -> dict[str, dict]:
+    target = store.open_store(root / "features" / target_name)
+    det = detector.Detector.load(root / "models" / aux / "detector", with_backbone=False)
+    arrays, _ = target_scores.load(root / "neighbours" / target_name, target)
+    vectors = {**evaluation.learned_sets(det.vectors, det.seeds),
+               "no_sae/0": evaluation.no_sae_guides(store.open_store(root / "features" / aux), torch.device("cpu"))}
+    grid, size = tuple(target.attrs["grid"]), target.masks.shape[-1]
+    no_masks = set(target.attrs.get("categories_without_masks", []))
+    per: dict[str, dict] = {}
+    for category, (start, stop) in evaluation.category_ranges(target).items():
+        mutual = target_scores.category_mutual(arrays, start, stop)
+        if mutual is None:
+            continue
+        signals = evaluation.guide_signals(target, start, stop, vectors, det.settings, 16, torch.device("cpu"))
+        labels, masks = target.labels[start:stop].astype(np.int64), target.masks[start:stop]
+        for name, values in rules(signals["guides"], mutual).items():
+            maps = scoring.patch_maps(torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)), grid, size,
+                                      sigma=det.settings.blur_sigma)
+            m = metrics.compute_all(labels, maps.reshape(len(maps), -1).max(1), masks, maps,
+                                    has_masks=category not in no_masks)
+            per.setdefault(name, {})[category] = m
+    return {name: evaluation.mean_over_categories(cats) for name, cats in per.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--root", type=Path, default=Path("."))
+    ap.add_argument("--runs", nargs="+", required=True, help="<aux>_to_<target> names")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    torch.set_grad_enabled(False)
+    out = {}
+    for run in args.runs:
+        aux, target = run.split("_to_")
+        out[run] = score_run(args.root, aux, target)
+        print(run, {r: {k: None if v is None else round(v, 3) for k, v in m.items() if k in
+                        ("image_auroc", "pixel_auroc", "pixel_aupro")} for r, m in out[run].items()}, flush=True)
+    names = next(iter(out.values())).keys()
+    print("mean over runs (where defined):")
+    for name in names:
+        row = {}
+        for key in ("image_auroc", "pixel_auroc", "pixel_aupro"):
+            values = [out[r][name][key] for r in out if out[r][name][key] is not None]
+            row[key] = round(float(np.mean(values)), 4) if values else None
+        print(f"  {name:10s} {row}")
+    if args.out:
+        args.out.write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
