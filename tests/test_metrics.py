@@ -358,6 +358,15 @@ def test_f1_max_threshold_hand_worked_and_tie_rule():
         metrics.f1_max_threshold([0, 0], [0.1, 0.2])
 
 
+def test_at_threshold_tells_precision_from_recall():
+    """A hand-worked case where the two differ: scores 0.9 (normal), 0.8, 0.7 (anomalous) reach 0.5;
+    anomalous 0.1 and 0.2 do not. TP 2, FP 1, FN 2: precision 2/3, recall 1/2, F1 2·2 / (4 + 1 + 2)."""
+    got = metrics.at_threshold(np.array([0, 1, 1, 1, 1]), np.array([0.9, 0.8, 0.7, 0.1, 0.2]), 0.5)
+    assert got["image_precision_at_aux_threshold"] == pytest.approx(2 / 3)
+    assert got["image_recall_at_aux_threshold"] == pytest.approx(1 / 2)
+    assert got["image_f1_at_aux_threshold"] == pytest.approx(4 / 7)
+
+
 def test_at_threshold_hand_worked_and_nulls():
     labels, scores = np.array([0, 0, 1, 1, 1]), np.array([0.1, 0.6, 0.5, 0.7, 0.2])
     got = metrics.at_threshold(labels, scores, 0.5)  # alarms: 0.6 (FP), 0.5 (TP), 0.7 (TP); 0.2 missed
