@@ -104,3 +104,45 @@ def test_fusion_silences_what_the_whole_image_shares():
 def test_unknown_fusion_is_refused():
     with pytest.raises(ValueError, match="fusion must be one of none, self_dissimilarity"):
         scoring.anomaly_maps(torch.zeros(1, 4, 4), vectors(4), (2, 2), 4, temperature=0.07, sigma=0, fusion="sum")
+
+
+def slow_score_tokens(tokens, cls, vectors, grid, size, *, temperature, sigma, fusion):
+    """score_tokens from its documented steps in float64 numpy, one image and one patch at a time:
+    softmax of the cosines to the two local guides / τ, times 1 − cos(token, image mean) with the
+    self_dissimilarity fusion, bilinear upsampling (align_corners False), the per-image blur; and the
+    softmax of the CLS cosines to the two global guides."""
+    t, c, g = (x.double().numpy() for x in (tokens, cls, vectors))
+    unit = lambda v: v / np.linalg.norm(v, axis=-1, keepdims=True)  # noqa: E731
+    gu = unit(g)
+    maps, probs = [], []
+    for b in range(len(t)):
+        patch = np.zeros(t.shape[1])
+        mean = t[b].mean(0)
+        for p in range(t.shape[1]):
+            u = unit(t[b, p])
+            cn, ca = u @ gu[guides.NORMAL_LOCAL], u @ gu[guides.ANOMALY_LOCAL]
+            patch[p] = np.exp(ca / temperature) / (np.exp(cn / temperature) + np.exp(ca / temperature))
+            if fusion == "self_dissimilarity":
+                patch[p] *= 1 - u @ unit(mean)
+        up = torch.nn.functional.interpolate(torch.tensor(patch).reshape(1, 1, *grid), size=(size, size),
+                                             mode="bilinear", align_corners=False)[0, 0].numpy()
+        maps.append(gaussian_filter(up, sigma=sigma, mode="reflect") if sigma > 0 else up)
+        cu = unit(c[b])
+        cn, ca = cu @ gu[guides.NORMAL_GLOBAL], cu @ gu[guides.ANOMALY_GLOBAL]
+        probs.append(np.exp(ca) / (np.exp(cn) + np.exp(ca)))
+    return np.stack(maps), np.array(probs)
+
+
+@pytest.mark.parametrize("fusion", ["none", "self_dissimilarity"])
+@pytest.mark.parametrize("sigma", [0.0, 1.5])
+def test_score_tokens_equals_its_documented_steps_for_every_fusion_and_blur(fusion, sigma):
+    """Each setting must reach the map: a score_tokens that ignored ``fusion`` or the blur would match
+    only one of these four references."""
+    g = torch.Generator().manual_seed(3)
+    tokens, cls, vectors = torch.randn(2, 9, 6, generator=g), torch.randn(2, 6, generator=g), torch.randn(4, 6, generator=g)
+    settings = scoring.ScoreSettings(temperature=0.2, blur_sigma=sigma, fusion=fusion)
+    maps, global_probs = scoring.score_tokens(tokens, cls, vectors, (3, 3), 12, settings)
+    want_maps, want_probs = slow_score_tokens(tokens, cls, vectors, (3, 3), 12, temperature=0.2, sigma=sigma,
+                                              fusion=fusion)
+    np.testing.assert_allclose(maps, want_maps, atol=1e-5)
+    np.testing.assert_allclose(global_probs, want_probs, atol=1e-5)
