@@ -22,6 +22,7 @@ scores into per-category metrics with the metric code the learned result uses (:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -388,3 +389,150 @@ def seed_summary(per_seed: Sequence[Mapping], keys: Sequence[str] = KEYS) -> dic
         if len(per_seed) > 1:
             out[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
     return out
+
+
+@dataclass
+class Collected:
+    """What the evaluate stage's category loop gathers, for :func:`assemble`: per scored set and
+    category the metrics (``per_category``: :data:`ENSEMBLE` and every guide set name in ``names``;
+    ``by_score``: their image metrics by mode), the baselines', fused and few-shot metrics, the
+    neighbours stage's info, and the pooled labels, scores and pixel sample of the ROC/PR curves."""
+
+    names: list[str]
+    per_category: dict[str, dict[str, dict]]
+    by_score: dict[str, dict[str, dict]]
+    per_baseline: dict[str, dict[str, dict]]
+    per_fused: dict[str, dict[str, dict]]
+    per_few_shot: dict[int, dict[str, dict[str, list]]]
+    scores_info: dict
+    pooled_labels: list
+    pooled_scores: list
+    pixel_sample: tuple[list, list]
+
+
+def assemble(scored: Collected, categories: Sequence[str], *, threshold_info: Mapping[str, Any],
+             run_info: Mapping[str, Any], curve_points: int) -> tuple[dict, dict, dict]:
+    """metrics.json's dict, per_category.json's dict and the pooled ROC/PR curves ({level: {roc, pr}
+    rows}) of one run, from what the category loop collected (docs/design.md#artifacts)."""
+    result = run_summary(scored, threshold_info, run_info)
+    by_category = {c: category_summary(scored, c) for c in categories}
+    null_reasons = {key: "undefined in every category; " + "; ".join(
+                        f"{c}: {e['null_reasons'][key]}" for c, e in by_category.items() if key in e.get("null_reasons", {}))
+                    for key in (*KEYS, *THRESHOLD_KEYS) if result[key] is None}
+    curves, curve_reasons = pooled_curves(scored, curve_points)
+    null_reasons.update(curve_reasons)
+    null_reasons.update(_modes_of(scored, ENSEMBLE).get("null_reasons", {}))
+    if null_reasons:
+        result["null_reasons"] = null_reasons
+    return result, by_category, curves
+
+
+def _modes_of(scored: Collected, name: str) -> dict:
+    """{mode: image metrics} of one scored set, means over categories (and null_reasons)."""
+    return summarise({c: {"image_by_score": {m: v[m] for m in scoring.IMAGE_SCORES}, "null_reasons": v["null_reasons"]}
+                      for c, v in scored.by_score[name].items()}, ())
+
+
+def _sets(scored: Collected, prefix: str) -> list[str]:
+    return [n for n in scored.names if n.startswith(prefix + "/")]
+
+
+def run_summary(scored: Collected, threshold_info: Mapping[str, Any], run_info: Mapping[str, Any]) -> dict:
+    """metrics.json without its ``null_reasons``: means over categories, over seeds, and every mode."""
+    def summary(prefix: str) -> dict:
+        return seed_summary([mean_over_categories(scored.per_category[n]) for n in _sets(scored, prefix)])
+
+    def control(prefix: str) -> dict:
+        return {**summary(prefix), "image_by_score": seed_summary_by_score(
+            [_modes_of(scored, n)["image_by_score"] for n in _sets(scored, prefix)])}
+
+    ensemble = mean_over_categories(scored.per_category[ENSEMBLE], (*KEYS, *THRESHOLD_KEYS))
+    return {
+        **summary(LEARNED),
+        **{k: ensemble[k] for k in THRESHOLD_KEYS},
+        **threshold_info,
+        "seed_ensemble": {k: ensemble[k] for k in KEYS},
+        **run_info,
+        "image_by_score_of": "seed_ensemble: the mean of the learned seeds' maps (the detector's scoring)",
+        "image_by_score": _modes_of(scored, ENSEMBLE)["image_by_score"],
+        "controls": {"untrained_init": control("untrained_init"), "no_sae": control("no_sae")},
+        "baselines": {name: {"setting": setting, **summarise(scored.per_baseline[name])}
+                      for name, setting in baselines.SETTINGS.items()},
+        "fused": {name: {"setting": setting, **(summarise(scored.per_fused[name]) if scored.per_fused[name]
+                                                 else {"null_reasons": {"all": baselines.ONE_IMAGE}})}
+                  for name, setting in FUSED.items()},
+        "few_shot": few_shot_summary(scored.per_few_shot, scored.scores_info),
+    }
+
+
+def category_summary(scored: Collected, category: str) -> dict:
+    """One category's entry of per_category.json (``null_reasons`` sits where its first reason arises)."""
+    per = scored.per_category
+    runs = [per[n][category] for n in _sets(scored, LEARNED)]
+    entry = seed_summary(runs)
+    reasons = {k: v for r in runs for k, v in r.get("null_reasons", {}).items()}
+    if reasons:
+        entry["null_reasons"] = reasons
+    mean_map = per[ENSEMBLE][category]
+    entry.update({k: mean_map[k] for k in THRESHOLD_KEYS})
+    entry["seed_ensemble"] = {k: mean_map[k] for k in KEYS}
+    threshold_reasons = {k: v for k, v in mean_map["null_reasons"].items() if k in THRESHOLD_KEYS}
+    if threshold_reasons:
+        entry["null_reasons"] = {**entry.get("null_reasons", {}), **threshold_reasons}
+    entry["controls"] = {c: seed_summary([per[n][category] for n in _sets(scored, c)]) for c in ("untrained_init", "no_sae")}
+    for c in entry["controls"]:
+        entry["controls"][c]["image_by_score"] = seed_summary_by_score([scored.by_score[n][category]
+                                                                       for n in _sets(scored, c)])
+    ensemble_modes = scored.by_score[ENSEMBLE][category]
+    entry["image_by_score"] = {m: ensemble_modes[m] for m in scoring.IMAGE_SCORES}
+    if ensemble_modes["null_reasons"]:
+        entry["null_reasons"] = {**entry.get("null_reasons", {}), **ensemble_modes["null_reasons"]}
+    entry["baselines"] = {name: {"setting": setting, **scored.per_baseline[name][category]}
+                          for name, setting in baselines.SETTINGS.items()}
+    entry["fused"] = {name: {"setting": setting, **scored.per_fused[name][category]}
+                      for name, setting in FUSED.items() if category in scored.per_fused[name]}
+    k_used = scored.scores_info.get("reference", {}).get("k_used", {})
+    entry["few_shot"] = {f"k={k}": {"k_used": k_used.get(str(k), {}).get(category),
+                                    **{name: seed_summary(draws[category]) for name, draws in modes.items()
+                                       if category in draws}}
+                         for k, modes in scored.per_few_shot.items()}
+    return entry
+
+
+def pooled_curves(scored: Collected, curve_points: int) -> tuple[dict, dict]:
+    """The ROC/PR curves of the pooled images (first learned seed) and pixel sample, and the null
+    reasons of the undefined ones (their CSVs are then the header alone: DVC declares them)."""
+    labels, scores = np.concatenate(scored.pooled_labels), np.concatenate(scored.pooled_scores)
+    pix_masks, pix_maps = (np.concatenate(a) if a else np.zeros(0, np.uint8) for a in scored.pixel_sample)
+    curves, reasons = {}, {}
+    for level, (y, score, unit) in {"image": (labels, scores, "images"), "pixel": (pix_masks, pix_maps, "pixels")}.items():
+        reason = metrics.one_class_reason(y, unit)
+        if level == "pixel" and not scored.pixel_sample[0]:
+            reason = metrics.NO_MASKS_REASON
+        if reason:
+            reasons[f"{level}_curves"] = f"plots/{level}_roc.csv and plots/{level}_pr.csv are empty: {reason}"
+            curves[level] = {"roc": [], "pr": []}
+        else:
+            curves[level] = metrics.curves(y, score, curve_points, unit=unit)
+    return curves, reasons
+
+
+def few_shot_summary(per_few_shot: dict, info: dict) -> dict:
+    """{"k=<k>": {"k_used": {category: k}, mode: {metric: mean over draws of the means over categories,
+    ``<metric>_std``: their std over draws, "setting"}}}; a mode no category could score is absent."""
+    out = {}
+    for k, modes in per_few_shot.items():
+        entry: dict = {"k_used": info["reference"]["k_used"][str(k)], "draws": len(info["reference"]["seeds"])}
+        for name, by_category in modes.items():
+            if not by_category:
+                continue
+            n_draws = len(next(iter(by_category.values())))
+            per_draw = [mean_over_categories({c: draws[d] for c, draws in by_category.items()}) for d in range(n_draws)]
+            entry[name] = {"setting": FEW_SHOT[name], **seed_summary(per_draw)}
+        skipped = info["reference"].get("skipped", {})
+        if skipped:
+            entry["null_reasons"] = {f"category {c}": r for c, r in skipped.items()}
+        out[f"k={k}"] = entry
+    return out
+
+

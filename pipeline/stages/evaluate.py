@@ -80,7 +80,7 @@ from pipeline.evaluation import target_scores
 from pipeline.method import sae
 from pipeline.features import store
 from pipeline.method import scoring
-from pipeline.evaluation.evaluate import ENSEMBLE, mean_over_categories, seed_summary
+from pipeline.evaluation.evaluate import ENSEMBLE
 from pipeline.files import sha256_file
 from pipeline.config import load_params
 from pipeline.launch import resolve_device
@@ -274,101 +274,19 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)  # our own folder of run files, made above
 
-    def summary(prefix: str) -> dict:
-        names = [n for n in vectors if n.startswith(prefix + "/")]
-        return seed_summary([mean_over_categories(per_category[n]) for n in names])
-
-    def modes_of(name: str) -> dict:
-        """{mode: image metrics} of one scored set, means over categories (and null_reasons)."""
-        return evaluation.summarise({c: {"image_by_score": {m: v[m] for m in scoring.IMAGE_SCORES},
-                                         "null_reasons": v["null_reasons"]} for c, v in by_score[name].items()}, ())
-
-    def control(prefix: str) -> dict:
-        names = [n for n in vectors if n.startswith(prefix + "/")]
-        return {**summary(prefix), "image_by_score": evaluation.seed_summary_by_score(
-            [modes_of(n)["image_by_score"] for n in names])}
-
-    learned = summary("learned")
-    # the detector's scoring (mean of the seeds' maps): its metrics, and how the aux threshold transfers
-    ensemble = mean_over_categories(per_category[ENSEMBLE], (*KEYS, *THRESHOLD_KEYS))
-    result = {
-        **learned,
-        **{k: ensemble[k] for k in THRESHOLD_KEYS},
-        "aux_threshold": det.threshold,
-        "threshold_rule": det.info["threshold_rule"],
-        "seed_ensemble": {k: ensemble[k] for k in KEYS},
-        "n_images": int(target.n_images),
-        "n_categories": len(ranges),
-        "backbone": target.attrs["backbone"],
-        "weights_sha256": target.attrs["weights_sha256"],
-        "aux": provenance["dataset"],
-        "target": target.attrs["dataset"],
-        "image_score": cfg.image_score,
-        "seeds": seeds,
-        "image_by_score_of": "seed_ensemble: the mean of the learned seeds' maps (the detector's scoring)",
-        "image_by_score": modes_of(ENSEMBLE)["image_by_score"],
-        "controls": {"untrained_init": control("untrained_init"), "no_sae": control("no_sae")},
-        "baselines": {name: {"setting": setting, **evaluation.summarise(per_baseline[name])}
-                      for name, setting in baselines.SETTINGS.items()},
-        "fused": {name: {"setting": setting, **(evaluation.summarise(per_fused[name]) if per_fused[name]
-                                                 else {"null_reasons": {"all": baselines.ONE_IMAGE}})}
-                  for name, setting in evaluation.FUSED.items()},
-        "few_shot": few_shot_summary(per_few_shot, scores_info),
-    }
-    by_category = {}
-    for category in ranges:
-        runs = [per_category[n][category] for n in vectors if n.startswith("learned/")]
-        entry = seed_summary(runs)
-        reasons = {k: v for r in runs for k, v in r.get("null_reasons", {}).items()}
-        if reasons:
-            entry["null_reasons"] = reasons
-        mean_map = per_category[ENSEMBLE][category]
-        entry.update({k: mean_map[k] for k in THRESHOLD_KEYS})
-        entry["seed_ensemble"] = {k: mean_map[k] for k in KEYS}
-        threshold_reasons = {k: v for k, v in mean_map["null_reasons"].items() if k in THRESHOLD_KEYS}
-        if threshold_reasons:
-            entry["null_reasons"] = {**entry.get("null_reasons", {}), **threshold_reasons}
-        entry["controls"] = {c: seed_summary([per_category[n][category] for n in vectors if n.startswith(c + "/")])
-                             for c in ("untrained_init", "no_sae")}
-        for c in entry["controls"]:
-            entry["controls"][c]["image_by_score"] = evaluation.seed_summary_by_score(
-                [by_score[n][category] for n in vectors if n.startswith(c + "/")])
-        ensemble_modes = by_score[ENSEMBLE][category]
-        entry["image_by_score"] = {m: ensemble_modes[m] for m in scoring.IMAGE_SCORES}
-        if ensemble_modes["null_reasons"]:
-            entry["null_reasons"] = {**entry.get("null_reasons", {}), **ensemble_modes["null_reasons"]}
-        entry["baselines"] = {name: {"setting": setting, **per_baseline[name][category]}
-                              for name, setting in baselines.SETTINGS.items()}
-        entry["fused"] = {name: {"setting": setting, **per_fused[name][category]}
-                          for name, setting in evaluation.FUSED.items() if category in per_fused[name]}
-        entry["few_shot"] = {f"k={k}": {"k_used": scores_info["reference"]["k_used"][str(k)].get(category),
-                                        **{name: seed_summary(draws[category]) for name, draws in modes.items()
-                                           if category in draws}}
-                             for k, modes in per_few_shot.items()}
-        by_category[category] = entry
-
-    null_reasons = {key: "undefined in every category; " + "; ".join(
-                        f"{c}: {e['null_reasons'][key]}" for c, e in by_category.items() if key in e.get("null_reasons", {}))
-                    for key in KEYS if learned[key] is None}
-    null_reasons.update({key: "undefined in every category; " + "; ".join(
-                             f"{c}: {e['null_reasons'][key]}" for c, e in by_category.items() if key in e.get("null_reasons", {}))
-                         for key in THRESHOLD_KEYS if result[key] is None})
-    labels, scores = np.concatenate(pooled_labels), np.concatenate(pooled_scores)
-    pix_masks, pix_maps = (np.concatenate(a) if a else np.zeros(0, np.uint8) for a in pixel_sample)
-    curves = {}
-    for level, (y, score, unit) in {"image": (labels, scores, "images"), "pixel": (pix_masks, pix_maps, "pixels")}.items():
-        reason = metrics.one_class_reason(y, unit)
-        if level == "pixel" and not pixel_sample[0]:
-            reason = metrics.NO_MASKS_REASON
-        if reason:
-            # DVC declares the CSVs as outputs: an undefined curve is its header alone, not a missing file
-            null_reasons[f"{level}_curves"] = f"plots/{level}_roc.csv and plots/{level}_pr.csv are empty: {reason}"
-            curves[level] = {"roc": [], "pr": []}
-        else:
-            curves[level] = metrics.curves(y, score, cfg.curve_points, unit=unit)
-    null_reasons.update(modes_of(ENSEMBLE).get("null_reasons", {}))
-    if null_reasons:
-        result["null_reasons"] = null_reasons
+    scored = evaluation.Collected(names=list(vectors), per_category=per_category, by_score=by_score,
+                                  per_baseline=per_baseline, per_fused=per_fused, per_few_shot=per_few_shot,
+                                  scores_info=scores_info, pooled_labels=pooled_labels,
+                                  pooled_scores=pooled_scores, pixel_sample=pixel_sample)
+    run_info = {"n_images": int(target.n_images), "n_categories": len(ranges), "backbone": target.attrs["backbone"],
+                "weights_sha256": target.attrs["weights_sha256"], "aux": provenance["dataset"],
+                "target": target.attrs["dataset"], "image_score": cfg.image_score, "seeds": seeds}
+    result, by_category, curves = evaluation.assemble(
+        scored, list(ranges), threshold_info={"aux_threshold": det.threshold,
+                                              "threshold_rule": det.info["threshold_rule"]},
+        run_info=run_info, curve_points=cfg.curve_points)
+    learned = {k: result[k] for k in KEYS}
+    null_reasons = result.get("null_reasons", {})
 
     title = f"{result['aux']} → {result['target']}"
     for level, c in curves.items():
@@ -414,25 +332,6 @@ def few_shot(per_few_shot: dict, target: store.FeatureStore, start: int, stop: i
                                              tuple(target.attrs["grid"]), settings, has_masks=has_masks)
         for name, draws in scored.items():
             modes[name][category] = draws
-
-
-def few_shot_summary(per_few_shot: dict, info: dict) -> dict:
-    """{"k=<k>": {"k_used": {category: k}, mode: {metric: mean over draws of the means over categories,
-    ``<metric>_std``: their std over draws, "setting"}}}; a mode no category could score is absent."""
-    out = {}
-    for k, modes in per_few_shot.items():
-        entry: dict = {"k_used": info["reference"]["k_used"][str(k)], "draws": len(info["reference"]["seeds"])}
-        for name, by_category in modes.items():
-            if not by_category:
-                continue
-            n_draws = len(next(iter(by_category.values())))
-            per_draw = [mean_over_categories({c: draws[d] for c, draws in by_category.items()}) for d in range(n_draws)]
-            entry[name] = {"setting": evaluation.FEW_SHOT[name], **seed_summary(per_draw)}
-        skipped = info["reference"].get("skipped", {})
-        if skipped:
-            entry["null_reasons"] = {f"category {c}": r for c, r in skipped.items()}
-        out[f"k={k}"] = entry
-    return out
 
 
 def check_detector(det: detector.Detector, folder: Path, *, sae_sha256: str, sae_folder: Path, guides_sha256: str,
