@@ -386,3 +386,14 @@ def test_at_threshold_hand_worked_and_nulls():
     assert "at or above the threshold 0.5" in quiet["null_reasons"]["image_precision_at_aux_threshold"]
     with pytest.raises(ValueError, match="threshold"):
         metrics.at_threshold([0, 1], [0.1, 0.2], float("nan"))
+
+
+@pytest.mark.parametrize("fpr_limit", [0.02, 0.3, 1.0])
+def test_pixel_metrics_aupro_follows_its_integration_limit(fpr_limit):
+    """pixel_metrics' AUPRO (the one-sort path) against the slow reference at each limit, so a limit
+    dropped or fixed at 0.3 on the way to the curve or the area shows."""
+    masks, maps = random_case(5, "ties")
+    got = metrics.pixel_metrics(masks, maps, fpr_limit=fpr_limit)["pixel_aupro"]
+    assert abs(got - reference_aupro(masks, maps, fpr_limit=fpr_limit)) < 1e-6
+    assert abs(reference_aupro(masks, maps, fpr_limit=fpr_limit) - reference_aupro(masks, maps, fpr_limit=0.3)) > 1e-3 \
+        or fpr_limit == 0.3
