@@ -23,14 +23,12 @@ import logging
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from pipeline.features import backbones
 from pipeline.data import tables
 from pipeline.config import ConfigError, load_params
 from pipeline.features.extract import WeightsError, extract, fingerprint
-from pipeline.launch import DistInfo, resolve_device
-from pipeline.launch import run, setup_logging
+from pipeline.launch import process_group, run, setup_logging
 
 log = logging.getLogger("pipeline.stages.extract")
 
@@ -89,11 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     log.info("%s: %d images, %d categories, backbone %s (weights from %s)",
              args.dataset, len(samples), len(categories), bcfg.name, record["source"])
 
-    dist_info = DistInfo.from_env()
-    device = resolve_device(ecfg.device, dist_info)
-    if dist_info.world_size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    try:
+    with process_group(ecfg.device) as (dist_info, device):
         backbone = backbones.create_backbone(bcfg.name, layer=bcfg.layer, image_size=bcfg.image_size,
                                              weights=args.weights)
         attrs = {
@@ -121,9 +115,6 @@ def main(argv: list[str] | None = None) -> None:
                 categories=categories, defects=defects, batch_size=ecfg.batch_size,
                 chunk_images=ecfg.chunk_images, num_workers=ecfg.num_workers, max_pixels=data.max_pixels,
                 allow_empty_masks=data.allow_empty_masks, device=device, dist_info=dist_info)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
     log.info("%s: store complete at %s", args.dataset, args.out)
 
 
