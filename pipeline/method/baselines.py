@@ -40,6 +40,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+# one definition of k, the block size and their constants for both mutual implementations
+from pipeline.method.neighbours import BLOCK_ELEMENTS, MUTUAL_FRACTION, block_images, mutual_k  # noqa: F401
+
 SELF_DISSIMILARITY = "self_dissimilarity"
 MUTUAL = "mutual"
 SETTINGS = {
@@ -49,11 +52,7 @@ SETTINGS = {
 }
 """Each baseline's setting, written next to its metrics so nobody mistakes a batch method for a
 single-image one."""
-MUTUAL_FRACTION = 0.3
-"""Fraction of the other images whose nearest-patch distances are averaged (MuSc's 30 %)."""
 ONE_IMAGE = "a category of one image: mutual scoring needs other unlabelled images of the category to compare with"
-BLOCK_ELEMENTS = 1 << 24
-"""Similarities computed at once (64 MiB in float32): sets the block size of :func:`mutual`."""
 
 
 def self_dissimilarity(tokens: torch.Tensor) -> torch.Tensor:
@@ -61,23 +60,6 @@ def self_dissimilarity(tokens: torch.Tensor) -> torch.Tensor:
     tokens = tokens.float()
     mean = tokens.mean(dim=1, keepdim=True)  # (B, 1, d)
     return 1 - F.cosine_similarity(tokens, mean.expand_as(tokens), dim=-1, eps=1e-8)
-
-
-def mutual_k(n_other: int, fraction: float = MUTUAL_FRACTION) -> int:
-    """How many of the ``n_other`` per-image distances are averaged: ⌊fraction · n_other⌋, at least 1.
-
-    Computed in integers for fractions with up to 6 decimals, so 0.3 · 10 is 3, not 2 by a rounding error.
-    """
-    if n_other < 1:
-        raise ValueError(f"mutual scoring needs at least one other image, got {n_other}")
-    scaled = round(fraction * 1_000_000)
-    return max(1, min(n_other, scaled * n_other // 1_000_000))
-
-
-def block_images(length: int, n_images: int, elements: int = BLOCK_ELEMENTS) -> int:
-    """Images per block so that one block of similarities, (b·L) x (b·L), holds at most ``elements``
-    (at least 1 image, at most ``n_images``)."""
-    return max(1, min(n_images, math.isqrt(elements) // length))
 
 
 TokenReader = Callable[[int, int], "np.ndarray | torch.Tensor"]
