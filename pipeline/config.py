@@ -348,8 +348,10 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
-class EvaluateConfig:
-    """Scoring the target set and writing the reports."""
+class ScoringConfig:
+    """How a detector turns guide cosines into anomaly maps and image scores. The export stage writes
+    these into ``detector.json``; evaluate refuses a detector whose settings differ, and ``predict``
+    scores with the detector's own, so one section serves all three."""
 
     image_score: str = "max"
     """Image score from the map: ``max``, ``lse``, ``top_mean``, or ``global`` (global-guide probability)."""
@@ -363,14 +365,6 @@ class EvaluateConfig:
     Applied to the controls too, so they still isolate what the SAE adds; the baselines are unchanged."""
     blur_sigma: float = 4.0
     """σ in pixels of the Gaussian blur applied to each anomaly map on its own [4]."""
-    batch_images: int = 16
-    """Images scored per batch."""
-    curve_points: int = 200
-    """ROC/PR curves are thinned to at most this many points for ``dvc plots``."""
-    overlays_per_category: int = 6
-    """Images per category in the overlay PNGs (half anomalous where possible)."""
-    device: str = "auto"
-    """``auto`` (CUDA when present), ``cpu`` or ``cuda``."""
 
     def __post_init__(self) -> None:
         if self.image_score not in ("max", "lse", "top_mean", "global"):
@@ -383,6 +377,22 @@ class EvaluateConfig:
             _fail("top_fraction", f"must be in (0, 1], got {self.top_fraction}")
         if self.blur_sigma < 0:
             _fail("blur_sigma", f"must be >= 0, got {self.blur_sigma}")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Scoring the target set and writing the reports (the scoring itself: :class:`ScoringConfig`)."""
+
+    batch_images: int = 16
+    """Images scored per batch."""
+    curve_points: int = 200
+    """ROC/PR curves are thinned to at most this many points for ``dvc plots``."""
+    overlays_per_category: int = 6
+    """Images per category in the overlay PNGs (half anomalous where possible)."""
+    device: str = "auto"
+    """``auto`` (CUDA when present), ``cpu`` or ``cuda``."""
+
+    def __post_init__(self) -> None:
         if self.batch_images < 1:
             _fail("batch_images", f"must be >= 1, got {self.batch_images}")
         if self.curve_points < 2:
@@ -427,10 +437,15 @@ SECTIONS: dict[str, type] = {
     "sae": SAEConfig,
     "guides": GuidesConfig,
     "neighbours": NeighboursConfig,
+    "scoring": ScoringConfig,
     "evaluate": EvaluateConfig,
 }
 """Section name in params.yaml -> its dataclass. ``datasets`` (name -> DatasetConfig) and ``runs``
 (name -> RunConfig) are mappings of entries instead, and ``aux_datasets`` a list of dataset keys."""
+_MOVED: dict[str, str] = {f"evaluate.{key}": f"scoring.{key}" for key in
+                          ("image_score", "lse_temperature", "top_fraction", "fusion", "blur_sigma")}
+"""Keys that have moved to another section: a params file still using the old place gets an error
+saying where the key lives now, not an "unknown key"."""
 _MAPPINGS: dict[str, type] = {"datasets": DatasetConfig, "runs": RunConfig}
 _LISTS = ("aux_datasets",)
 """Top-level keys that hold a list of dataset keys. ``aux_datasets`` lists the datasets that get
@@ -453,6 +468,7 @@ class Params:
     sae: SAEConfig | None = None
     guides: GuidesConfig | None = None
     neighbours: NeighboursConfig | None = None
+    scoring: ScoringConfig | None = None
     evaluate: EvaluateConfig | None = None
     runs: Mapping[str, RunConfig] = field(default_factory=dict)
     aux_datasets: tuple[str, ...] = ()
@@ -526,6 +542,11 @@ def build(cls: type, data: Mapping[str, Any] | None, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
+    moved = [key for key in unknown if f"{prefix}.{key}" in _MOVED]
+    if moved:
+        new = _MOVED[f"{prefix}.{moved[0]}"]
+        _fail(f"{prefix}.{moved[0]}", f"this key has moved to {new} (section {new.split('.')[0]}:, read by "
+                                      "export, evaluate and predict alike); move it there")
     if unknown:
         _fail(f"{prefix}.{unknown[0]}", f"unknown key; known: {', '.join(sorted(fields))}")
     kwargs = {}

@@ -227,8 +227,17 @@ def test_aux_datasets_is_checked_only_with_the_sections_it_relates_to():
         parse(raw, ["datasets", "aux_datasets"])
 
 
-def test_evaluate_fusion_is_one_of_the_named_rules():
-    assert parse({"evaluate": {"fusion": "self_dissimilarity"}}, ["evaluate"]).evaluate.fusion == "self_dissimilarity"
-    assert parse({"evaluate": {}}, ["evaluate"]).evaluate.fusion == "none"
-    with pytest.raises(ConfigError, match=r"^evaluate\.fusion: 'product' is not one of none, self_dissimilarity"):
-        parse({"evaluate": {"fusion": "product"}}, ["evaluate"])
+def test_scoring_fusion_is_one_of_the_named_rules():
+    assert parse({"scoring": {"fusion": "self_dissimilarity"}}, ["scoring"]).scoring.fusion == "self_dissimilarity"
+    assert parse({"scoring": {}}, ["scoring"]).scoring.fusion == "none"
+    with pytest.raises(ConfigError, match=r"^scoring\.fusion: 'product' is not one of none, self_dissimilarity"):
+        parse({"scoring": {"fusion": "product"}}, ["scoring"])
+
+
+@pytest.mark.parametrize("key", ["image_score", "lse_temperature", "top_fraction", "fusion", "blur_sigma"])
+def test_a_scoring_key_left_under_evaluate_says_where_it_moved(key):
+    with pytest.raises(ConfigError, match=rf"^evaluate\.{key}: this key has moved to scoring\.{key} "):
+        parse({"evaluate": {key: 1}}, ["evaluate"])
+    # an unknown key that never lived there is still just unknown
+    with pytest.raises(ConfigError, match=r"^evaluate\.blur: unknown key"):
+        parse({"evaluate": {"blur": 1}}, ["evaluate"])

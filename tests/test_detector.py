@@ -74,9 +74,9 @@ def write_params(tmp, mode):
     """``mode``: an image score, or ``<score>-fused`` for that score with ``fusion: self_dissimilarity``."""
     path = tmp / f"params_{mode}.yaml"
     score, fused = mode.removesuffix("-fused"), mode.endswith("-fused")
-    path.write_text(yaml.safe_dump({"evaluate": {"image_score": score, "fusion": "self_dissimilarity" if fused else "none",
-                                                 "blur_sigma": 1.5, "lse_temperature": 0.05,
-                                                 "top_fraction": 0.05, "batch_images": 5, "curve_points": 20,
+    path.write_text(yaml.safe_dump({"scoring": {"image_score": score, "fusion": "self_dissimilarity" if fused else "none",
+                                                "blur_sigma": 1.5, "lse_temperature": 0.05, "top_fraction": 0.05},
+                                    "evaluate": {"batch_images": 5, "curve_points": 20,
                                                  "overlays_per_category": 2, "device": "cpu"}}))
     return path
 
@@ -195,10 +195,10 @@ def test_evaluate_refuses_a_detector_with_other_settings_or_guides(setup, tmp_pa
     argv = ["--target", str(tmp / "target"), "--aux", str(tmp / "aux"), "--sae", str(tmp / "sae"),
             "--guides", str(tmp / "guides"), "--detector", str(folder), "--out", str(tmp_path / "out"),
             "--params", str(write_params(tmp_path, "max"))]
-    with pytest.raises(detector.DetectorError, match=r"image_score is 'lse' but evaluate.image_score .* is 'max'.*export@"):
+    with pytest.raises(detector.DetectorError, match=r"image_score is 'lse' but scoring.image_score .* is 'max'.*export@"):
         evaluate_stage.main(argv)
     argv[argv.index("--params") + 1] = str(write_params(tmp_path, "lse-fused"))
-    with pytest.raises(detector.DetectorError, match=r"fusion is 'none' but evaluate.fusion .* is 'self_dissimilarity'"):
+    with pytest.raises(detector.DetectorError, match=r"fusion is 'none' but scoring.fusion .* is 'self_dissimilarity'"):
         evaluate_stage.main(argv)
     # a detector.json written before the option existed scored the guide map alone
     info = json.loads((folder / "detector.json").read_text())

@@ -84,8 +84,8 @@ def setup(tmp_path_factory):
     guides.save(tmp / "guides", codes, {"training": training, "features": provenance,
                                         "sae_sha256": sha256_file(tmp / "sae" / "sae.safetensors"),
                                         "aux_store": fingerprint(aux.attrs)})
-    params = {"evaluate": {"image_score": "max", "blur_sigma": 1.0, "batch_images": 5, "curve_points": 50,
-                           "overlays_per_category": 4, "device": "cpu"}}
+    params = {"scoring": {"image_score": "max", "blur_sigma": 1.0},
+              "evaluate": {"batch_images": 5, "curve_points": 50, "overlays_per_category": 4, "device": "cpu"}}
     (tmp / "params.yaml").write_text(yaml.safe_dump(params))
     export(tmp)
     return tmp
@@ -406,7 +406,7 @@ def test_global_image_score_leaves_baseline_image_metrics_null_and_mutual_null_f
     dictionary = sae.load(setup / "sae")[0].dictionary.detach().numpy().astype(np.float64)
     make_store(setup / "target_solo", setup / "solo_root", dictionary, ["solo", "pair"], [1, 6], [1.0, 0.5], 4)
     params = yaml.safe_load((setup / "params.yaml").read_text())
-    params["evaluate"]["image_score"] = "global"
+    params["scoring"]["image_score"] = "global"
     (setup / "params_global.yaml").write_text(yaml.safe_dump(params))
     export(setup, out="detector_global", params="params_global.yaml")
     result, per_category = run(setup, target="target_solo", out="report_global", detector_dir="detector_global",

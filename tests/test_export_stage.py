@@ -41,8 +41,9 @@ def setup(tmp_path_factory):
     guides.save(tmp / "guides", codes, {"training": training, "features": provenance,
                                         "sae_sha256": sha256_file(tmp / "sae" / "sae.safetensors"),
                                         "aux_store": fingerprint(aux.attrs)})
-    (tmp / "params.yaml").write_text(yaml.safe_dump({"evaluate": {
-        "image_score": "top_mean", "blur_sigma": 1.0, "top_fraction": 0.1, "batch_images": 4, "device": "cpu"}}))
+    (tmp / "params.yaml").write_text(yaml.safe_dump({
+        "scoring": {"image_score": "top_mean", "blur_sigma": 1.0, "top_fraction": 0.1},
+        "evaluate": {"batch_images": 4, "device": "cpu"}}))
     return tmp, codes, torch.tensor(dictionary, dtype=torch.float32)
 
 

@@ -309,8 +309,8 @@ def _fitted_on(reference, tmp_path):
     guides.save(tmp_path / "guides", codes, {"training": training, "features": provenance,
                                              "sae_sha256": sha256_file(tmp_path / "sae" / "sae.safetensors"),
                                              "aux_store": guides.store_fingerprint(reference.attrs)})
-    (tmp_path / "eval.yaml").write_text(yaml.safe_dump({"evaluate": {"blur_sigma": 1.0, "device": "cpu",
-                                                                     "overlays_per_category": 2}}))
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump({"scoring": {"blur_sigma": 1.0},
+                                                      "evaluate": {"device": "cpu", "overlays_per_category": 2}}))
 
 
 def _evaluate(reference, target, tmp_path):

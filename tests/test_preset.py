@@ -18,7 +18,7 @@ def test_paper_preset_replaces_datasets_and_merges_sections(tmp_path):
     assert (p.backbone.name, p.backbone.layer, p.backbone.image_size) == ("dinov3_vitl16", 24, 448)
     assert (p.sae.n_latents, p.sae.k, p.sae.epochs, p.sae.dead_tokens) == (4096, 32, 50, 10_000_000)
     assert (p.guides.epochs, p.guides.ema_decay) == (15, 0.999)
-    assert p.sae.lr == 1e-3 and p.evaluate.blur_sigma == 4.0  # untouched keys are kept
+    assert p.sae.lr == 1e-3 and p.scoring.blur_sigma == 4.0  # untouched keys are kept
     assert "# Parameters of every stage" in params.read_text()  # comments survive
 
 

@@ -335,7 +335,7 @@ def baseline_metrics(labels: np.ndarray, masks: np.ndarray | None, scored: tuple
         reasons = out.pop("null_reasons")
         if by_mode[image_score] is None:
             out.update(dict.fromkeys(IMAGE_KEYS))
-            reasons.update(dict.fromkeys(IMAGE_KEYS, f"evaluate.image_score is {image_score!r}: "
+            reasons.update(dict.fromkeys(IMAGE_KEYS, f"scoring.image_score is {image_score!r}: "
                                                      + scoring.GLOBAL_WITHOUT_CLS_GUIDE))
     by_score = image_by_score(labels, by_mode, reason)
     reasons.update(by_score.pop("null_reasons"))
@@ -408,6 +408,16 @@ class Collected:
     pooled_labels: list
     pooled_scores: list
     pixel_sample: tuple[list, list]
+
+    @classmethod
+    def empty(cls, names: Sequence[str], ks: Sequence[int], scores_info: dict) -> Collected:
+        """Nothing collected yet, for the guide sets ``names`` and the few-shot sizes ``ks``."""
+        sets = [*names, ENSEMBLE]
+        return cls(names=list(names), per_category={name: {} for name in sets}, by_score={name: {} for name in sets},
+                   per_baseline={name: {} for name in baselines.SETTINGS},
+                   per_fused={name: {} for name in FUSED},
+                   per_few_shot={k: {name: {} for name in FEW_SHOT} for k in ks},
+                   scores_info=scores_info, pooled_labels=[], pooled_scores=[], pixel_sample=([], []))
 
 
 def assemble(scored: Collected, categories: Sequence[str], *, threshold_info: Mapping[str, Any],

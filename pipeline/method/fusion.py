@@ -48,7 +48,7 @@ def standardised_mean(*signals: torch.Tensor) -> torch.Tensor:
 def fuse(guide: torch.Tensor | None, *distances: torch.Tensor, probability: bool = True) -> torch.Tensor:
     """The rule of the module docstring: a guide signal (B, L) or None, and distance signals (B, L)
     each -> fused patch scores (B, L) float32. ``probability`` False: the guide signal is no
-    probability (``evaluate.fusion: self_dissimilarity`` multiplies it by a distance) and is
+    probability (``scoring.fusion: self_dissimilarity`` multiplies it by a distance) and is
     standardised as it is."""
     parts = ([logit(guide) if probability else guide] if guide is not None else []) + list(distances)
     return standardised_mean(*parts)

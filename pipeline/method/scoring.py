@@ -75,7 +75,7 @@ def patch_signal(tokens: torch.Tensor, guide_vectors: torch.Tensor, *, temperatu
         return probs
     if fusion == "self_dissimilarity":
         return probs * baselines.self_dissimilarity(tokens)
-    raise ValueError(f"evaluate.fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
+    raise ValueError(f"scoring.fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
 
 
 def blur_maps(maps: np.ndarray, sigma: float) -> np.ndarray:
@@ -122,9 +122,9 @@ def image_scores(maps: np.ndarray, mode: str = "max", *, lse_temperature: float 
         return np.partition(flat, flat.shape[1] - k, axis=1)[:, -k:].mean(axis=1)
     if mode == "global":
         if global_probs is None:
-            raise ValueError("evaluate.image_score 'global' needs the global-guide probabilities")
+            raise ValueError("scoring.image_score 'global' needs the global-guide probabilities")
         return np.asarray(global_probs, dtype=np.float64)
-    raise ValueError(f"evaluate.image_score must be one of {', '.join(IMAGE_SCORES)}, got {mode!r}")
+    raise ValueError(f"scoring.image_score must be one of {', '.join(IMAGE_SCORES)}, got {mode!r}")
 
 
 def score_tokens(tokens: torch.Tensor, cls: torch.Tensor, guide_vectors: torch.Tensor, grid: tuple[int, int],

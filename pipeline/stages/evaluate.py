@@ -17,7 +17,7 @@ under ``plots/`` (image and pixel ROC/PR, thinned) and PNGs (``roc_pr.png``, ``p
 Inputs must belong together: the guides' checkpoint records the sha256 of the SAE it was fitted on
 and the fingerprint of its auxiliary store, and both are checked (:func:`guides.check_provenance`); the
 detector records the sha256 of that SAE and of those guides, and its scoring settings must be params
-``evaluate``'s (else: re-run export).
+``scoring``'s (else: re-run export).
 
 Keys of ``metrics.json`` beyond the six metrics of docs/design.md#artifacts (each a mean over categories; per
 category in ``per_category.json``):
@@ -63,13 +63,13 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.method import baselines
 from pipeline.method import detector
 from pipeline.evaluation import evaluate as evaluation
 from pipeline.method import guides
@@ -164,7 +164,20 @@ class CategoryMaps:
             stream.close()
 
 
-def main(argv: list[str] | None = None) -> None:
+@dataclass
+class Inputs:
+    """What one run scores with, loaded and checked to belong together."""
+
+    target: store.FeatureStore
+    aux: store.FeatureStore
+    det: detector.Detector
+    vectors: dict[str, torch.Tensor]
+    batch_scores: dict | None
+    scores_info: dict
+    aux_name: str
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", required=True, type=Path, help="the target dataset's feature store")
     parser.add_argument("--aux", required=True, type=Path, help="the auxiliary feature store (no-SAE control)")
@@ -177,12 +190,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="the target's patch scores from the neighbours stage, neighbours/<T> "
                              "(without it the batch scores are computed here)")
     parser.add_argument("--params", default="params.yaml", type=Path)
-    args = parser.parse_args(argv)
-    setup_logging()
-    cfg = load_params(args.params, ["evaluate"]).evaluate
-    device = resolve_device(cfg.device)
-    model, dead_mask, sae_config = sae.load(args.sae, device)
-    codes_per_seed, guides_config = guides.load(args.guides)
+    return parser.parse_args(argv)
+
+
+def load_inputs(args: argparse.Namespace, scoring_params: dict, device: torch.device) -> Inputs:
+    """Open the stores, SAE, guides and detector of a run, refusing any that do not belong together."""
+    model, dead_mask, _ = sae.load(args.sae, device)
+    _, guides_config = guides.load(args.guides)
     provenance = guides_config["features"]
     expect = {k: provenance[k] for k in store.TOKEN_SPACE}
     # A target extracted with another backbone, layer, image size or weights lives in another space.
@@ -196,114 +210,125 @@ def main(argv: list[str] | None = None) -> None:
     det = detector.Detector.load(args.detector, device=device, with_backbone=False)
     check_detector(det, args.detector, sae_sha256=sae_sha256, sae_folder=args.sae,
                    guides_sha256=sha256_file(args.guides / "guides.safetensors"), guides_folder=args.guides,
-                   params={k: getattr(cfg, k) for k in detector.SETTINGS}, params_path=args.params)
-    ranges = evaluation.category_ranges(target)
+                   params=scoring_params, params_path=args.params)
     batch_scores, scores_info = target_scores.load(args.neighbours, target) if args.neighbours else (None, {})
-    ks = scores_info.get("reference", {}).get("ks", [])
+    vectors = evaluation.guide_sets(det.vectors, det.seeds, model.dictionary.detach(), dead_mask,
+                                    guides_config["training"], aux, device)
+    return Inputs(target, aux, det, vectors, batch_scores, scores_info, provenance["dataset"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    setup_logging()
+    params = load_params(args.params, ["scoring", "evaluate"])
+    cfg = params.evaluate
+    device = resolve_device(cfg.device)
+    run_in = load_inputs(args, {k: getattr(params.scoring, k) for k in detector.SETTINGS}, device)
+    target, det = run_in.target, run_in.det
+    ranges = evaluation.category_ranges(target)
     # category names become file names: refuse one that would leave overlays/ before any work is done
     overlay_paths = {category: report.report_path(args.out / "overlays", category, ".png") for category in ranges}
-    training = guides_config["training"]
-    dictionary = model.dictionary.detach()
-
-    seeds = det.seeds
-    vectors = evaluation.guide_sets(det.vectors, seeds, dictionary, dead_mask, training, aux, device)
-
+    collected = evaluation.Collected.empty(list(run_in.vectors), run_in.scores_info.get("reference", {}).get("ks", []),
+                                           run_in.scores_info)
     files: dict[Path, bytes] = {}  # every output, rendered before the first one is written
-    per_category: dict[str, dict[str, dict]] = {name: {} for name in [*vectors, ENSEMBLE]}
-    by_score: dict[str, dict[str, dict]] = {name: {} for name in [*vectors, ENSEMBLE]}  # image_by_score per set
-    per_baseline: dict[str, dict[str, dict]] = {name: {} for name in baselines.SETTINGS}
-    per_fused: dict[str, dict[str, dict]] = {name: {} for name in evaluation.FUSED}
-    per_few_shot: dict[int, dict[str, dict[str, list]]] = {k: {name: {} for name in evaluation.FEW_SHOT} for k in ks}
-    pooled_labels, pooled_scores, pixel_sample = [], [], ([], [])
     rng = np.random.default_rng(0)
-    # labels-only categories (a folder target without ground_truth/): their zero masks are no ground truth
-    no_masks = set(target.attrs.get("categories_without_masks", []))
     # every category's maps stream to sorted run files here, batch by batch, and the pixel metrics come
     # from merging them (metrics_stream): a category's maps never sit in memory at once
     scratch = metrics_stream.scratch_folder(args.out)
     try:
         for category, (start, stop) in tqdm(ranges.items(), desc="evaluate", unit="category"):
-            labels = target.labels[start:stop].astype(np.int64)
-            has_masks = category not in no_masks
-            sink = CategoryMaps(target, start, scratch, has_masks=has_masks, overlay_set=f"learned/{seeds[0]}",
-                                overlay_pick=overlay_pick(labels, cfg.overlays_per_category),
-                                sample_fraction=min(1.0, 2_000_000 / max(1, target.masks.shape[0]
-                                                                         * int(np.prod(target.masks.shape[1:])))),
-                                rng=rng)
-            try:
-                modes: dict = {}
-                scored = evaluation.score_rows(target, start, stop, vectors, det.settings, cfg.batch_images, device,
-                                               keep_maps=False, by_mode=modes, sink=sink)
-                for name, (_, scores) in scored.items():
-                    per_category[name][category] = sink.streams[name].metrics(labels, scores, has_masks=has_masks)
-                    by_score[name][category] = evaluation.image_by_score(labels, modes[name])
-                mutual = (target_scores.mutual_of(target, start, stop, device=device) if batch_scores is None
-                          else target_scores.category_mutual(batch_scores, start, stop))
-                for name, entry in evaluation.baseline_rows(target, start, stop, det.settings, cfg.batch_images,
-                                                            device, sink=sink, mutual=mutual).items():
-                    per_baseline[name][category] = evaluation.baseline_metrics(
-                        labels, None, entry, cfg.image_score, has_masks=has_masks, pixels=sink.streams.get(name))
-                for name, by_mode in (evaluation.fused_rows(target, start, stop, vectors, det.settings,
-                                                            cfg.batch_images, device, mutual, sink=sink).items()
-                                      if mutual is not None else ()):
-                    per_fused[name][category] = evaluation.baseline_metrics(
-                        labels, None, (None, by_mode, None), cfg.image_score, has_masks=has_masks,
-                        pixels=sink.streams[name])
-                few_shot(per_few_shot, target, start, stop, category, vectors, det.settings, cfg.batch_images,
-                         device, batch_scores, mutual, labels, has_masks)
-            finally:
-                sink.close()
-            # the aux threshold belongs to the detector's scoring: the mean of the seeds' maps
-            at = metrics.at_threshold(labels, scored[ENSEMBLE][1], det.threshold)
-            reasons = {**per_category[ENSEMBLE][category]["null_reasons"], **at.pop("null_reasons")}
-            per_category[ENSEMBLE][category].update(at, null_reasons=reasons)
-            pooled_labels.append(labels)
-            pooled_scores.append(scored[f"learned/{seeds[0]}"][1])
-            pixel_sample[0].extend(sink.sample[0])
-            pixel_sample[1].extend(sink.sample[1])
-            # rendered here so that no category's overlay maps outlive its turn; a PNG's bytes are small
-            rows = overlay_rows(target, start, labels, sink.overlay_masks, sink.overlay_maps,
-                                cfg.overlays_per_category)
-            # one colour scale per category, from its own maps: raw probabilities can all sit near 0
-            lo, hi = sink.lo, sink.hi
-            fig = report.overlays_figure(rows, vmin=lo, vmax=max(hi, lo + 1e-6),
-                                         title=f"{category}: image, ground truth, anomaly map (seed {seeds[0]}, "
-                                               f"colours span {lo:.3f}-{hi:.3f})")
-            if fig is not None:
-                files[overlay_paths[category]] = report.png_bytes(fig)
+            png = score_category(run_in, category, start, stop, collected, cfg, params.scoring.image_score,
+                                 device, scratch, rng)
+            if png is not None:
+                files[overlay_paths[category]] = png
     finally:
         shutil.rmtree(scratch, ignore_errors=True)  # our own folder of run files, made above
 
-    scored = evaluation.Collected(names=list(vectors), per_category=per_category, by_score=by_score,
-                                  per_baseline=per_baseline, per_fused=per_fused, per_few_shot=per_few_shot,
-                                  scores_info=scores_info, pooled_labels=pooled_labels,
-                                  pooled_scores=pooled_scores, pixel_sample=pixel_sample)
     run_info = {"n_images": int(target.n_images), "n_categories": len(ranges), "backbone": target.attrs["backbone"],
-                "weights_sha256": target.attrs["weights_sha256"], "aux": provenance["dataset"],
-                "target": target.attrs["dataset"], "image_score": cfg.image_score, "seeds": seeds}
+                "weights_sha256": target.attrs["weights_sha256"], "aux": run_in.aux_name,
+                "target": target.attrs["dataset"], "image_score": params.scoring.image_score, "seeds": det.seeds}
     result, by_category, curves = evaluation.assemble(
-        scored, list(ranges), threshold_info={"aux_threshold": det.threshold,
-                                              "threshold_rule": det.info["threshold_rule"]},
+        collected, list(ranges), threshold_info={"aux_threshold": det.threshold,
+                                                 "threshold_rule": det.info["threshold_rule"]},
         run_info=run_info, curve_points=cfg.curve_points)
-    learned = {k: result[k] for k in KEYS}
-    null_reasons = result.get("null_reasons", {})
+    write_report(args.out, files, result, by_category, curves)
+    log_summary(result, det)
 
+
+def score_category(run_in: Inputs, category: str, start: int, stop: int, collected: evaluation.Collected,
+                   cfg, image_score: str, device: torch.device, scratch: Path,
+                   rng: np.random.Generator) -> bytes | None:
+    """Score one category in every mode into ``collected``; its overlay PNG's bytes (None: no overlay)."""
+    target, det, vectors = run_in.target, run_in.det, run_in.vectors
+    labels = target.labels[start:stop].astype(np.int64)
+    # labels-only categories (a folder target without ground_truth/): their zero masks are no ground truth
+    has_masks = category not in set(target.attrs.get("categories_without_masks", []))
+    overlay_set = f"learned/{det.seeds[0]}"
+    sink = CategoryMaps(target, start, scratch, has_masks=has_masks, overlay_set=overlay_set,
+                        overlay_pick=overlay_pick(labels, cfg.overlays_per_category),
+                        sample_fraction=min(1.0, 2_000_000 / max(1, target.masks.shape[0]
+                                                                 * int(np.prod(target.masks.shape[1:])))),
+                        rng=rng)
+    try:
+        modes: dict = {}
+        scored = evaluation.score_rows(target, start, stop, vectors, det.settings, cfg.batch_images, device,
+                                       keep_maps=False, by_mode=modes, sink=sink)
+        for name, (_, scores) in scored.items():
+            collected.per_category[name][category] = sink.streams[name].metrics(labels, scores, has_masks=has_masks)
+            collected.by_score[name][category] = evaluation.image_by_score(labels, modes[name])
+        mutual = (target_scores.mutual_of(target, start, stop, device=device) if run_in.batch_scores is None
+                  else target_scores.category_mutual(run_in.batch_scores, start, stop))
+        for name, entry in evaluation.baseline_rows(target, start, stop, det.settings, cfg.batch_images,
+                                                    device, sink=sink, mutual=mutual).items():
+            collected.per_baseline[name][category] = evaluation.baseline_metrics(
+                labels, None, entry, image_score, has_masks=has_masks, pixels=sink.streams.get(name))
+        for name, by_mode in (evaluation.fused_rows(target, start, stop, vectors, det.settings,
+                                                    cfg.batch_images, device, mutual, sink=sink).items()
+                              if mutual is not None else ()):
+            collected.per_fused[name][category] = evaluation.baseline_metrics(
+                labels, None, (None, by_mode, None), image_score, has_masks=has_masks, pixels=sink.streams[name])
+        few_shot(collected.per_few_shot, target, start, stop, category, vectors, det.settings, cfg.batch_images,
+                 device, run_in.batch_scores, mutual, labels, has_masks)
+    finally:
+        sink.close()
+    # the aux threshold belongs to the detector's scoring: the mean of the seeds' maps
+    at = metrics.at_threshold(labels, scored[ENSEMBLE][1], det.threshold)
+    entry = collected.per_category[ENSEMBLE][category]
+    entry.update(at, null_reasons={**entry["null_reasons"], **at.pop("null_reasons")})
+    collected.pooled_labels.append(labels)
+    collected.pooled_scores.append(scored[overlay_set][1])
+    collected.pixel_sample[0].extend(sink.sample[0])
+    collected.pixel_sample[1].extend(sink.sample[1])
+    # rendered here so that no category's overlay maps outlive its turn; a PNG's bytes are small
+    rows = overlay_rows(target, start, labels, sink.overlay_masks, sink.overlay_maps, cfg.overlays_per_category)
+    # one colour scale per category, from its own maps: raw probabilities can all sit near 0
+    lo, hi = sink.lo, sink.hi
+    fig = report.overlays_figure(rows, vmin=lo, vmax=max(hi, lo + 1e-6),
+                                 title=f"{category}: image, ground truth, anomaly map (seed {det.seeds[0]}, "
+                                       f"colours span {lo:.3f}-{hi:.3f})")
+    return None if fig is None else report.png_bytes(fig)
+
+
+def write_report(out: Path, files: dict[Path, bytes], result: dict, by_category: dict, curves: dict) -> None:
+    """Render the run-level files beside the overlays in ``files`` and write them all, metrics.json last."""
     title = f"{result['aux']} → {result['target']}"
     for level, c in curves.items():
         for kind in ("roc", "pr"):
-            path = report.report_path(args.out / "plots", f"{level}_{kind}", ".csv")
+            path = report.report_path(out / "plots", f"{level}_{kind}", ".csv")
             files[path] = report.csv_text(path, c[kind], CURVE_COLUMNS[kind]).encode()
-    files[args.out / "roc_pr.png"] = report.png_bytes(report.roc_pr_figure(curves, title=title))
-    files[args.out / "per_category.png"] = report.png_bytes(report.per_category_figure(by_category, title=title))
-    files[args.out / "per_category.json"] = report.json_text(args.out / "per_category.json", by_category).encode()
+    files[out / "roc_pr.png"] = report.png_bytes(report.roc_pr_figure(curves, title=title))
+    files[out / "per_category.png"] = report.png_bytes(report.per_category_figure(by_category, title=title))
+    files[out / "per_category.json"] = report.json_text(out / "per_category.json", by_category).encode()
     # last: a metrics.json newer than the rest means the whole report is from one run
-    files[args.out / "metrics.json"] = report.json_text(args.out / "metrics.json", result).encode()
-
-    (args.out / "overlays").mkdir(parents=True, exist_ok=True)  # a declared output, even with no overlay
+    files[out / "metrics.json"] = report.json_text(out / "metrics.json", result).encode()
+    (out / "overlays").mkdir(parents=True, exist_ok=True)  # a declared output, even with no overlay
     for path, data in files.items():
         report.write_bytes(path, data)
+
+
+def log_summary(result: dict, det: detector.Detector) -> None:
     log.info("%s -> %s: %s", result["aux"], result["target"],
-             ", ".join(f"{k} {learned[k]:.3f}" for k in KEYS if learned[k] is not None))
+             ", ".join(f"{k} {result[k]:.3f}" for k in KEYS if result[k] is not None))
     plain = lambda m: {k: round(v, 3) for k, v in m.items()  # noqa: E731
                        if isinstance(v, float) and not k.endswith("_std")}
     log.info("controls: %s", {c: plain(m) for c, m in result["controls"].items()})
@@ -311,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     log.info("fused: %s", {b: plain(m) for b, m in result["fused"].items()})
     log.info("aux threshold %.6g (%s) on the mean of the seeds' maps: %s", det.threshold, det.info["threshold_rule"],
              ", ".join(f"{k} {result[k]:.3f}" for k in THRESHOLD_KEYS if result[k] is not None))
-    for key, reason in null_reasons.items():
+    for key, reason in result.get("null_reasons", {}).items():
         log.warning("%s: %s", key, reason)
 
 
@@ -349,7 +374,7 @@ def check_detector(det: detector.Detector, folder: Path, *, sae_sha256: str, sae
     for key, value in params.items():
         recorded = getattr(det.settings, key)  # with the defaults of keys older detectors lack
         if recorded != value:
-            raise detector.DetectorError(f"{where}: {key} is {recorded!r} but evaluate.{key} in {params_path} is "
+            raise detector.DetectorError(f"{where}: {key} is {recorded!r} but scoring.{key} in {params_path} is "
                                          f"{value!r}; {hint}")
 
 

@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", default="params.yaml", type=Path)
     args = parser.parse_args(argv)
     setup_logging()
-    cfg = load_params(args.params, ["evaluate"]).evaluate
+    params = load_params(args.params, ["scoring", "evaluate"])
+    cfg, sc = params.evaluate, params.scoring
     device = resolve_device(cfg.device)
     model, _, sae_config = sae.load(args.sae)
     codes_per_seed, guides_config = guides.load(args.guides)
@@ -78,9 +79,9 @@ def main(argv: list[str] | None = None) -> None:
     seeds = [int(s) for s in training["seeds"]]
     dictionary = model.dictionary.detach().float()
     vectors = torch.stack([guides.guide_vectors(codes.float(), dictionary) for codes in codes_per_seed])
-    settings = scoring.ScoreSettings(temperature=float(training["temperature"]), blur_sigma=cfg.blur_sigma,
-                                     image_score=cfg.image_score, lse_temperature=cfg.lse_temperature,
-                                     top_fraction=cfg.top_fraction, fusion=cfg.fusion)
+    settings = scoring.ScoreSettings(temperature=float(training["temperature"]), blur_sigma=sc.blur_sigma,
+                                     image_score=sc.image_score, lse_temperature=sc.lse_temperature,
+                                     top_fraction=sc.top_fraction, fusion=sc.fusion)
 
     # the detector's own scoring (mean of the seeds' maps) of every auxiliary image, maps not kept
     scored = evaluation.score_rows(aux, 0, aux.n_images, {k: v.to(device) for k, v in
