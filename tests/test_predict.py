@@ -340,3 +340,19 @@ def test_predict_with_threshold_from_normals(tmp_path):
     assert [(Path(r["path"]).name, r["input"]) for r in skipped] == [("broken.png", "normals")]
     with pytest.raises(P.PredictError, match="no image"):
         P.predict_files([tmp_path / "in"], FakeDetector(), tmp_path / "out", normals=[tmp_path / "in" / "*.jpg"])
+
+
+@pytest.mark.parametrize("flag, value, message", [("--far", "1.5", "--far must be a rate"),
+                                                  ("--far", "-0.01", "--far must be a rate"),
+                                                  ("--batch-size", "0", "--batch-size must be a positive"),
+                                                  ("--writers", "0", "--writers must be a positive"),
+                                                  ("--max-pixels", "0", "--max-pixels must be a positive"),
+                                                  ("--threshold", "inf", "--threshold must be a finite")])
+def test_the_command_refuses_a_bad_option_before_loading_the_detector(tmp_path, flag, value, message):
+    # the detector folder does not exist: an error about it would mean the options were checked too late
+    image = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(image)
+    with pytest.raises(P.PredictError, match=message):
+        P.main([str(image), "--detector", str(tmp_path / "no_detector"), "--out", str(tmp_path / "out"),
+                flag, value])
+    assert not (tmp_path / "out").exists()

@@ -218,6 +218,13 @@ def output_path(folder: Path, parts: Sequence[str], suffix: str = ".png") -> Pat
 # Threshold
 
 
+def check_rate(far: Any) -> float:
+    """``far`` if it is a false-alarm rate in [0, 1), else a PredictError: the one check of ``--far``."""
+    if isinstance(far, bool) or not (isinstance(far, (int, float)) and 0.0 <= far < 1.0):
+        raise PredictError(f"--far must be a rate in [0, 1), got {far!r}")
+    return far
+
+
 def threshold_from_normals(scores: Sequence[float], far: float) -> tuple[float, int]:
     """The lowest threshold at which at most ``floor(far * n)`` of ``n`` known-good scores are flagged.
 
@@ -240,8 +247,7 @@ def threshold_from_normals(scores: Sequence[float], far: float) -> tuple[float, 
         raise PredictError("threshold from normals: no known-good image was scored")
     if not np.isfinite(s).all():
         raise PredictError("threshold from normals: a known-good image's score is not finite")
-    if not (isinstance(far, (int, float)) and 0.0 <= far < 1.0):
-        raise PredictError(f"--far must be a rate in [0, 1), got {far!r}")
+    check_rate(far)
     k = int(math.floor(far * s.size + 1e-9))
     return float(np.nextafter(s[k], np.inf)), k
 
@@ -385,19 +391,53 @@ def _csv_line(values: Sequence[Any]) -> str:
     return buffer.getvalue()
 
 
-def predict_files(
-    inputs: Sequence[str | Path],
-    detector,
-    out: str | Path,
-    *,
-    batch_size: int = 8,
-    max_pixels: int = 50_000_000,
-    threshold: float | None = None,
-    normals: Sequence[str | Path] | None = None,
-    far: float = 0.01,
-    writers: int = 4,
-    meta: Mapping[str, Any] | None = None,
-) -> dict:
+@dataclass(frozen=True)
+class Options:
+    """How ``predict`` runs, checked once, before any image is decoded or the detector loaded."""
+
+    batch_size: int = 8
+    """Images decoded and scored together; memory holds at most two batches (one being scored, the
+    one before it being written), whatever the count."""
+    max_pixels: int = 50_000_000
+    """Refuse (skip) images with more pixels than this."""
+    threshold: float | None = None
+    """Overrides the detector's threshold."""
+    normals: tuple[str | Path, ...] | None = None
+    """Known-good images (files, folders, patterns) to set the threshold from, at false-alarm rate
+    ``far`` (:func:`threshold_from_normals`); not with ``threshold``."""
+    far: float = 0.01
+    """The false-alarm rate allowed on ``normals``, in [0, 1)."""
+    writers: int = 4
+    """Threads rendering and writing the PNGs while the next batch is decoded and scored."""
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "writers", "max_pixels"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise PredictError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.threshold is not None and self.normals is not None:
+            raise PredictError("give either --threshold or --threshold-from-normals, not both")
+        if self.threshold is not None and not (isinstance(self.threshold, (int, float))
+                                               and math.isfinite(self.threshold)):
+            raise PredictError(f"--threshold must be a finite number, got {self.threshold!r}")
+        check_rate(self.far)
+        if self.normals is not None:
+            normals = [self.normals] if isinstance(self.normals, (str, Path)) else list(self.normals)
+            object.__setattr__(self, "normals", tuple(normals))
+
+
+@dataclass
+class _Tally:
+    """What the batch loop counts: decisions, the score range and the time of each part."""
+
+    counts: dict = field(default_factory=lambda: {ANOMALOUS: 0, NORMAL: 0})
+    timing: dict = field(default_factory=lambda: {"decode_s": 0.0, "score_s": 0.0, "write_s": 0.0})
+    score_min: float = math.inf
+    score_max: float = -math.inf
+
+
+def predict_files(inputs: Sequence[str | Path] | str | Path, detector, out: str | Path,
+                  options: Options | None = None, *, meta: Mapping[str, Any] | None = None, **settings) -> dict:
     """Score every image ``inputs`` name and write the outputs listed in the module docstring into ``out``.
 
     Args:
@@ -406,41 +446,25 @@ def predict_files(
             (a list of B RGB PIL images -> maps (B, S, S) in [0, 1], scores (B,)), ``threshold``
             (float or None) and ``info`` (dict, copied into ``summary.json``).
         out: output folder (created).
-        batch_size: images decoded and scored together; memory holds at most two batches (one being
-            scored, the one before it being written), whatever the count.
-        max_pixels: refuse (skip) images with more pixels than this.
-        threshold: overrides the detector's threshold.
-        normals: known-good images (files, folders, patterns) to set the threshold from, at false-alarm
-            rate ``far`` (:func:`threshold_from_normals`); not with ``threshold``.
-        writers: threads rendering and writing the PNGs while the next batch is decoded and scored.
+        options: an :class:`Options`; or its fields as keywords (``batch_size=4, threshold=0.5, ...``).
         meta: extra entries for ``summary.json`` (the detector folder, its load time).
 
     Returns:
         The summary written to ``summary.json``.
 
     Raises:
-        PredictError: no image among ``inputs`` (or among ``normals``, or none of them decodable), an
-            input that does not exist, both ``threshold`` and ``normals``, a non-finite threshold, or no
-            threshold at all (the detector has none and none is given).
+        PredictError: a bad option (:class:`Options`), no image among ``inputs`` (or among ``normals``,
+            or none of them decodable), an input that does not exist, or no threshold at all (the
+            detector has none and none is given).
     """
     t_start = time.perf_counter()
+    opts = options if options is not None else Options(**settings)
     out = Path(out)
     inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
-    if normals is not None:
-        normals = [normals] if isinstance(normals, (str, Path)) else list(normals)
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise PredictError(f"--batch-size must be a positive integer, got {batch_size!r}")
-    if not isinstance(writers, int) or writers < 1:
-        raise PredictError(f"--writers must be a positive integer, got {writers!r}")
-    if threshold is not None and normals is not None:
-        raise PredictError("give either --threshold or --threshold-from-normals, not both")
-    if normals is not None and not (isinstance(far, (int, float)) and 0.0 <= far < 1.0):
-        raise PredictError(f"--far must be a rate in [0, 1), got {far!r}")  # before any normal is scored
     found = collect_images(inputs, exclude=out)
     if not found.files:
         raise PredictError(f"no image to score in {' '.join(map(str, inputs)) or '(no input)'}: expected image files "
                            f"({' '.join(IMAGE_EXTENSIONS)}, any case), folders holding them, or glob patterns")
-    top = map_top(detector)  # 2 for a fused detector: its maps are not probabilities
     skipped: list[tuple[str, str, str]] = []
 
     def skipper(role: str):
@@ -449,74 +473,92 @@ def predict_files(
             skipped.append((str(path), role, reason))
         return skip
 
+    chosen = choose_threshold(detector, opts, out, skipper("normals"))
+    log.info("threshold %.6g (%s)", chosen["value"], chosen["source"])
+    planned = plan_outputs(found.files, out, skipper("images"))
+    out.mkdir(parents=True, exist_ok=True)
+    tally = score_all(planned, detector, out, chosen["value"], opts, skipper("images"))
+    report.write_csv(out / "skipped.csv", [dict(zip(SKIPPED_COLUMNS, row)) for row in skipped], SKIPPED_COLUMNS)
+    summary = summarise(found, skipped, chosen, tally, opts, map_top(detector), time.perf_counter() - t_start,
+                        {**dict(meta or {}), "detector": dict(getattr(detector, "info", {}) or {})})
+    if summary["n_scored"] == 0:
+        log.warning("no image could be scored: all %d were skipped (see %s)", len(found.files), out / "skipped.csv")
+    report.write_json(out / "summary.json", summary)
+    log.info("%d images: %d anomalous, %d normal, %d skipped -> %s", len(found.files), summary["n_anomalous"],
+             summary["n_normal"], summary["n_skipped"], out)
+    return summary
+
+
+def choose_threshold(detector, opts: Options, out: Path, skip) -> dict:
+    """The image-score threshold and how it was chosen (``summary.json``'s ``threshold``): the
+    override, the known-good images' (:func:`threshold_from_normals`), else the detector's own."""
     detector_threshold = getattr(detector, "threshold", None)
-    if threshold is not None:
-        if not math.isfinite(threshold):
-            raise PredictError(f"--threshold must be a finite number, got {threshold!r}")
-        chosen = {"value": float(threshold), "source": "override", "rule": "--threshold given on the command line",
-                  "detector_threshold": detector_threshold}
-    elif normals is not None:
-        normal_set = collect_images(normals, exclude=out)
-        if not normal_set.files:
-            raise PredictError(f"--threshold-from-normals: no image in {' '.join(map(str, normals))}; expected a "
-                               "folder of known-good images")
-        normal_scores = score_normals(normal_set.files, detector, batch_size=batch_size, max_pixels=max_pixels,
-                                      skip=skipper("normals"))
-        if normal_scores.size == 0:
-            raise PredictError(f"--threshold-from-normals: none of the {len(normal_set.files)} images in "
-                               f"{' '.join(map(str, normals))} could be decoded (see the warnings above)")
-        value, k = threshold_from_normals(normal_scores, far)
-        flagged = int((normal_scores >= value).sum())
-        if k == 0 and far > 0:
-            log.warning("%d known-good images at --far %g allow no false alarm: the threshold sits just above the "
-                        "highest of them; give at least %d for the rate to count", normal_scores.size, far,
-                        math.ceil(1 / far))
-        chosen = {"value": value, "source": "normals",
-                  "rule": "smallest float64 above the (k+1)-th highest known-good score, k = floor(far * n); "
-                          "an image is flagged when score >= threshold",
-                  "normals": [str(p) for p in normals], "far": far, "n_normals": int(normal_scores.size),
-                  "n_normals_skipped": len(normal_set.files) - int(normal_scores.size), "k": k,
-                  "n_normals_flagged": flagged, "far_on_normals": flagged / normal_scores.size,
-                  "normal_score_range": [float(normal_scores.min()), float(normal_scores.max())],
-                  "detector_threshold": detector_threshold}
-    else:
+    if opts.threshold is not None:
+        return {"value": float(opts.threshold), "source": "override", "rule": "--threshold given on the command line",
+                "detector_threshold": detector_threshold}
+    if opts.normals is None:
         if detector_threshold is None or not math.isfinite(float(detector_threshold)):
             raise PredictError("the detector has no threshold (detector.json 'threshold' is "
                                f"{detector_threshold!r}); pass --threshold X or --threshold-from-normals DIR")
-        chosen = {"value": float(detector_threshold), "source": "detector",
-                  "rule": (getattr(detector, "info", {}) or {}).get("threshold_rule", "detector.json threshold")}
-    t = chosen["value"]
-    log.info("threshold %.6g (%s)", t, chosen["source"])
+        return {"value": float(detector_threshold), "source": "detector",
+                "rule": (getattr(detector, "info", {}) or {}).get("threshold_rule", "detector.json threshold")}
+    named = " ".join(map(str, opts.normals))
+    normal_set = collect_images(opts.normals, exclude=out)
+    if not normal_set.files:
+        raise PredictError(f"--threshold-from-normals: no image in {named}; expected a folder of known-good images")
+    scores = score_normals(normal_set.files, detector, batch_size=opts.batch_size, max_pixels=opts.max_pixels,
+                           skip=skip)
+    if scores.size == 0:
+        raise PredictError(f"--threshold-from-normals: none of the {len(normal_set.files)} images in {named} could "
+                           "be decoded (see the warnings above)")
+    value, k = threshold_from_normals(scores, opts.far)
+    flagged = int((scores >= value).sum())
+    if k == 0 and opts.far > 0:
+        log.warning("%d known-good images at --far %g allow no false alarm: the threshold sits just above the "
+                    "highest of them; give at least %d for the rate to count", scores.size, opts.far,
+                    math.ceil(1 / opts.far))
+    return {"value": value, "source": "normals",
+            "rule": "smallest float64 above the (k+1)-th highest known-good score, k = floor(far * n); "
+                    "an image is flagged when score >= threshold",
+            "normals": [str(p) for p in opts.normals], "far": opts.far, "n_normals": int(scores.size),
+            "n_normals_skipped": len(normal_set.files) - int(scores.size), "k": k,
+            "n_normals_flagged": flagged, "far_on_normals": flagged / scores.size,
+            "normal_score_range": [float(scores.min()), float(scores.max())],
+            "detector_threshold": detector_threshold}
 
-    names = relative_names(found.files)
-    files, file_names = [], []
-    for path, parts in zip(found.files, names):
+
+def plan_outputs(files: Sequence[Path], out: Path, skip) -> list[tuple[Path, tuple[str, ...]]]:
+    """(image, its relative name parts) for every image whose outputs can be named under ``out``
+    (:func:`output_path`); the others go to ``skip``."""
+    planned = []
+    for path, parts in zip(files, relative_names(files)):
         try:
             output_path(out / "maps", parts)
         except PipelineError as e:
-            skipper("images")(path, str(e))
+            skip(path, str(e))
             continue
-        files.append(path)
-        file_names.append(parts)
+        planned.append((path, parts))
+    return planned
 
-    counts = {ANOMALOUS: 0, NORMAL: 0}
-    timing = {"decode_s": 0.0, "score_s": 0.0, "write_s": 0.0}
-    score_min, score_max = math.inf, -math.inf
+
+def score_all(planned: Sequence[tuple[Path, tuple[str, ...]]], detector, out: Path, threshold: float,
+              opts: Options, skip) -> _Tally:
+    """Score the planned images batch by batch, writing their PNGs (in ``opts.writers`` threads) and
+    ``scores.csv`` (whole or not at all, rows in input order)."""
+    tally, top = _Tally(), map_top(detector)
 
     def run_all(scores_tmp: Path) -> None:
-        nonlocal score_min, score_max
         with open(scores_tmp, "w", newline="", encoding="utf-8") as table, \
-                ThreadPoolExecutor(max_workers=writers, thread_name_prefix="predict-writer") as pool:
+                ThreadPoolExecutor(max_workers=opts.writers, thread_name_prefix="predict-writer") as pool:
             table.write(_csv_line(SCORE_COLUMNS))
 
             def finish(pending: list[tuple]) -> None:
                 """Wait for one batch's files and write its rows, in input order."""
-                nonlocal score_min, score_max
                 for path, score, decision, own_s, job in pending:
                     map_file, overlay_file, write_s = job.result()
-                    timing["write_s"] += write_s
-                    counts[decision] += 1
-                    score_min, score_max = min(score_min, score), max(score_max, score)
+                    tally.timing["write_s"] += write_s
+                    tally.counts[decision] += 1
+                    tally.score_min, tally.score_max = min(tally.score_min, score), max(tally.score_max, score)
                     # repr: the score as computed (float64), so a decision can be checked against the threshold
                     table.write(_csv_line((str(path), repr(score), decision, f"{own_s + write_s:.4f}",
                                            map_file.relative_to(out).as_posix(),
@@ -524,38 +566,39 @@ def predict_files(
                 table.flush()
 
             pending: list[tuple] = []
-            for b in _batches(files, file_names, batch_size, max_pixels, skipper("images"), "predict"):
+            for b in _batches([p for p, _ in planned], [n for _, n in planned], opts.batch_size, opts.max_pixels,
+                              skip, "predict"):
                 maps, scores, score_s = _score(detector, b.images, b.paths)
-                verdicts = decisions(scores, t)
-                timing["score_s"] += score_s
-                timing["decode_s"] += sum(b.decode_s)
+                verdicts = decisions(scores, threshold)
+                tally.timing["score_s"] += score_s
+                tally.timing["decode_s"] += sum(b.decode_s)
                 # PNG encoding (PIL releases the GIL) runs in the writers while the next batch is decoded and
                 # scored; waiting for the previous batch first keeps at most two batches in memory
-                jobs = [pool.submit(_write_outputs, out, parts, image, maps[i], t, top)
+                jobs = [pool.submit(_write_outputs, out, parts, image, maps[i], threshold, top)
                         for i, (parts, image) in enumerate(zip(b.names, b.images))]
                 finish(pending)
                 pending = [(path, float(scores[i]), verdicts[i], b.decode_s[i] + score_s / len(b.images), jobs[i])
                            for i, path in enumerate(b.paths)]
             finish(pending)
 
-    out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "scores.csv", run_all)
-    report.write_csv(out / "skipped.csv", [dict(zip(SKIPPED_COLUMNS, row)) for row in skipped], SKIPPED_COLUMNS)
+    return tally
 
-    n_scored = counts[ANOMALOUS] + counts[NORMAL]
-    total_s = time.perf_counter() - t_start
-    if n_scored == 0:
-        log.warning("no image could be scored: all %d were skipped (see %s)", len(found.files), out / "skipped.csv")
-    summary = {
+
+def summarise(found: InputSet, skipped: Sequence[tuple], chosen: dict, tally: _Tally, opts: Options, top: float,
+              total_s: float, extra: Mapping[str, Any]) -> dict:
+    """``summary.json``: counts, threshold, map encoding, timing, options and ``extra`` (meta, detector)."""
+    n_scored = tally.counts[ANOMALOUS] + tally.counts[NORMAL]
+    return {
         "n_inputs": len(found.files),
         "n_scored": n_scored,
         "n_skipped": sum(1 for row in skipped if row[1] == "images"),
-        "n_anomalous": counts[ANOMALOUS],
-        "n_normal": counts[NORMAL],
+        "n_anomalous": tally.counts[ANOMALOUS],
+        "n_normal": tally.counts[NORMAL],
         "unmatched": found.unmatched,
         "threshold": chosen,
-        "decision_rule": f"anomalous when score >= threshold ({t!r})",
-        "score_range": [score_min, score_max] if n_scored else None,
+        "decision_rule": f"anomalous when score >= threshold ({chosen['value']!r})",
+        "score_range": [tally.score_min, tally.score_max] if n_scored else None,
         "maps": {"folder": "maps", "format": "16-bit greyscale PNG at the original image size, the S x S map "
                  "resized bilinearly",
                  "value": (f"anomaly probability = pixel / {MAP_SCALE}" if top == 1 else
@@ -563,20 +606,15 @@ def predict_files(
                  "range": [0, top]},
         "overlays": {"folder": "overlays", "colours": f"matplotlib jet, 0 to {top:g}, alpha 0.5",
                      "outline": "white, pixels with map >= threshold"},
-        "timing": {**{k: round(v, 4) for k, v in timing.items()}, "total_s": round(total_s, 4),
+        "timing": {**{k: round(v, 4) for k, v in tally.timing.items()}, "total_s": round(total_s, 4),
                    "note": "write_s is summed over the writer threads, which run while batches are decoded "
                            "and scored, so the parts add up to more than total_s",
                    "images_per_s": round(n_scored / total_s, 4) if n_scored and total_s > 0 else None},
-        "batch_size": batch_size,
-        "writers": writers,
-        "max_pixels": max_pixels,
-        **dict(meta or {}),
-        "detector": dict(getattr(detector, "info", {}) or {}),
+        "batch_size": opts.batch_size,
+        "writers": opts.writers,
+        "max_pixels": opts.max_pixels,
+        **extra,
     }
-    report.write_json(out / "summary.json", summary)
-    log.info("%d images: %d anomalous, %d normal, %d skipped -> %s", len(found.files), counts[ANOMALOUS],
-             counts[NORMAL], summary["n_skipped"], out)
-    return summary
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -607,10 +645,9 @@ def main(argv: list[str] | None = None) -> None:
     from pipeline.launch import setup_logging
 
     setup_logging()
-    if args.far is not None and not 0.0 <= args.far < 1.0:
-        raise PredictError(f"--far must be a rate in [0, 1), got {args.far}")
-    if args.max_pixels < 1:
-        raise PredictError(f"--max-pixels must be a positive integer, got {args.max_pixels}")
+    # every option is checked before the detector (torch, timm, the weights) is loaded
+    opts = Options(batch_size=args.batch_size, max_pixels=args.max_pixels, threshold=args.threshold,
+                   normals=args.threshold_from_normals, far=args.far, writers=args.writers)
     from pipeline.method.detector import Detector  # heavy (torch, timm): only when a real detector is loaded
     from pipeline.launch import resolve_device
 
@@ -622,9 +659,7 @@ def main(argv: list[str] | None = None) -> None:
     detector = Detector.load(args.detector, weights=args.weights, device=device, seed=args.seed)
     meta = {"detector_folder": str(args.detector), "seed": args.seed, "device": device,
             "detector_load_s": round(time.perf_counter() - t0, 4)}
-    predict_files(args.images, detector, args.out, batch_size=args.batch_size, max_pixels=args.max_pixels,
-                  threshold=args.threshold, normals=args.threshold_from_normals, far=args.far,
-                  writers=args.writers, meta=meta)
+    predict_files(args.images, detector, args.out, opts, meta=meta)
 
 
 def console() -> None:
