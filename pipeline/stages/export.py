@@ -83,19 +83,7 @@ def main(argv: list[str] | None = None) -> None:
                                      image_score=sc.image_score, lse_temperature=sc.lse_temperature,
                                      top_fraction=sc.top_fraction, fusion=sc.fusion)
 
-    # the detector's own scoring (mean of the seeds' maps) of every auxiliary image, maps not kept
-    scored = evaluation.score_rows(aux, 0, aux.n_images, {k: v.to(device) for k, v in
-                                                          evaluation.learned_sets(vectors, seeds).items()},
-                                   settings, cfg.batch_images, device, keep_maps=False)
-    _, scores = scored[evaluation.ENSEMBLE]
-    labels = aux.labels[:].astype(np.int64)
-    reason = metrics.one_class_reason(labels, "images")
-    if reason:
-        raise detector.DetectorError(f"{args.features}: {reason}; the threshold is chosen on the auxiliary set's "
-                                     "normal and anomalous images, so it needs both")
-    f1, threshold = metrics.f1_max_threshold(labels, scores)
-    at = metrics.at_threshold(labels, scores, threshold)
-
+    f1, threshold, threshold_aux = aux_threshold(aux, vectors, seeds, settings, cfg.batch_images, device, args.features)
     info = {
         "format": detector.FORMAT,
         "backbone": aux.attrs["backbone"],
@@ -107,12 +95,8 @@ def main(argv: list[str] | None = None) -> None:
         "grid": [int(g) for g in aux.attrs["grid"]],
         "dim": int(vectors.shape[-1]),
         "rows": list(guides.ROWS),
-        "temperature": settings.temperature,
-        "blur_sigma": settings.blur_sigma,
-        "image_score": settings.image_score,
-        "lse_temperature": settings.lse_temperature,
-        "top_fraction": settings.top_fraction,
-        "fusion": settings.fusion,
+        **{key: getattr(settings, key) for key in ("temperature", "blur_sigma", "image_score", "lse_temperature",
+                                                  "top_fraction", "fusion")},
         "seeds": seeds,
         "seed_combination": "mean of the seeds' maps, then the image score of the mean map "
                             "(global: mean of the seeds' global probabilities)",
@@ -121,9 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         "threshold_rule": "aux_f1_max",
         "threshold_note": "the image-score threshold with the highest F1 over the auxiliary set's own images "
                           "(pooled over its categories, mean-of-seeds maps); anomalous where score >= threshold",
-        "threshold_aux": {"image_f1": f1, "image_precision": at["image_precision_at_aux_threshold"],
-                          "image_recall": at["image_recall_at_aux_threshold"], "n_images": int(labels.size),
-                          "n_anomalous": int(labels.sum())},
+        "threshold_aux": threshold_aux,
         "aux": {"dataset": aux.attrs["dataset"], "store": guides.store_fingerprint(aux.attrs)},
         "sae_sha256": sae_sha256,
         "sae": {k: sae_config[k] for k in ("d_in", "n_latents", "k") if k in sae_config},
@@ -133,6 +115,26 @@ def main(argv: list[str] | None = None) -> None:
     detector.save(args.out, vectors, info)
     log.info("%s: detector with %d seed(s) at %s; threshold %.6g (aux F1 %.3f)", aux.attrs["dataset"],
              len(seeds), args.out, threshold, f1)
+
+
+def aux_threshold(aux: store.FeatureStore, vectors: torch.Tensor, seeds: list[int], settings: scoring.ScoreSettings,
+                  batch_images: int, device: torch.device, where: Path) -> tuple[float, float, dict]:
+    """(F1, threshold, detector.json's ``threshold_aux``): the F1-max image-score threshold of the
+    detector's own scoring (the mean of the seeds' maps, maps not kept) over every auxiliary image."""
+    scored = evaluation.score_rows(aux, 0, aux.n_images, {k: v.to(device) for k, v in
+                                                          evaluation.learned_sets(vectors, seeds).items()},
+                                   settings, batch_images, device, keep_maps=False)
+    _, scores = scored[evaluation.ENSEMBLE]
+    labels = aux.labels[:].astype(np.int64)
+    reason = metrics.one_class_reason(labels, "images")
+    if reason:
+        raise detector.DetectorError(f"{where}: {reason}; the threshold is chosen on the auxiliary set's "
+                                     "normal and anomalous images, so it needs both")
+    f1, threshold = metrics.f1_max_threshold(labels, scores)
+    at = metrics.at_threshold(labels, scores, threshold)
+    return f1, threshold, {"image_f1": f1, "image_precision": at["image_precision_at_aux_threshold"],
+                           "image_recall": at["image_recall_at_aux_threshold"], "n_images": int(labels.size),
+                           "n_anomalous": int(labels.sum())}
 
 
 if __name__ == "__main__":

@@ -62,17 +62,7 @@ def main(argv: list[str] | None = None) -> None:
                           f"(known: {', '.join(params.datasets) or 'none'})")
     ds, data, bcfg, ecfg = params.datasets[args.dataset], params.data, params.backbone, params.extract
 
-    record_path = args.weights.with_suffix(".json")
-    record = read_weights_record(record_path)
-    if record.get("backbone") != bcfg.name:
-        raise WeightsError(f"{record_path}: weights are for {record.get('backbone')!r} but backbone.name is "
-                           f"{bcfg.name!r}; re-run the weights stage")
-    if not args.weights.is_file():
-        raise WeightsError(f"{args.weights}: weights file not found; run the weights stage first")
-    digest = backbones.sha256_file(args.weights)
-    if digest != record["sha256"]:
-        raise WeightsError(f"{args.weights}: sha256 {digest} differs from {record_path} ({record['sha256']}); "
-                           "re-run the weights stage")
+    digest, record = checked_weights(args.weights, bcfg.name)
 
     samples = tables.load_table(ds.format, Path(ds.root), splits=data.splits, categories=ds.categories,
                                   max_pixels=data.max_pixels)
@@ -116,6 +106,23 @@ def main(argv: list[str] | None = None) -> None:
                 chunk_images=ecfg.chunk_images, num_workers=ecfg.num_workers, max_pixels=data.max_pixels,
                 allow_empty_masks=data.allow_empty_masks, device=device, dist_info=dist_info)
     log.info("%s: store complete at %s", args.dataset, args.out)
+
+
+def checked_weights(weights: Path, backbone: str) -> tuple[str, dict]:
+    """(sha256, the weights stage's record) of ``weights``, refused unless that record is for
+    ``backbone`` and the file's sha256 is the one it records."""
+    record_path = weights.with_suffix(".json")
+    record = read_weights_record(record_path)
+    if record.get("backbone") != backbone:
+        raise WeightsError(f"{record_path}: weights are for {record.get('backbone')!r} but backbone.name is "
+                           f"{backbone!r}; re-run the weights stage")
+    if not weights.is_file():
+        raise WeightsError(f"{weights}: weights file not found; run the weights stage first")
+    digest = backbones.sha256_file(weights)
+    if digest != record["sha256"]:
+        raise WeightsError(f"{weights}: sha256 {digest} differs from {record_path} ({record['sha256']}); "
+                           "re-run the weights stage")
+    return digest, record
 
 
 if __name__ == "__main__":
