@@ -409,6 +409,15 @@ class Options:
     """The false-alarm rate allowed on ``normals``, in [0, 1)."""
     writers: int = 4
     """Threads rendering and writing the PNGs while the next batch is decoded and scored."""
+    reference_normals: tuple[str | Path, ...] | None = None
+    """Known-good images of the line (files, folders, patterns) to score against (``--normals``):
+    each patch's distance to its nearest patch of theirs is fused with the guide map, and the
+    threshold is set on them (each scored against the others) at ``far``. Replaces a reference the
+    detector carries."""
+    batch: bool = False
+    """Score the input images against each other too (``--batch``, the ``mutual`` signal) and fuse it."""
+    max_patches: int | None = None
+    """Subsample the ``reference_normals``' patches to this many (greedy coreset); None keeps all."""
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "writers", "max_pixels"):
@@ -421,9 +430,19 @@ class Options:
                                                and math.isfinite(self.threshold)):
             raise PredictError(f"--threshold must be a finite number, got {self.threshold!r}")
         check_rate(self.far)
-        if self.normals is not None:
-            normals = [self.normals] if isinstance(self.normals, (str, Path)) else list(self.normals)
-            object.__setattr__(self, "normals", tuple(normals))
+        if self.max_patches is not None and (isinstance(self.max_patches, bool) or not isinstance(self.max_patches, int)
+                                             or self.max_patches < 1):
+            raise PredictError(f"--max-patches must be a positive integer, got {self.max_patches!r}")
+        if self.normals is not None and self.reference_normals is not None:
+            raise PredictError("give either --normals (known-good images scored against, which also set the "
+                               "threshold) or --threshold-from-normals (a threshold only), not both")
+        if self.normals is not None and self.batch:
+            raise PredictError("--batch with --threshold-from-normals: give the known-good images as --normals "
+                               "(they are then scored against and set the threshold), or a --threshold")
+        for name in ("normals", "reference_normals"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple([value] if isinstance(value, (str, Path)) else value))
 
 
 @dataclass
@@ -434,6 +453,180 @@ class _Tally:
     timing: dict = field(default_factory=lambda: {"decode_s": 0.0, "score_s": 0.0, "write_s": 0.0})
     score_min: float = math.inf
     score_max: float = -math.inf
+
+
+@dataclass(frozen=True)
+class MapEncoding:
+    """How a map PNG's pixels read: map value = ``low`` + pixel / 65535 · ``span``."""
+
+    low: float
+    span: float
+    value: str
+
+    @classmethod
+    def of_detector(cls, detector: Any) -> MapEncoding:
+        """The guide map's: [0, 1] probabilities, [0, 2] with ``fusion: self_dissimilarity``."""
+        top = map_top(detector)
+        return cls(0.0, top, f"anomaly probability = pixel / {MAP_SCALE}" if top == 1 else
+                   f"map value (guide probability x self-dissimilarity) = pixel / {MAP_SCALE} x {top:g}")
+
+    @classmethod
+    def of_range(cls, low: float, high: float) -> MapEncoding:
+        """Fused maps (standardised signals, no fixed range): the range of the set's own maps."""
+        span = max(high - low, 1e-12)
+        return cls(low, span, f"fused map value = {low!r} + pixel / {MAP_SCALE} x {span!r} (the range of this "
+                              "run's maps: fused values are relative to the set scored together)")
+
+
+BATCH_RULE_MADS = 3.0
+"""With the batch alone, an image is flagged when its fused score exceeds the batch's median by this
+many (scaled) median absolute deviations."""
+
+
+def batch_threshold(scores: np.ndarray) -> dict:
+    """The threshold of the batch alone: median + 3 · 1.4826 · MAD of the set's fused image scores
+    (1.4826 · MAD estimates the standard deviation of the good parts' scores when most of the set is
+    good, the assumption batch scoring makes itself)."""
+    median = float(np.median(scores))
+    mad = 1.4826 * float(np.median(np.abs(scores - median)))
+    return {"value": median + BATCH_RULE_MADS * mad, "source": "batch",
+            "rule": f"median + {BATCH_RULE_MADS:g} x 1.4826 x MAD of this run's fused image scores (assumes most "
+                    "images scored together are good); pass --normals or --threshold for another",
+            "median": median, "mad_scaled": mad}
+
+
+def reference_of(detector: Any, opts: Options, out: Path, skip):
+    """The reference to score against: built from ``--normals`` (their patch tokens through the
+    detector's backbone), else the one the detector carries, else None."""
+    if opts.reference_normals is None:
+        return getattr(detector, "reference", None)
+    from pipeline.method.reference import Reference
+
+    named = " ".join(map(str, opts.reference_normals))
+    normal_set = collect_images(opts.reference_normals, exclude=out)
+    if not normal_set.files:
+        raise PredictError(f"--normals: no image in {named}; expected known-good images of the line")
+    tokens, sources = [], []
+    for b in _batches(normal_set.files, None, opts.batch_size, opts.max_pixels, skip, "normals"):
+        tokens.append(detector.features(b.images)[0].cpu())
+        sources.extend(str(p) for p in b.paths)
+    if len(sources) < 2:
+        raise PredictError(f"--normals: {len(sources)} decodable image(s) in {named}; at least 2 are needed (the "
+                           "threshold is set by scoring each against the others)")
+    import torch
+
+    return Reference.build(torch.cat(tokens), max_patches=opts.max_patches, sources=sources,
+                           device=getattr(detector, "device", "cpu"))
+
+
+@dataclass
+class Together:
+    """The images scored as one set (reference and/or batch fused with the guides): their fused
+    patch scores, threshold and map encoding, and a scorer for :func:`score_all`'s second pass."""
+
+    planned: list[tuple[Path, tuple[str, ...]]]
+    rows: dict[Path, int]
+    patches: Any
+    scores: np.ndarray
+    threshold: dict
+    encoding: MapEncoding
+    detector: Any
+    names: list[str]
+    image_score: str
+    score_s: float
+
+    def scorer(self, b) -> tuple[np.ndarray, np.ndarray, float]:
+        from pipeline.method import scoring
+
+        t0 = time.perf_counter()
+        rows = [self.rows[p] for p in b.paths]
+        maps = scoring.patch_maps(self.patches[rows], self.detector.grid, self.detector.image_size,
+                                  sigma=self.detector.settings.blur_sigma)
+        # the first pass's time is shared out as the second pass's scoring time
+        return maps, self.scores[rows], time.perf_counter() - t0 + self.score_s * len(rows) / len(self.rows)
+
+    def describe(self) -> dict:
+        from pipeline.method import fusion
+
+        return {"signals": self.names, "fusion": fusion.RULE, "fused_image_score": self.image_score}
+
+
+def score_together(planned, detector, reference, opts: Options, skip) -> Together:
+    """First pass over the inputs: guide signals, reference distances, tokens for the batch; then
+    the fusion (statistics of this set), image scores, and the threshold (override; the references,
+    each against the others; else the batch rule)."""
+    import torch
+
+    from pipeline.method import fusion, neighbours, scoring
+
+    t0 = time.perf_counter()
+    kept, guide, ref, tokens = [], [], [], []
+    for b in _batches([p for p, _ in planned], [n for _, n in planned], opts.batch_size, opts.max_pixels, skip,
+                      "signals"):
+        t, _ = detector.features(b.images)
+        guide.append(detector.guide_signal(t))
+        if reference is not None:
+            ref.append(reference.distances(t, device=detector.device))
+        if opts.batch:
+            tokens.append(t.to(torch.float16).cpu())
+        kept.extend(zip(b.paths, b.names))
+    if not kept:
+        raise PredictError("no input image could be decoded (see skipped.csv)")
+    n = len(kept)
+    guide_all = torch.cat(guide)
+    distances = [torch.cat(ref)] if reference is not None else []
+    names = ["guides"] + (["reference"] if reference is not None else [])
+    normal_guide = normal_parts = None
+    if reference is not None:
+        normal_guide = detector.guide_signal(reference.tokens)
+        normal_parts = [reference.leave_one_out(device=detector.device)]
+    if opts.batch:
+        if n + (reference.n_images if reference is not None else 0) < 2:
+            raise PredictError("--batch needs at least 2 images scored together")
+        # the references join the batch: more known-good images to compare with (evaluate does the same)
+        together = torch.cat(tokens + ([reference.tokens.to(torch.float16)] if reference is not None else []))
+        mutual = torch.from_numpy(neighbours.mutual(lambda i, j: together[i:j].float(), len(together),
+                                                    together.shape[1], device=detector.device))
+        distances.append(mutual[:n])
+        if reference is not None:
+            normal_parts.append(mutual[n:])
+        names.append("batch")
+    probability = detector.settings.fusion == "none"
+    stats = fusion.statistics(*fusion.parts(guide_all, *distances, probability=probability))
+    patches = fusion.fuse(guide_all, *distances, probability=probability, stats=stats)
+    image_score = detector.settings.image_score if detector.settings.image_score != "global" else "max"
+    settings = detector.settings
+
+    def image_scores(values) -> tuple[np.ndarray, float, float]:
+        lo, hi, out = math.inf, -math.inf, []
+        for i in range(0, len(values), opts.batch_size):
+            maps = scoring.patch_maps(values[i:i + opts.batch_size], detector.grid, detector.image_size,
+                                      sigma=settings.blur_sigma)
+            out.append(scoring.scores_by_mode(maps, None, settings)[image_score])
+            lo, hi = min(lo, float(maps.min())), max(hi, float(maps.max()))
+        return np.concatenate(out).astype(np.float64), lo, hi
+
+    scores, lo, hi = image_scores(patches)
+    if opts.threshold is not None:
+        chosen = {"value": float(opts.threshold), "source": "override", "rule": "--threshold given on the command line"}
+    elif reference is not None:
+        normal_scores, _, _ = image_scores(fusion.fuse(normal_guide, *normal_parts, probability=probability,
+                                                       stats=stats))
+        value, k = threshold_from_normals(normal_scores, opts.far)
+        flagged = int((normal_scores >= value).sum())
+        chosen = {"value": value, "source": "reference",
+                  "rule": "threshold_from_normals at --far on the reference images' fused scores, each image scored "
+                          "against the bank patches of the others and standardised with this run's statistics",
+                  "far": opts.far, "n_normals": int(normal_scores.size), "k": k, "n_normals_flagged": flagged,
+                  "normal_score_range": [float(normal_scores.min()), float(normal_scores.max())]}
+    else:
+        chosen = batch_threshold(scores)
+    info = dict(reference.info) if reference is not None else None
+    if info is not None:
+        chosen["reference"] = {k: info[k] for k in ("n_images", "n_patches", "max_patches", "subsampling") if k in info}
+    return Together(planned=kept, rows={p: i for i, (p, _) in enumerate(kept)}, patches=patches, scores=scores,
+                    threshold=chosen, encoding=MapEncoding.of_range(lo, hi), detector=detector, names=names,
+                    image_score=image_score, score_s=time.perf_counter() - t0)
 
 
 def predict_files(inputs: Sequence[str | Path] | str | Path, detector, out: str | Path,
@@ -473,14 +666,23 @@ def predict_files(inputs: Sequence[str | Path] | str | Path, detector, out: str 
             skipped.append((str(path), role, reason))
         return skip
 
-    chosen = choose_threshold(detector, opts, out, skipper("normals"))
-    log.info("threshold %.6g (%s)", chosen["value"], chosen["source"])
+    reference = reference_of(detector, opts, out, skipper("normals"))
     planned = plan_outputs(found.files, out, skipper("images"))
+    if reference is None and not opts.batch:
+        chosen = choose_threshold(detector, opts, out, skipper("normals"))
+        scorer, signals = (lambda b: _score(detector, b.images, b.paths)), None
+        encoding = MapEncoding.of_detector(detector)
+    else:
+        scored = score_together(planned, detector, reference, opts, skipper("images"))
+        planned, chosen, signals = scored.planned, scored.threshold, scored.describe()
+        scorer, encoding = scored.scorer, scored.encoding
+    log.info("threshold %.6g (%s)", chosen["value"], chosen["source"])
     out.mkdir(parents=True, exist_ok=True)
-    tally = score_all(planned, detector, out, chosen["value"], opts, skipper("images"))
+    tally = score_all(planned, scorer, out, chosen["value"], encoding, opts, skipper("images"))
     report.write_csv(out / "skipped.csv", [dict(zip(SKIPPED_COLUMNS, row)) for row in skipped], SKIPPED_COLUMNS)
-    summary = summarise(found, skipped, chosen, tally, opts, map_top(detector), time.perf_counter() - t_start,
-                        {**dict(meta or {}), "detector": dict(getattr(detector, "info", {}) or {})})
+    signals = signals or {"signals": ["guides"], "fusion": "none: the guide map alone"}
+    summary = summarise(found, skipped, chosen, tally, opts, encoding, time.perf_counter() - t_start,
+                        {**signals, **dict(meta or {}), "detector": dict(getattr(detector, "info", {}) or {})})
     if summary["n_scored"] == 0:
         log.warning("no image could be scored: all %d were skipped (see %s)", len(found.files), out / "skipped.csv")
     report.write_json(out / "summary.json", summary)
@@ -541,11 +743,11 @@ def plan_outputs(files: Sequence[Path], out: Path, skip) -> list[tuple[Path, tup
     return planned
 
 
-def score_all(planned: Sequence[tuple[Path, tuple[str, ...]]], detector, out: Path, threshold: float,
-              opts: Options, skip) -> _Tally:
-    """Score the planned images batch by batch, writing their PNGs (in ``opts.writers`` threads) and
-    ``scores.csv`` (whole or not at all, rows in input order)."""
-    tally, top = _Tally(), map_top(detector)
+def score_all(planned: Sequence[tuple[Path, tuple[str, ...]]], scorer, out: Path, threshold: float,
+              encoding: MapEncoding, opts: Options, skip) -> _Tally:
+    """Score the planned images batch by batch (``scorer(batch)`` -> maps, scores, seconds), writing
+    their PNGs (in ``opts.writers`` threads) and ``scores.csv`` (whole or not at all, rows in input order)."""
+    tally = _Tally()
 
     def run_all(scores_tmp: Path) -> None:
         with open(scores_tmp, "w", newline="", encoding="utf-8") as table, \
@@ -568,13 +770,14 @@ def score_all(planned: Sequence[tuple[Path, tuple[str, ...]]], detector, out: Pa
             pending: list[tuple] = []
             for b in _batches([p for p, _ in planned], [n for _, n in planned], opts.batch_size, opts.max_pixels,
                               skip, "predict"):
-                maps, scores, score_s = _score(detector, b.images, b.paths)
+                maps, scores, score_s = scorer(b)
                 verdicts = decisions(scores, threshold)
                 tally.timing["score_s"] += score_s
                 tally.timing["decode_s"] += sum(b.decode_s)
                 # PNG encoding (PIL releases the GIL) runs in the writers while the next batch is decoded and
                 # scored; waiting for the previous batch first keeps at most two batches in memory
-                jobs = [pool.submit(_write_outputs, out, parts, image, maps[i], threshold, top)
+                jobs = [pool.submit(_write_outputs, out, parts, image, maps[i] - encoding.low,
+                                    threshold - encoding.low, encoding.span)
                         for i, (parts, image) in enumerate(zip(b.names, b.images))]
                 finish(pending)
                 pending = [(path, float(scores[i]), verdicts[i], b.decode_s[i] + score_s / len(b.images), jobs[i])
@@ -585,8 +788,8 @@ def score_all(planned: Sequence[tuple[Path, tuple[str, ...]]], detector, out: Pa
     return tally
 
 
-def summarise(found: InputSet, skipped: Sequence[tuple], chosen: dict, tally: _Tally, opts: Options, top: float,
-              total_s: float, extra: Mapping[str, Any]) -> dict:
+def summarise(found: InputSet, skipped: Sequence[tuple], chosen: dict, tally: _Tally, opts: Options,
+              encoding: MapEncoding, total_s: float, extra: Mapping[str, Any]) -> dict:
     """``summary.json``: counts, threshold, map encoding, timing, options and ``extra`` (meta, detector)."""
     n_scored = tally.counts[ANOMALOUS] + tally.counts[NORMAL]
     return {
@@ -600,17 +803,16 @@ def summarise(found: InputSet, skipped: Sequence[tuple], chosen: dict, tally: _T
         "decision_rule": f"anomalous when score >= threshold ({chosen['value']!r})",
         "score_range": [tally.score_min, tally.score_max] if n_scored else None,
         "maps": {"folder": "maps", "format": "16-bit greyscale PNG at the original image size, the S x S map "
-                 "resized bilinearly",
-                 "value": (f"anomaly probability = pixel / {MAP_SCALE}" if top == 1 else
-                           f"map value (guide probability x self-dissimilarity) = pixel / {MAP_SCALE} x {top:g}"),
-                 "range": [0, top]},
-        "overlays": {"folder": "overlays", "colours": f"matplotlib jet, 0 to {top:g}, alpha 0.5",
+                 "resized bilinearly", "value": encoding.value, "range": [encoding.low, encoding.low + encoding.span]},
+        "overlays": {"folder": "overlays",
+                     "colours": f"matplotlib jet, {encoding.low:g} to {encoding.low + encoding.span:g}, alpha 0.5",
                      "outline": "white, pixels with map >= threshold"},
         "timing": {**{k: round(v, 4) for k, v in tally.timing.items()}, "total_s": round(total_s, 4),
                    "note": "write_s is summed over the writer threads, which run while batches are decoded "
                            "and scored, so the parts add up to more than total_s",
                    "images_per_s": round(n_scored / total_s, 4) if n_scored and total_s > 0 else None},
         "batch_size": opts.batch_size,
+        "batch": opts.batch,
         "writers": opts.writers,
         "max_pixels": opts.max_pixels,
         **extra,
@@ -633,6 +835,13 @@ def main(argv: list[str] | None = None) -> None:
     group.add_argument("--threshold-from-normals", nargs="+", default=None, metavar="DIR",
                        help="known-good images (folders, files, patterns) to set the threshold on, at --far")
     parser.add_argument("--far", type=float, default=0.01, help="false-alarm rate allowed on the normals (default 0.01)")
+    parser.add_argument("--normals", nargs="+", default=None, metavar="DIR",
+                        help="known-good images of the line to score against (fused with the guides); they also set "
+                             "the threshold, each scored against the others, at --far")
+    parser.add_argument("--max-patches", type=int, default=None,
+                        help="keep at most this many of the --normals' patches (greedy coreset); default all")
+    parser.add_argument("--batch", action="store_true",
+                        help="the input images also score each other (the mutual signal), fused with the guides")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--writers", type=int, default=min(4, os.cpu_count() or 1),
                         help="threads writing the PNGs (default: min(4, CPU count))")
@@ -647,7 +856,8 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     # every option is checked before the detector (torch, timm, the weights) is loaded
     opts = Options(batch_size=args.batch_size, max_pixels=args.max_pixels, threshold=args.threshold,
-                   normals=args.threshold_from_normals, far=args.far, writers=args.writers)
+                   normals=args.threshold_from_normals, far=args.far, writers=args.writers,
+                   reference_normals=args.normals, batch=args.batch, max_patches=args.max_patches)
     from pipeline.method.detector import Detector  # heavy (torch, timm): only when a real detector is loaded
     from pipeline.launch import resolve_device
 

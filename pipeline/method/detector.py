@@ -145,6 +145,9 @@ class Detector:
         self.settings = settings_of(info)
         self.backbone = backbone
         self.transform = transform
+        self.reference = None
+        """A :class:`pipeline.method.reference.Reference` of the line's known-good images, when the
+        folder carries one (``reference.json``) or one is set."""
 
     @classmethod
     def load(cls, folder: str | Path, *, weights: str | Path | None = None, device: str | torch.device = "cpu",
@@ -177,7 +180,21 @@ class Detector:
                                     f"backbone gives {backbone.layer} / {list(backbone.grid)}; {_export_hint(folder)}")
             transform = backbones.image_transform(backbone)
             backbone = backbone.to(device).eval()
-        return cls(info, vectors, seed=seed, backbone=backbone, transform=transform, device=device, where=str(folder))
+        from pipeline.method.reference import Reference
+
+        det = cls(info, vectors, seed=seed, backbone=backbone, transform=transform, device=device, where=str(folder))
+        det.reference = Reference.load(folder, detector_sha256=sha256_file(folder / "detector.safetensors"))
+        return det
+
+    def guide_signal(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, L, d) -> (B, L) float32 on the CPU: the patch values the guide map upsamples
+        (:func:`scoring.patch_signal`), the mean over the seeds (or the chosen seed's), before any blur:
+        what the fusion with reference and batch distances takes."""
+        tokens = torch.as_tensor(tokens).float().to(self.device)
+        chosen = range(len(self.seeds)) if self.seed is None else [self.seeds.index(self.seed)]
+        signal = [scoring.patch_signal(tokens, self.vectors[i], temperature=self.settings.temperature,
+                                       fusion=self.settings.fusion) for i in chosen]
+        return torch.stack(signal).mean(dim=0).cpu()
 
     def maps_from_tokens(self, tokens, cls) -> tuple[np.ndarray, np.ndarray]:
         """tokens (B, L, d), cls (B, d) float tensors or arrays -> maps (B, S, S) float32 in [0, 1]

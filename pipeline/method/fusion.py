@@ -28,30 +28,45 @@ def logit(p: torch.Tensor) -> torch.Tensor:
     return torch.log(p) - torch.log1p(-p)
 
 
-def standardised_mean(*signals: torch.Tensor) -> torch.Tensor:
+def statistics(*signals: torch.Tensor) -> list[tuple[float, float]]:
+    """(mean, std) of each signal over all its values: the standardisation :func:`standardised_mean`
+    applies, kept so that other images (known-good ones scored for a threshold) can be put on the
+    scale of the set scored together."""
+    return [(float(s.double().mean()), float(s.double().std(unbiased=False))) for s in signals]
+
+
+def standardised_mean(*signals: torch.Tensor, stats: list[tuple[float, float]] | None = None) -> torch.Tensor:
     """Signals, each (B, L) over the same patches -> (B, L) float32: the mean over the signals of
     (s − mean(s)) / std(s), the statistics over all B·L values of each signal (a constant signal
-    contributes 0)."""
+    contributes 0), or the given ``stats`` (:func:`statistics` of another set)."""
     if not signals:
         raise ValueError("fusion needs at least one signal")
     shape = signals[0].shape
     if any(s.shape != shape for s in signals[1:]):
         raise ValueError(f"fusion: signals of shapes {[tuple(t.shape) for t in signals]}")
+    stats = statistics(*signals) if stats is None else stats
+    if len(stats) != len(signals):
+        raise ValueError(f"fusion: {len(stats)} statistics for {len(signals)} signals")
     out = torch.zeros(shape, dtype=torch.float64, device=signals[0].device)
-    for s in signals:
-        s = s.double()
-        std = s.std(unbiased=False)
-        out += (s - s.mean()) / std if std > 0 else torch.zeros_like(s)
+    for s, (mean, std) in zip(signals, stats):
+        out += (s.double() - mean) / std if std > 0 else torch.zeros(shape, dtype=torch.float64, device=s.device)
     return (out / len(signals)).float()
 
 
-def fuse(guide: torch.Tensor | None, *distances: torch.Tensor, probability: bool = True) -> torch.Tensor:
+def parts(guide: torch.Tensor | None, *distances: torch.Tensor, probability: bool = True) -> list[torch.Tensor]:
+    """The signals :func:`fuse` standardises: the guide's logit (or the guide itself when it is no
+    probability), then the distances."""
+    return ([logit(guide) if probability else guide] if guide is not None else []) + list(distances)
+
+
+def fuse(guide: torch.Tensor | None, *distances: torch.Tensor, probability: bool = True,
+         stats: list[tuple[float, float]] | None = None) -> torch.Tensor:
     """The rule of the module docstring: a guide signal (B, L) or None, and distance signals (B, L)
     each -> fused patch scores (B, L) float32. ``probability`` False: the guide signal is no
     probability (``scoring.fusion: self_dissimilarity`` multiplies it by a distance) and is
-    standardised as it is."""
-    parts = ([logit(guide) if probability else guide] if guide is not None else []) + list(distances)
-    return standardised_mean(*parts)
+    standardised as it is. ``stats``: those of another set (:func:`statistics` of its :func:`parts`)
+    instead of these signals' own."""
+    return standardised_mean(*parts(guide, *distances, probability=probability), stats=stats)
 
 
 def geometric(*signals: torch.Tensor) -> torch.Tensor:
