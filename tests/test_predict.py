@@ -318,7 +318,7 @@ def test_threshold_from_normals_by_hand():
     t, k = P.threshold_from_normals(tied, 0.2)
     assert k == 2 and sum(s >= t for s in tied) == 2
     for far in (-0.1, 1.0, math.nan):
-        with pytest.raises(P.PredictError, match="--far"):
+        with pytest.raises(P.ThresholdError, match="--far"):
             P.threshold_from_normals(scores, far)
 
 

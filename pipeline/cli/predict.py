@@ -72,6 +72,7 @@ from pipeline.data.images import IMAGE_EXTENSIONS, DatasetError, load_image
 from pipeline.data.images import visible
 from pipeline.errors import NonFiniteError, PipelineError
 from pipeline.files import atomic_write
+from pipeline.method.thresholds import ThresholdError, batch_threshold, check_rate, threshold_from_normals
 
 log = logging.getLogger("pipeline.cli.predict")
 
@@ -216,40 +217,6 @@ def output_path(folder: Path, parts: Sequence[str], suffix: str = ".png") -> Pat
 
 # ---------------------------------------------------------------------------------------------------
 # Threshold
-
-
-def check_rate(far: Any) -> float:
-    """``far`` if it is a false-alarm rate in [0, 1), else a PredictError: the one check of ``--far``."""
-    if isinstance(far, bool) or not (isinstance(far, (int, float)) and 0.0 <= far < 1.0):
-        raise PredictError(f"--far must be a rate in [0, 1), got {far!r}")
-    return far
-
-
-def threshold_from_normals(scores: Sequence[float], far: float) -> tuple[float, int]:
-    """The lowest threshold at which at most ``floor(far * n)`` of ``n`` known-good scores are flagged.
-
-    Rule (an image is flagged when ``score >= threshold``): sort the scores from the highest,
-    ``s(1) >= s(2) >= ... >= s(n)``; let ``k = floor(far * n)`` (``far * n`` rounded down, with a
-    1e-9 allowance so that 0.1 * 10 gives 1); the threshold is the smallest float64 above ``s(k+1)``
-    (``numpy.nextafter``). Flagged are then exactly the normals scoring above ``s(k+1)``: ``k`` of
-    them when ``s(k) > s(k+1)``, fewer when scores tie at ``s(k+1)`` (every image of a tie is treated
-    alike, so the whole tie passes). ``far = 0`` puts the threshold just above the highest normal.
-
-    Args:
-        scores: (n,) image scores of known-good images, n >= 1, finite.
-        far: the false-alarm rate allowed on them, in [0, 1).
-
-    Returns:
-        (threshold, k): the threshold and the number of normals it may flag at most.
-    """
-    s = np.sort(np.asarray(scores, dtype=np.float64))[::-1]
-    if s.size == 0:
-        raise PredictError("threshold from normals: no known-good image was scored")
-    if not np.isfinite(s).all():
-        raise PredictError("threshold from normals: a known-good image's score is not finite")
-    check_rate(far)
-    k = int(math.floor(far * s.size + 1e-9))
-    return float(np.nextafter(s[k], np.inf)), k
 
 
 def decisions(scores: np.ndarray, threshold: float) -> list[str]:
@@ -429,7 +396,10 @@ class Options:
         if self.threshold is not None and not (isinstance(self.threshold, (int, float))
                                                and math.isfinite(self.threshold)):
             raise PredictError(f"--threshold must be a finite number, got {self.threshold!r}")
-        check_rate(self.far)
+        try:
+            check_rate(self.far)
+        except ThresholdError as e:
+            raise PredictError(str(e)) from None
         if self.max_patches is not None and (isinstance(self.max_patches, bool) or not isinstance(self.max_patches, int)
                                              or self.max_patches < 1):
             raise PredictError(f"--max-patches must be a positive integer, got {self.max_patches!r}")
@@ -476,23 +446,6 @@ class MapEncoding:
         span = max(high - low, 1e-12)
         return cls(low, span, f"fused map value = {low!r} + pixel / {MAP_SCALE} x {span!r} (the range of this "
                               "run's maps: fused values are relative to the set scored together)")
-
-
-BATCH_RULE_MADS = 3.0
-"""With the batch alone, an image is flagged when its fused score exceeds the batch's median by this
-many (scaled) median absolute deviations."""
-
-
-def batch_threshold(scores: np.ndarray) -> dict:
-    """The threshold of the batch alone: median + 3 · 1.4826 · MAD of the set's fused image scores
-    (1.4826 · MAD estimates the standard deviation of the good parts' scores when most of the set is
-    good, the assumption batch scoring makes itself)."""
-    median = float(np.median(scores))
-    mad = 1.4826 * float(np.median(np.abs(scores - median)))
-    return {"value": median + BATCH_RULE_MADS * mad, "source": "batch",
-            "rule": f"median + {BATCH_RULE_MADS:g} x 1.4826 x MAD of this run's fused image scores (assumes most "
-                    "images scored together are good); pass --normals or --threshold for another",
-            "median": median, "mad_scaled": mad}
 
 
 def reference_of(detector: Any, opts: Options, out: Path, skip):
