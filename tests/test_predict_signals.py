@@ -21,6 +21,7 @@ import torch
 from pipeline.cli import predict as P
 from pipeline.cli import reference as reference_cli
 from pipeline.evaluation import evaluate as evaluation
+from pipeline.evaluation import metrics
 from pipeline.features import store
 from pipeline.method import detector, scoring
 from pipeline.stages import evaluate as evaluate_stage
@@ -145,3 +146,38 @@ def test_the_command_with_normals_and_batch_and_a_saved_reference(setup, tmp_pat
     with pytest.raises(P.PredictError, match="not both"):
         P.main([*inputs, "--detector", str(folder), "--out", str(tmp_path / "d"), "--normals", *normals,
                 "--threshold-from-normals", *normals])
+
+
+def test_evaluates_few_shot_rule_decides_as_predict_with_the_same_references(setup):  # noqa: F811
+    tmp, weights, _, _ = setup
+    folder = export(tmp, weights, "max")
+    normal_rows, scored_rows = [0, 1], [2, 3, 4, 5, 6]
+    det = detector.Detector.load(folder)
+    opts = P.Options(reference_normals=tuple(map(str, files_of(tmp, normal_rows))), batch_size=2, far=0.01)
+    files = files_of(tmp, scored_rows)
+    together = P.score_together(planned(files), det, P.reference_of(det, opts, tmp / "nowhere", lambda *a: None),
+                                opts, lambda *a: None)
+    # evaluate's side, from the store: the reference distances of the scored rows (NaN on the references)
+    target = store.open_store(tmp / "target")
+    tokens = target.tokens[:7].astype(np.float32)
+    bank = tokens[normal_rows].reshape(-1, tokens.shape[-1])
+    reference = np.full((1, 7, tokens.shape[1]), np.nan, dtype=np.float32)
+    for i in scored_rows:
+        reference[0, i] = nearest_by_loop(tokens[i], bank)
+    vectors = {f"learned/{s}": det.vectors[i] for i, s in enumerate(det.seeds)}
+    vectors["no_sae/0"] = det.vectors[0]
+    signals = evaluation.guide_signals(target, 0, 7, vectors, det.settings, 4, torch.device("cpu"))
+    labels = target.labels[:7].astype(np.int64)
+    got = evaluation.few_shot_metrics(labels, target.masks[:7], signals, reference, None, det.grid, det.settings,
+                                      tokens_of=lambda rows: tokens[rows])["guides+reference"][0]
+    want = metrics.at_threshold(labels[scored_rows], together.scores, together.threshold["value"],
+                                keys=metrics.RULE_KEYS)
+    for key in metrics.RULE_KEYS:
+        assert got[key] == pytest.approx(want[key]), key
+    # and with one reference there is no rule: null with the reason
+    one = reference.copy()
+    one[0, 1] = one[0, 2]
+    single = evaluation.few_shot_metrics(labels, target.masks[:7], signals, one, None, det.grid, det.settings,
+                                         tokens_of=lambda rows: tokens[rows])["guides+reference"][0]
+    assert single["image_f1_at_rule_threshold"] is None
+    assert "one reference image" in single["null_reasons"]["image_f1_at_rule_threshold"]

@@ -35,7 +35,8 @@ from pipeline.evaluation import metrics
 from pipeline.method import scoring
 from pipeline.features import store
 from pipeline.evaluation.target_scores import category_ranges  # noqa: F401  (re-exported)
-from pipeline.method import fusion, neighbours
+from pipeline.method import fusion, neighbours, thresholds
+from pipeline.method.reference import Reference
 
 KEYS = metrics.METRIC_KEYS
 IMAGE_KEYS = KEYS[:3]
@@ -212,6 +213,37 @@ FUSED = {
                     "adds on top of the batch)",
 }
 """The fused scorings evaluate reports next to the guides alone and the batch alone."""
+RULE_FAR = 0.01
+"""The false-alarm rate the few-shot modes' threshold allows on their references (predict's ``--far``
+default): with k ≤ 16 references it sits just above the highest of them."""
+RULE_KEYS = metrics.RULE_KEYS
+
+
+def decision_score(image_score: str) -> str:
+    """The image score a fused or few-shot mode decides on: the detector's, but ``max`` for
+    ``global`` (those maps have no CLS guide), as predict does."""
+    return "max" if image_score == "global" else image_score
+
+
+def with_rule(entry: dict, labels: np.ndarray, scores: np.ndarray, rule: dict | None, reason: str | None = None) -> dict:
+    """``entry`` (a :func:`baseline_metrics` dict) with :data:`RULE_KEYS` at the rule's threshold
+    (``rule``: a :mod:`pipeline.method.thresholds` result), or null with ``reason``."""
+    if rule is None:
+        entry.update(dict.fromkeys(RULE_KEYS))
+        entry["null_reasons"] = {**entry.get("null_reasons", {}), **dict.fromkeys(RULE_KEYS, reason)}
+        return entry
+    at = metrics.at_threshold(labels, scores, rule["value"], keys=RULE_KEYS)
+    entry["null_reasons"] = {**entry.get("null_reasons", {}), **at.pop("null_reasons")}
+    entry.update(at)
+    return entry
+
+
+def batch_rule_metrics(labels: np.ndarray, entry: dict, by_mode: Mapping[str, np.ndarray | None],
+                       image_score: str) -> dict:
+    """A :data:`FUSED` mode's metrics with the batch rule's decisions (:func:`thresholds.batch_threshold`
+    of the category's own scores: the threshold ``predict --batch`` uses without references)."""
+    scores = by_mode[decision_score(image_score)]
+    return with_rule(entry, labels, scores, thresholds.batch_threshold(scores))
 
 
 def fused_rows(target: store.FeatureStore, start: int, stop: int, vectors: Mapping[str, torch.Tensor],
@@ -269,28 +301,58 @@ def guide_signals(target: store.FeatureStore, start: int, stop: int, vectors: Ma
 
 def few_shot_metrics(labels: np.ndarray, masks: np.ndarray, signals: Mapping[str, np.ndarray], reference: np.ndarray,
                      mutual: np.ndarray | None, grid: tuple[int, int], settings: scoring.ScoreSettings, *,
-                     has_masks: bool = True) -> dict[str, list[dict[str, Any]]]:
+                     has_masks: bool = True,
+                     tokens_of: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[str, list[dict[str, Any]]]:
     """One category's :data:`FEW_SHOT` scorings for one k: mode -> [metrics of each draw] (the form of
-    :func:`baseline_metrics`). reference (draws, n, L): NaN rows are that draw's references and are not
-    scored; signals: :func:`guide_signals`; mutual (n, L) or None (then no ``guides+reference+batch``).
-    The fusion's statistics are those of the draw's scored images."""
+    :func:`baseline_metrics`, plus :data:`RULE_KEYS`). reference (draws, n, L): NaN rows are that draw's
+    references and are not scored; signals: :func:`guide_signals`; mutual (n, L) or None (then no
+    ``guides+reference+batch``). The fusion's statistics are those of the draw's scored images.
+
+    The rule's threshold is ``predict --normals``': each reference image scored against the other
+    references' patches (``tokens_of(rows)`` gives their tokens (k, L, d)), put on the scored images'
+    scale, then :func:`thresholds.threshold_from_normals` at :data:`RULE_FAR`; null for one reference."""
     size = masks.shape[-1]
+    probability = settings.fusion == "none"
+    mode = decision_score(settings.image_score)
     out: dict[str, list] = {name: [] for name in FEW_SHOT if mutual is not None or "batch" not in name}
+
+    def maps_of(values: torch.Tensor) -> tuple[np.ndarray, dict]:
+        maps = scoring.patch_maps(values, grid, size, sigma=settings.blur_sigma)
+        return maps, scoring.scores_by_mode(maps, None, settings)
+
     for draw in reference:
         keep = ~np.isnan(draw).any(axis=1)
+        refs = np.flatnonzero(~keep)
         ref = torch.from_numpy(draw[keep])
-        guide, control = torch.from_numpy(signals["guides"][keep]), torch.from_numpy(signals["no_sae"][keep])
-        probability = settings.fusion == "none"
-        patches = {"reference": ref, "guides+reference": fusion.fuse(guide, ref, probability=probability),
-                   "no_sae+reference": fusion.fuse(control, ref, probability=probability)}
+        on = {"guides": torch.from_numpy(signals["guides"]), "no_sae": torch.from_numpy(signals["no_sae"])}
+        parts = {"reference": [ref], "guides+reference": [on["guides"][keep], ref],
+                 "no_sae+reference": [on["no_sae"][keep], ref]}
         if mutual is not None:
-            patches["guides+reference+batch"] = fusion.fuse(guide, ref, torch.from_numpy(mutual[keep]),
-                                                            probability=probability)
-        for name, values in patches.items():
-            maps = scoring.patch_maps(values, grid, size, sigma=settings.blur_sigma)
-            by_mode = scoring.scores_by_mode(maps, None, settings)
-            out[name].append(baseline_metrics(labels[keep], masks[keep], (maps, by_mode, None), settings.image_score,
-                                              has_masks=has_masks))
+            parts["guides+reference+batch"] = [on["guides"][keep], ref, torch.from_numpy(mutual[keep])]
+        loo = (Reference.build(tokens_of(refs)).leave_one_out() if tokens_of is not None and len(refs) >= 2 else None)
+        for name, signal in parts.items():
+            if name == "reference":
+                values = signal[0]
+                normal_values = loo
+            else:
+                guide, *distances = signal
+                stats = fusion.statistics(*fusion.parts(guide, *distances, probability=probability))
+                values = fusion.fuse(guide, *distances, probability=probability, stats=stats)
+                normal_values = None
+                if loo is not None:
+                    normal_parts = [loo] + ([torch.from_numpy(mutual[refs])] if len(distances) == 2 else [])
+                    normal_guide = on["no_sae" if name.startswith("no_sae") else "guides"][refs]
+                    normal_values = fusion.fuse(normal_guide, *normal_parts, probability=probability, stats=stats)
+            maps, by_mode = maps_of(values)
+            entry = baseline_metrics(labels[keep], masks[keep], (maps, by_mode, None), settings.image_score,
+                                     has_masks=has_masks)
+            rule = None
+            if normal_values is not None:
+                value, _ = thresholds.threshold_from_normals(maps_of(normal_values)[1][mode], RULE_FAR)
+                rule = {"value": value}
+            out[name].append(with_rule(entry, labels[keep], by_mode[mode], rule,
+                                       "one reference image: the threshold is set by scoring each reference "
+                                       "against the others"))
     return out
 
 
@@ -468,7 +530,8 @@ def run_summary(scored: Collected, threshold_info: Mapping[str, Any], run_info: 
         "controls": {"untrained_init": control("untrained_init"), "no_sae": control("no_sae")},
         "baselines": {name: {"setting": setting, **summarise(scored.per_baseline[name])}
                       for name, setting in baselines.SETTINGS.items()},
-        "fused": {name: {"setting": setting, **(summarise(scored.per_fused[name]) if scored.per_fused[name]
+        "fused": {name: {"setting": setting, **(summarise(scored.per_fused[name], (*KEYS, *RULE_KEYS))
+                                                 if scored.per_fused[name]
                                                  else {"null_reasons": {"all": baselines.ONE_IMAGE}})}
                   for name, setting in FUSED.items()},
         "few_shot": few_shot_summary(scored.per_few_shot, scored.scores_info),
@@ -503,8 +566,8 @@ def category_summary(scored: Collected, category: str) -> dict:
                       for name, setting in FUSED.items() if category in scored.per_fused[name]}
     k_used = scored.scores_info.get("reference", {}).get("k_used", {})
     entry["few_shot"] = {f"k={k}": {"k_used": k_used.get(str(k), {}).get(category),
-                                    **{name: seed_summary(draws[category]) for name, draws in modes.items()
-                                       if category in draws}}
+                                    **{name: seed_summary(draws[category], (*KEYS, *RULE_KEYS))
+                                       for name, draws in modes.items() if category in draws}}
                          for k, modes in scored.per_few_shot.items()}
     return entry
 
@@ -537,8 +600,9 @@ def few_shot_summary(per_few_shot: dict, info: dict) -> dict:
             if not by_category:
                 continue
             n_draws = len(next(iter(by_category.values())))
-            per_draw = [mean_over_categories({c: draws[d] for c, draws in by_category.items()}) for d in range(n_draws)]
-            entry[name] = {"setting": FEW_SHOT[name], **seed_summary(per_draw)}
+            per_draw = [mean_over_categories({c: draws[d] for c, draws in by_category.items()}, (*KEYS, *RULE_KEYS))
+                        for d in range(n_draws)]
+            entry[name] = {"setting": FEW_SHOT[name], **seed_summary(per_draw, (*KEYS, *RULE_KEYS))}
         skipped = info["reference"].get("skipped", {})
         if skipped:
             entry["null_reasons"] = {f"category {c}": r for c, r in skipped.items()}

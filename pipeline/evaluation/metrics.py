@@ -159,11 +159,14 @@ def f1_max_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, flo
 
 THRESHOLD_KEYS = ("image_f1_at_aux_threshold", "image_precision_at_aux_threshold", "image_recall_at_aux_threshold")
 """The keys of :func:`at_threshold`: a fixed threshold's F1, precision and recall over images."""
+RULE_KEYS = ("image_f1_at_rule_threshold", "image_precision_at_rule_threshold", "image_recall_at_rule_threshold")
+"""The same for the threshold a mode's own label-free rule chooses (:mod:`pipeline.method.thresholds`)."""
 
 
-def at_threshold(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, Any]:
+def at_threshold(labels: np.ndarray, scores: np.ndarray, threshold: float,
+                 keys: tuple[str, str, str] = THRESHOLD_KEYS) -> dict[str, Any]:
     """F1, precision and recall of the decisions ``score >= threshold`` (anomalous), keyed by
-    :data:`THRESHOLD_KEYS`, with ``null_reasons`` for those the data leave undefined.
+    ``keys`` (:data:`THRESHOLD_KEYS` or :data:`RULE_KEYS`), with ``null_reasons`` for those the data leave undefined.
 
     labels (N,) {0, 1}, scores (N,). precision = TP / (TP + FP), None when no image reaches the
     threshold; recall = TP / (TP + FN) and F1 = 2 TP / (2 TP + FP + FN), None when there is no anomalous
@@ -176,8 +179,8 @@ def at_threshold(labels: np.ndarray, scores: np.ndarray, threshold: float) -> di
     tp = int(np.count_nonzero(alarm & labels))
     fp = int(np.count_nonzero(alarm & ~labels))
     fn = int(np.count_nonzero(~alarm & labels))
-    f1_key, precision_key, recall_key = THRESHOLD_KEYS
-    out: dict[str, Any] = dict.fromkeys(THRESHOLD_KEYS)
+    f1_key, precision_key, recall_key = keys
+    out: dict[str, Any] = dict.fromkeys(keys)
     reasons: dict[str, str] = {}
     if tp + fp:
         out[precision_key] = tp / (tp + fp)

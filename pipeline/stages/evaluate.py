@@ -285,8 +285,9 @@ def score_category(run_in: Inputs, category: str, start: int, stop: int, collect
         for name, by_mode in (evaluation.fused_rows(target, start, stop, vectors, det.settings,
                                                     cfg.batch_images, device, mutual, sink=sink).items()
                               if mutual is not None else ()):
-            collected.per_fused[name][category] = evaluation.baseline_metrics(
-                labels, None, (None, by_mode, None), image_score, has_masks=has_masks, pixels=sink.streams[name])
+            collected.per_fused[name][category] = evaluation.batch_rule_metrics(labels, evaluation.baseline_metrics(
+                labels, None, (None, by_mode, None), image_score, has_masks=has_masks, pixels=sink.streams[name]),
+                by_mode, image_score)
         few_shot(collected.per_few_shot, target, start, stop, category, vectors, det.settings, cfg.batch_images,
                  device, run_in.batch_scores, mutual, labels, has_masks)
     finally:
@@ -353,8 +354,10 @@ def few_shot(per_few_shot: dict, target: store.FeatureStore, start: int, stop: i
             continue
         if signals is None:  # the guide signals of the category, shared by every k and draw
             signals = evaluation.guide_signals(target, start, stop, vectors, settings, batch_images, device)
-        scored = evaluation.few_shot_metrics(labels, target.masks[start:stop], signals, reference, mutual,
-                                             tuple(target.attrs["grid"]), settings, has_masks=has_masks)
+        scored = evaluation.few_shot_metrics(
+            labels, target.masks[start:stop], signals, reference, mutual, tuple(target.attrs["grid"]), settings,
+            has_masks=has_masks,
+            tokens_of=lambda rows: np.stack([target.tokens[start + int(r)] for r in rows]).astype(np.float32))
         for name, draws in scored.items():
             modes[name][category] = draws
 
