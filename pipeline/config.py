@@ -416,6 +416,9 @@ class NeighboursConfig:
     category's good images, so as many normal images stay scored)."""
     reference_seeds: tuple[int, ...] = (0, 1, 2)
     """One seeded draw of the reference images per seed; metrics are the mean and std over draws."""
+    max_patches: int | None = None
+    """Search at most this many of a draw's reference patches, a greedy coreset of them (as
+    ``spg-reference --max-patches`` bounds a line's bank); null searches them all."""
     device: str = "auto"
     """``auto`` (CUDA when present), ``cpu`` or ``cuda``."""
 
@@ -426,6 +429,8 @@ class NeighboursConfig:
             _fail("reference_k", f"must be distinct integers >= 1, got {list(self.reference_k)}")
         if not self.reference_seeds or len(set(self.reference_seeds)) != len(self.reference_seeds):
             _fail("reference_seeds", f"must be distinct seeds, at least one, got {list(self.reference_seeds)}")
+        if self.max_patches is not None and self.max_patches < 1:
+            _fail("max_patches", f"must be >= 1 or null, got {self.max_patches}")
         _check_device(self.device)
 
 

@@ -194,3 +194,25 @@ def test_few_shot_reference_scores_and_metrics_equal_a_slow_reference(setup, cac
     assert result["few_shot"]["k=4"]["reference"]["image_auroc"] == pytest.approx(got["image_auroc"])
     assert set(result["few_shot"]["k=4"]) >= {"reference", "guides+reference", "guides+reference+batch",
                                               "no_sae+reference", "k_used", "draws"}
+
+
+def test_a_capped_reference_bank_scores_against_the_coreset_of_each_draw(setup, cached):  # noqa: F811
+    from pipeline.method import neighbours
+
+    target = store.open_store(setup / "target")
+    full, info = target_scores.compute_reference(target, [4], [0])
+    capped, capped_info = target_scores.compute_reference(target, [4], [0], max_patches=5)
+    assert capped_info["max_patches"] == 5 and info["max_patches"] is None
+    assert capped_info["images"] == info["images"]  # the same draws, only the bank is smaller
+    tokens = target.tokens[:].astype(np.float32)
+    rows = np.flatnonzero(target.category[:] == target.attrs["categories"].index("t1"))
+    refs = info["images"]["4"]["t1"][0]
+    patches = tokens[refs].reshape(-1, tokens.shape[-1])
+    keep = neighbours.coreset(patches, 5)
+    units, bank = unit_rows(tokens.astype(np.float64)), unit_rows(patches[keep].astype(np.float64))
+    for i in rows:
+        if i not in refs:
+            np.testing.assert_allclose(capped[4][0, i], (1 - units[i] @ bank.T).min(axis=1), atol=1e-5)
+    scored = [i for i in rows if i not in refs]
+    assert (capped[4][0, scored] >= full[4][0, scored] - 1e-6).all()  # fewer patches: never nearer
+    assert (capped[4][0, scored] > full[4][0, scored] + 1e-4).any()

@@ -301,16 +301,17 @@ def guide_signals(target: store.FeatureStore, start: int, stop: int, vectors: Ma
 
 def few_shot_metrics(labels: np.ndarray, masks: np.ndarray, signals: Mapping[str, np.ndarray], reference: np.ndarray,
                      mutual: np.ndarray | None, grid: tuple[int, int], settings: scoring.ScoreSettings, *,
-                     has_masks: bool = True,
-                     tokens_of: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[str, list[dict[str, Any]]]:
+                     has_masks: bool = True, tokens_of: Callable[[np.ndarray], np.ndarray] | None = None,
+                     max_patches: int | None = None) -> dict[str, list[dict[str, Any]]]:
     """One category's :data:`FEW_SHOT` scorings for one k: mode -> [metrics of each draw] (the form of
     :func:`baseline_metrics`, plus :data:`RULE_KEYS`). reference (draws, n, L): NaN rows are that draw's
     references and are not scored; signals: :func:`guide_signals`; mutual (n, L) or None (then no
     ``guides+reference+batch``). The fusion's statistics are those of the draw's scored images.
 
     The rule's threshold is ``predict --normals``': each reference image scored against the other
-    references' patches (``tokens_of(rows)`` gives their tokens (k, L, d)), put on the scored images'
-    scale, then :func:`thresholds.threshold_from_normals` at :data:`RULE_FAR`; null for one reference."""
+    references' patches (``tokens_of(rows)`` gives their tokens (k, L, d); the bank subsampled to
+    ``max_patches`` as the neighbours stage's was), put on the scored images' scale, then
+    :func:`thresholds.threshold_from_normals` at :data:`RULE_FAR`; null for one reference."""
     size = masks.shape[-1]
     probability = settings.fusion == "none"
     mode = decision_score(settings.image_score)
@@ -329,7 +330,8 @@ def few_shot_metrics(labels: np.ndarray, masks: np.ndarray, signals: Mapping[str
                  "no_sae+reference": [on["no_sae"][keep], ref]}
         if mutual is not None:
             parts["guides+reference+batch"] = [on["guides"][keep], ref, torch.from_numpy(mutual[keep])]
-        loo = (Reference.build(tokens_of(refs)).leave_one_out() if tokens_of is not None and len(refs) >= 2 else None)
+        loo = (Reference.build(tokens_of(refs), max_patches=max_patches).leave_one_out()
+               if tokens_of is not None and len(refs) >= 2 else None)
         for name, signal in parts.items():
             if name == "reference":
                 values = signal[0]

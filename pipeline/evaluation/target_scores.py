@@ -35,6 +35,7 @@ from pipeline.errors import PipelineError
 from pipeline.features import store
 from pipeline.files import write_bytes
 from pipeline.method import guides, neighbours
+from pipeline.method.reference import Reference
 
 FORMAT = "pipeline.target_scores/1"
 FILE = "patch_scores.safetensors"
@@ -107,12 +108,15 @@ def reference_k(k: int, n_good: int) -> int:
 
 
 def compute_reference(target: store.FeatureStore, ks: Sequence[int], seeds: Sequence[int], *,
-                      precision: str = "float32", device: torch.device | str = "cpu",
+                      precision: str = "float32", device: torch.device | str = "cpu", max_patches: int | None = None,
                       ) -> tuple[dict[int, np.ndarray], dict[str, Any]]:
-    """{k: (draws, N, L) float32} few-shot reference scores (module docstring) and their info."""
+    """{k: (draws, N, L) float32} few-shot reference scores (module docstring) and their info. Each
+    draw's bank is a :class:`pipeline.method.reference.Reference` of its images, as predict builds one:
+    all their patches, or a greedy coreset of ``max_patches``."""
     n, length = target.tokens.shape[:2]
     out = {k: np.full((len(seeds), n, length), np.nan, dtype=np.float32) for k in ks}
-    info: dict[str, Any] = {"ks": list(ks), "seeds": list(seeds), "k_used": {str(k): {} for k in ks},
+    info: dict[str, Any] = {"ks": list(ks), "seeds": list(seeds), "max_patches": max_patches,
+                            "k_used": {str(k): {} for k in ks},
                             "images": {str(k): {} for k in ks}, "skipped": {}}
     labels = target.labels[:]
     for name, (start, stop) in category_ranges(target).items():
@@ -127,8 +131,8 @@ def compute_reference(target: store.FeatureStore, ks: Sequence[int], seeds: Sequ
             info["images"][str(k)][name] = []
             for d, pick in enumerate(neighbours.draws(len(good), used, seeds)):
                 refs = good[pick]
-                scores = neighbours.reference(tokens, tokens[refs].reshape(-1, tokens.shape[-1]), device=device,
-                                              precision=precision).cpu().numpy()
+                bank = Reference.build(tokens[refs], max_patches=max_patches, device=device)
+                scores = bank.distances(torch.from_numpy(tokens), device=device, precision=precision).numpy()
                 scores[refs] = np.nan
                 out[k][d, start:stop] = scores
                 info["images"][str(k)][name].append([int(start + r) for r in refs])

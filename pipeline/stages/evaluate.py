@@ -289,7 +289,8 @@ def score_category(run_in: Inputs, category: str, start: int, stop: int, collect
                 labels, None, (None, by_mode, None), image_score, has_masks=has_masks, pixels=sink.streams[name]),
                 by_mode, image_score)
         few_shot(collected.per_few_shot, target, start, stop, category, vectors, det.settings, cfg.batch_images,
-                 device, run_in.batch_scores, mutual, labels, has_masks)
+                 device, run_in.batch_scores, mutual, labels, has_masks,
+                 run_in.scores_info.get("reference", {}).get("max_patches"))
     finally:
         sink.close()
     # the aux threshold belongs to the detector's scoring: the mean of the seeds' maps
@@ -343,7 +344,7 @@ def log_summary(result: dict, det: detector.Detector) -> None:
 
 def few_shot(per_few_shot: dict, target: store.FeatureStore, start: int, stop: int, category: str, vectors: dict,
              settings: scoring.ScoreSettings, batch_images: int, device: torch.device, batch_scores: dict | None,
-             mutual: np.ndarray | None, labels: np.ndarray, has_masks: bool) -> None:
+             mutual: np.ndarray | None, labels: np.ndarray, has_masks: bool, max_patches: int | None = None) -> None:
     """Score one category's few-shot draws for every k into ``per_few_shot[k][mode][category]``."""
     if not per_few_shot:
         return
@@ -357,7 +358,8 @@ def few_shot(per_few_shot: dict, target: store.FeatureStore, start: int, stop: i
         scored = evaluation.few_shot_metrics(
             labels, target.masks[start:stop], signals, reference, mutual, tuple(target.attrs["grid"]), settings,
             has_masks=has_masks,
-            tokens_of=lambda rows: np.stack([target.tokens[start + int(r)] for r in rows]).astype(np.float32))
+            tokens_of=lambda rows: np.stack([target.tokens[start + int(r)] for r in rows]).astype(np.float32),
+            max_patches=max_patches)
         for name, draws in scored.items():
             modes[name][category] = draws
 

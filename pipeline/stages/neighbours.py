@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     mutual, one_image = target_scores.compute_mutual(target, precision=cfg.precision,
                                                      device=resolve_device(cfg.device))
     reference, reference_info = target_scores.compute_reference(target, cfg.reference_k, cfg.reference_seeds,
-                                                                precision=cfg.precision,
+                                                                precision=cfg.precision, max_patches=cfg.max_patches,
                                                                 device=resolve_device(cfg.device))
     path = target_scores.write(args.out, target, mutual, precision=cfg.precision,
                                fraction=neighbours.MUTUAL_FRACTION, one_image=one_image, reference=reference,
