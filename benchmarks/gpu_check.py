@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"extract images_per_s={cfg['batch'] / s:.1f} batch={cfg['batch']} image_size={cfg['image_size']} "
           f"tokens={n_tokens} d={d}", flush=True)
     grid = bb.grid
-    del bb
+    bb = None  # frees the backbone (GPU memory) before the SAE step; forward() is not called again
 
     # sae_step: one training step at d (the backbone's width), n_latents, k, every latent counted dead
     model = sae.TopKSAE(d, cfg["n_latents"], cfg["k"], generator=torch.Generator().manual_seed(0)).to(device)

@@ -137,7 +137,7 @@ def main() -> None:
                       f"predict {p:8.2f} img/s ({p / b:.3f})", flush=True)
             results.append((size, *(statistics.median(r[i] for r in rows) for i in range(3)),
                             statistics.median(r[1] / r[0] for r in rows), statistics.median(r[2] / r[0] for r in rows)))
-            del detector, bb, batch
+            detector = bb = batch = None  # freed before the next size is loaded
     print(f"\n{info['backbone']} layer {info['layer']}, {n} images of {args.source_size[0]}x{args.source_size[1]}, "
           f"batch {args.batch_size}, {torch.get_num_threads()} threads, device {device}; medians of {args.repeats}")
     print(f"{'size':>5} {'bare img/s':>11} {'detector':>10} {'predict':>10} {'detector/bare':>14} {'predict/bare':>13}")

@@ -127,11 +127,6 @@ def curves_figure(rows: Sequence[Mapping], x: str, ys: Sequence[str], title: str
     return fig
 
 
-def plot_roc_pr(path: str | Path, curves: Mapping[str, Mapping[str, Sequence[Mapping]]], title: str) -> None:
-    """:func:`roc_pr_figure` saved as PNG."""
-    save_figure(roc_pr_figure(curves, title), path)
-
-
 def roc_pr_figure(curves: Mapping[str, Mapping[str, Sequence[Mapping]]], title: str):
     """ROC and PR curves, image and pixel level, in one figure. ``curves[level][roc|pr]`` are row lists;
     a level whose rows are empty (its curve is undefined: one class) is named in the legend, not drawn."""
@@ -149,12 +144,6 @@ def roc_pr_figure(curves: Mapping[str, Mapping[str, Sequence[Mapping]]], title: 
     fig.suptitle(title)
     fig.tight_layout()
     return fig
-
-
-def plot_per_category(path: str | Path, by_category: Mapping[str, Mapping], title: str,
-                      keys: Sequence[str] = ("image_auroc", "pixel_auroc", "pixel_aupro")) -> None:
-    """:func:`per_category_figure` saved as PNG."""
-    save_figure(per_category_figure(by_category, title, keys), path)
 
 
 def per_category_figure(by_category: Mapping[str, Mapping], title: str,
@@ -180,13 +169,6 @@ def per_category_figure(by_category: Mapping[str, Mapping], title: str,
     ax.legend(fontsize="small", loc="lower right")
     fig.tight_layout()
     return fig
-
-
-def plot_overlays(path: str | Path, rows: Sequence[tuple], title: str, vmin: float = 0.0, vmax: float = 1.0) -> None:
-    """:func:`overlays_figure` saved as PNG; nothing is written for no rows."""
-    fig = overlays_figure(rows, title, vmin, vmax)
-    if fig is not None:
-        save_figure(fig, path)
 
 
 def overlays_figure(rows: Sequence[tuple], title: str, vmin: float = 0.0, vmax: float = 1.0):
