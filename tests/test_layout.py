@@ -79,3 +79,13 @@ def test_no_private_names_across_modules(name, path):
         if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
                 and node.attr.startswith("_") and not node.attr.startswith("__")):
             raise AssertionError(f"{path.relative_to(ROOT)}:{node.lineno} uses {node.value.id}.{node.attr}")
+
+
+@pytest.mark.parametrize("name,path", modules(), ids=[m for m, _ in modules()])
+def test_the_package_never_imports_analyses_benchmarks_or_tests(name, path):
+    for node in ast.walk(ast.parse(path.read_text())):
+        named = ([node.module] if isinstance(node, ast.ImportFrom) and node.module else
+                 [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+        for module in named:
+            assert module.split(".")[0] not in ("analysis", "benchmarks", "tests", "tools"), (
+                f"{path.relative_to(ROOT)}:{node.lineno} imports {module}")

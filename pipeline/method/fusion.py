@@ -10,7 +10,7 @@ in predict), so a fused score needs that set.
 
 Chosen on the mean over every target (embedded and real, six runs) among the geometric mean, the
 mean of ranks and z-score means with weight 0.5 or 0.25 on the guide, with and without the logit:
-``python tools/fusion_rules.py``, figures in docs/experiments.md.
+``python -m analysis.fusion_rules``, figures in docs/experiments.md.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Which rule fuses the guide map with the batch best, on the mean over every target (a research
 analysis behind docs/experiments.md; nothing here is used by the pipeline).
 
-    python tools/fusion_rules.py --root . --runs synth_a_to_synth_b synth_b_to_synth_a ... [--out f.json]
+    python -m analysis.fusion_rules --root . --runs synth_a_to_synth_b synth_b_to_synth_a ... [--out f.json]
 
 For each run (aux -> target) it reads the target store, the aux detector and the target's
 ``neighbours/<T>`` batch scores, and scores each category with every candidate rule:

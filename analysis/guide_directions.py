@@ -1,26 +1,42 @@
-"""Why does the no-SAE control come close to the learned guides? (README "Results on real defects")
+"""Why does the no-SAE control come close to the learned guides? (docs/experiments.md)
 Per auxiliary set: dead latents, active latents per guide row, and the cosines between the learned guide
 vectors and the no-SAE control's mean tokens, from models/<A>/{sae,guides,detector} and features/<A>.
 
-  python tools/guide_directions.py [A ...]     (default: synth_a synth_b; run from the repository root)
+    python -m analysis.guide_directions [--root .] [A ...]     (default: synth_a synth_b)
 """
-import sys
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from pipeline.method import detector
 from pipeline.evaluation import evaluate as evaluation
-from pipeline.method import sae
 from pipeline.features import store
+from pipeline.method import detector, sae
 from pipeline.method import guides as G
-dev = torch.device("cpu")
-for a in sys.argv[1:] or ("synth_a", "synth_b"):
-    model, dead, _ = sae.load(f"models/{a}/sae", dev)
-    codes, _ = G.load(f"models/{a}/guides")
-    aux = store.open_store(f"features/{a}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("aux", nargs="*", default=["synth_a", "synth_b"], help="auxiliary sets to read")
+    parser.add_argument("--root", type=Path, default=Path("."), help="a checkout after dvc repro")
+    args = parser.parse_args(argv)
+    torch.set_grad_enabled(False)
+    dev = torch.device("cpu")
+    for a in args.aux:
+        report(args.root, a, dev)
+    return 0
+
+
+def report(root: Path, a: str, dev: torch.device) -> None:
+    model, dead, _ = sae.load(root / f"models/{a}/sae", dev)
+    codes, _ = G.load(root / f"models/{a}/guides")
+    aux = store.open_store(root / f"features/{a}")
     ns = evaluation.no_sae_guides(aux, dev)
-    det = detector.Detector.load(f"models/{a}/detector", device=dev, with_backbone=False)
+    det = detector.Detector.load(root / f"models/{a}/detector", device=dev, with_backbone=False)
     print(a, "dead latents", int(dead.sum()), "of", len(dead))
     for s, c in enumerate(codes):
         v = det.vectors[s]
@@ -41,3 +57,7 @@ for a in sys.argv[1:] or ("synth_a", "synth_b"):
         x = ns[row][None]
         recon = model(x)[0].detach()
         print(f"  SAE reconstruction of the {name}: cos {float(F.cosine_similarity(recon, x)):.3f}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
