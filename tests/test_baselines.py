@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.method import baselines
+from pipeline.method import baselines, neighbours
 from pipeline.evaluation import evaluate as evaluation
 from pipeline.method import guides
 from pipeline.method import scoring
@@ -44,28 +44,10 @@ def slow_mutual(tokens, fraction=0.3):
     return out
 
 
-def inmemory_mutual_before_issue_13(tokens, fraction=0.3, *, elements=1 << 24):
-    """The in-memory ``baselines.mutual`` (the whole category normalised in memory as
-    float32), copied verbatim as the reference the streamed version must reproduce."""
-    tokens = torch.as_tensor(tokens)
-    n, length, d = tokens.shape
-    k = baselines.mutual_k(n - 1, fraction)
-    unit = torch.nn.functional.normalize(tokens.to(dtype=torch.float32), dim=-1)  # (N, L, d)
-    b = baselines.block_images(length, n, elements)
-    out = torch.empty(n, length, dtype=torch.float32)
-    for qa in range(0, n, b):
-        qb = min(qa + b, n)
-        query = unit[qa:qb].reshape(-1, d)
-        nearest = torch.empty(len(query), n, dtype=torch.float32)
-        for ra in range(0, n, b):
-            rb = min(ra + b, n)
-            cos = query @ unit[ra:rb].reshape(-1, d).T
-            nearest[:, ra:rb] = 1 - cos.reshape(len(query), rb - ra, length).amax(dim=-1)
-        for i in range(qa, qb):
-            nearest[(i - qa) * length:(i - qa + 1) * length, i] = math.inf
-        smallest = torch.topk(nearest, k, dim=1, largest=False).values
-        out[qa:qb] = smallest.mean(dim=1).reshape(qb - qa, length)
-    return out.numpy()
+def mutual(tokens, **kwargs):
+    """:func:`pipeline.method.neighbours.mutual` (the code evaluate and the neighbours stage run) over
+    an in-memory category."""
+    return neighbours.mutual(lambda i, j: tokens[i:j], len(tokens), tokens.shape[1], **kwargs)
 
 
 GRID, SIZE = 2, 8  # L = 4 tokens per image, maps 8 x 8
@@ -101,20 +83,15 @@ def category_store(tmp_path_factory):
     return tiny_store(tmp_path_factory.mktemp("baselines") / "target", tokens, [0, 0, 1, 1, 1, 1, 1, 1, 1, 2, 2], 3)
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("block", [1, 2, 6, 7])  # 1, 2 (7 = 2+2+2+1), N - 1 (6 + 1), N
-def test_mutual_streamed_from_a_store_equals_the_loop_and_the_in_memory_scores(category_store, block):
+def test_mutual_from_a_store_equals_the_loop(category_store, block, symmetric):
     target = category_store
     tokens = target.tokens[2:9]  # (7, 4, 6) float16: the references only
     length = tokens.shape[1]
-    got = baselines.mutual_streamed(store_reader(target, 2, 9), 7, length, block=block)
+    got = neighbours.mutual(store_reader(target, 2, 9), 7, length, block=block, symmetric=symmetric)
     assert got.dtype == np.float32 and got.shape == (7, length)
     np.testing.assert_allclose(got, slow_mutual(tokens.astype(np.float64)), atol=1e-5)
-    # the same blocks as the pre-streaming code: the same matmuls, so the same bits
-    elements = (block * length) ** 2
-    np.testing.assert_array_equal(got, inmemory_mutual_before_issue_13(tokens, elements=elements))
-    np.testing.assert_array_equal(got, baselines.mutual(tokens, elements=elements))
-    # any other block size: the same up to the order of float32 sums
-    np.testing.assert_allclose(got, inmemory_mutual_before_issue_13(tokens), atol=1e-6)
 
 
 @pytest.mark.parametrize("n, block", [(2, 1), (2, 2), (5, 1), (5, 2), (5, 4), (5, 5), (9, 4)])
@@ -126,26 +103,17 @@ def test_mutual_never_asks_the_reader_for_more_than_a_block(n, block):
         calls.append((i, j))
         return tokens[i:j]
 
-    got = baselines.mutual_streamed(read, n, 3, block=block)
+    got = neighbours.mutual(read, n, 3, block=block)
     assert calls and all(0 <= i < j <= n and j - i <= block for i, j in calls)
-    # every query block reads each other reference block once (its own block is its diagonal)
-    blocks = [(a, min(a + block, n)) for a in range(0, n, block)]
-    assert sorted(calls) == sorted([q for q in blocks] + [r for q in blocks for r in blocks if r != q])
     np.testing.assert_allclose(got, slow_mutual(tokens.astype(np.float64)), atol=1e-5)
 
 
-def test_mutual_streamed_refuses_one_image_without_reading():
+def test_mutual_refuses_one_image_without_reading():
     def read(i, j):
         raise AssertionError("a category of one image must not be read")
 
     with pytest.raises(ValueError, match="one image"):
-        baselines.mutual_streamed(read, 1, 4)
-
-
-def test_mutual_streamed_refuses_a_reader_of_the_wrong_shape():
-    tokens = np.zeros((4, 3, 2), np.float32)
-    with pytest.raises(ValueError, match=r"reader gave \(1, 3, 2\) for images \[0, 2\)"):
-        baselines.mutual_streamed(lambda i, j: tokens[i:i + 1], 4, 3, block=2)
+        neighbours.mutual(read, 1, 4)
 
 
 def test_chunk_rows_reads_category_rows_decoding_each_chunk_once_in_order():
@@ -171,10 +139,10 @@ def test_chunk_rows_checks_only_the_category_rows_once_per_chunk(tmp_path):
     tokens = np.random.default_rng(0).standard_normal((7, GRID * GRID, 3)).astype(np.float16)
     tokens[1, 0, 0] = np.nan  # image 1 is in category 0, which shares chunk 0 with category 1
     target = tiny_store(tmp_path / "nan", tokens, [0, 0, 1, 1, 1, 1, 1], 3)
-    got = baselines.mutual_streamed(store_reader(target, 2, 7), 5, GRID * GRID, block=2)  # category 1: no NaN
+    got = neighbours.mutual(store_reader(target, 2, 7), 5, GRID * GRID, block=2)  # category 1: no NaN
     np.testing.assert_allclose(got, slow_mutual(tokens[2:7].astype(np.float64)), atol=1e-5)
     with pytest.raises(NonFiniteError, match=r"tokens of image 1 \(img01.png\), chunk 0"):
-        baselines.mutual_streamed(store_reader(target, 0, 2), 2, GRID * GRID)
+        neighbours.mutual(store_reader(target, 0, 2), 2, GRID * GRID)
 
 
 class NoSlicing:
@@ -201,10 +169,12 @@ def test_baseline_rows_reads_tokens_by_chunk_and_equals_the_whole_category_score
     monkeypatch.setattr(target, "tokens", NoSlicing(target.tokens))
     got = evaluation.baseline_rows(target, start, stop, settings, batch_images, torch.device("cpu"))
     assert reads and set(reads) == set(range(start // 3, (stop - 1) // 3 + 1))
-    # the whole category's scores, as baseline_rows computed them before: self-dissimilarity per image,
-    # mutual on the whole (n, L, d) array
+    # the whole category's scores: self-dissimilarity per image, mutual on the whole (n, L, d) array in
+    # memory (the same blocks: the same bits), itself the definition's to 1e-5
+    whole = mutual(tokens)
+    np.testing.assert_allclose(whole, slow_mutual(tokens.astype(np.float64)), atol=1e-5)
     want = {"self_dissimilarity": baselines.self_dissimilarity(torch.from_numpy(tokens.astype(np.float32))),
-            "mutual": torch.from_numpy(inmemory_mutual_before_issue_13(tokens))}
+            "mutual": torch.from_numpy(whole)}
     for name, values in want.items():
         maps = scoring.patch_maps(values, (GRID, GRID), SIZE, sigma=1.0)
         np.testing.assert_array_equal(got[name][0], maps)
@@ -239,20 +209,20 @@ def test_self_dissimilarity_by_hand():
 @pytest.mark.parametrize("elements", [1, 40, 1 << 24])  # one image per block, 1 (L=6: 40 -> 1), all at once
 def test_mutual_equals_the_loop(n, elements):
     tokens = np.random.default_rng(n).standard_normal((n, 6, 4)).astype(np.float32)
-    got = baselines.mutual(tokens, elements=elements)
+    got = mutual(tokens, elements=elements)
     np.testing.assert_allclose(got, slow_mutual(tokens), atol=1e-5)
 
 
 def test_mutual_blocks_of_uneven_size_equal_the_loop():
     tokens = np.random.default_rng(1).standard_normal((7, 3, 4)).astype(np.float32)
-    assert baselines.block_images(3, 7, elements=40) == 2  # 7 images in blocks of 2, 2, 2, 1
-    np.testing.assert_allclose(baselines.mutual(tokens, elements=40), slow_mutual(tokens), atol=1e-5)
+    assert neighbours.block_images(3, 7, elements=40) == 2  # 7 images in blocks of 2, 2, 2, 1
+    np.testing.assert_allclose(mutual(tokens, elements=40), slow_mutual(tokens), atol=1e-5)
 
 
 @pytest.mark.parametrize("n_other, k", [(1, 1), (2, 1), (3, 1), (4, 1), (6, 1), (7, 2), (10, 3), (13, 3), (20, 6),
                                         (99, 29), (100, 30)])
 def test_mutual_k_is_the_floor_of_30_percent_at_least_one(n_other, k):
-    assert baselines.mutual_k(n_other) == k
+    assert neighbours.mutual_k(n_other) == k
 
 
 def test_mutual_excludes_the_image_itself_and_averages_the_k_nearest_images():
@@ -261,28 +231,28 @@ def test_mutual_excludes_the_image_itself_and_averages_the_k_nearest_images():
     would be (0 + ...) if it could see itself."""
     angles = np.deg2rad([0, *range(10, 101, 10)])
     tokens = np.stack([np.cos(angles), np.sin(angles)], axis=-1)[:, None, :].astype(np.float32)  # (11, 1, 2)
-    got = baselines.mutual(tokens)
+    got = mutual(tokens)
     assert got[0, 0] == pytest.approx(np.mean(1 - np.cos(np.deg2rad([10, 20, 30]))), abs=1e-6)
     # image 5 (50°): its nearest others are 40° and 60° (10° away) then 30° or 70° (20°)
     assert got[5, 0] == pytest.approx(np.mean(1 - np.cos(np.deg2rad([10, 10, 20]))), abs=1e-6)
     # a duplicate image scores 0 against its twin, never against itself
     twins = np.concatenate([tokens[:1], tokens[:1], tokens[10:]])  # (3, 1, 2): 0°, 0°, 100°
-    assert baselines.mutual(twins)[:2, 0] == pytest.approx([0, 0], abs=1e-6)
-    assert baselines.mutual(twins)[2, 0] == pytest.approx(1 - math.cos(math.radians(100)), abs=1e-6)
+    assert mutual(twins)[:2, 0] == pytest.approx([0, 0], abs=1e-6)
+    assert mutual(twins)[2, 0] == pytest.approx(1 - math.cos(math.radians(100)), abs=1e-6)
 
 
 def test_mutual_patch_distance_is_to_the_nearest_patch_of_each_image():
     # image 1 holds the query patch's twin among unrelated patches: distance 0; image 2 holds its opposite
     a = np.array([1.0, 0.0, 0.0])
     tokens = np.array([[a, [0, 1, 0]], [[0, 0, 1], a], [-a, -a]], dtype=np.float32)  # (3, 2, 3), k = 1
-    got = baselines.mutual(tokens)
+    got = mutual(tokens)
     assert got[0, 0] == pytest.approx(0.0, abs=1e-6)  # min over images 1 (0) and 2 (2)
     assert got[2, 0] == pytest.approx(1.0, abs=1e-6)  # nearest to -a in image 0 or 1: an orthogonal patch
 
 
 def test_mutual_refuses_a_category_of_one_image():
     with pytest.raises(ValueError, match="one image"):
-        baselines.mutual(np.zeros((1, 4, 3), np.float32))
+        mutual(np.zeros((1, 4, 3), np.float32))
 
 
 def test_patch_maps_upsample_exactly_as_the_guide_maps():
