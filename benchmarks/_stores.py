@@ -22,9 +22,8 @@ def build_store(path: Path, n_images: int, n_tokens: int, dim: int, chunk_images
     side = int(round(np.sqrt(n_tokens)))
     attrs = {"dataset": "bench", "backbone": "none", "weights_sha256": "none", "layer": -1,
              "image_size": mask_size, "grid": [side, n_tokens // side]}
-    group, pending = store.prepare(path, layout, attrs)
-    for chunk in pending:
-        start, stop = layout.chunk_range(chunk)
+
+    def chunk(start: int, stop: int) -> dict:
         n = stop - start
         tokens = (mu + rng.standard_normal((n, n_tokens, dim), dtype=np.float32)).astype(np.float16)
         labels = (rng.random(n) < anomalous_fraction).astype(np.uint8)
@@ -33,8 +32,7 @@ def build_store(path: Path, n_images: int, n_tokens: int, dim: int, chunk_images
             h, w = rng.integers(max(1, mask_size // 16), max(2, mask_size // 4) + 1, size=2)
             y, x = rng.integers(0, mask_size - h + 1), rng.integers(0, mask_size - w + 1)
             masks[i, y : y + h, x : x + w] = 1
-        store.write_chunk(group, layout, chunk, {
-            "tokens": tokens, "cls": tokens.mean(axis=1), "masks": masks,
-            "images": np.repeat(255 * masks[..., None], 3, axis=-1),
-            "labels": labels, "category": np.zeros(n, np.int16), "defect": np.zeros(n, np.int16)})
-    store.finalize(group, path)
+        return {"tokens": tokens, "masks": masks, "images": np.repeat(255 * masks[..., None], 3, axis=-1),
+                "labels": labels}
+
+    store.write(path, layout, attrs, chunk)

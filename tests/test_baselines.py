@@ -60,15 +60,8 @@ def tiny_store(path, tokens, categories, chunk_images):
     attrs = {"dataset": "tiny", "backbone": "none", "weights_sha256": "none", "layer": -1, "image_size": SIZE,
              "grid": [GRID, GRID], "categories": [f"c{i}" for i in range(max(categories) + 1)],
              "paths": [f"img{i:02d}.png" for i in range(n)]}
-    group, pending = store.prepare(path, layout, attrs)
-    for c in pending:
-        a, b = layout.chunk_range(c)
-        store.write_chunk(group, layout, c, {
-            "tokens": tokens[a:b], "cls": tokens[a:b].mean(axis=1), "masks": np.zeros((b - a, SIZE, SIZE), np.uint8),
-            "images": np.zeros((b - a, SIZE, SIZE, 3), np.uint8), "labels": np.arange(a, b) % 2 == 1,
-            "category": np.asarray(categories[a:b], np.int16), "defect": np.zeros(b - a, np.int16)})
-    store.finalize(group, path)
-    return store.open_store(path)
+    return store.write(path, layout, attrs, lambda a, b: {
+        "tokens": tokens[a:b], "labels": np.arange(a, b) % 2 == 1, "category": np.asarray(categories[a:b], np.int16)})
 
 
 def store_reader(target, start, stop):

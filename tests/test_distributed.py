@@ -71,20 +71,17 @@ def write_store(path: Path) -> Path:
     layout = store.StoreLayout(N_IMAGES, GRID * GRID, DIM, mask_size=SIZE, chunk_images=CHUNK)
     attrs = {"dataset": "tiny", "backbone": "none", "weights_sha256": "0" * 64, "layer": -1, "image_size": SIZE,
              "grid": [GRID, GRID], "inputs_sha256": "1" * 64}
-    group, pending = store.prepare(path, layout, attrs)
-    for chunk in pending:
-        start, stop = layout.chunk_range(chunk)
+
+    def chunk(start, stop):
         n = stop - start
         coef = rng.uniform(0, 2, (n, GRID * GRID, 8)) * (rng.random((n, GRID * GRID, 8)) < 0.3)
-        tokens = (coef @ atoms).astype(np.float16)
         labels = (np.arange(start, stop) % 2).astype(np.uint8)
         masks = np.zeros((n, SIZE, SIZE), np.uint8)
         masks[labels == 1, 2:5, 3:6] = 1
-        store.write_chunk(group, layout, chunk, {
-            "tokens": tokens, "cls": tokens.mean(axis=1), "masks": masks,
-            "images": np.zeros((n, SIZE, SIZE, 3), np.uint8), "labels": labels,
-            "category": np.zeros(n, np.int16), "defect": labels.astype(np.int16)})
-    store.finalize(group, path)
+        return {"tokens": (coef @ atoms).astype(np.float16), "masks": masks, "labels": labels,
+                "defect": labels.astype(np.int16)}
+
+    store.write(path, layout, attrs, chunk)
     return path
 
 

@@ -45,21 +45,18 @@ def make_store(path, root, dictionary, categories, n_per_category, anomalous_fra
     layout = store.StoreLayout(len(rows), GRID * GRID, D_IN, SIZE, 8)
     attrs = {**ATTRS, "dataset": path.name, "root": str(root), "paths": relpaths, "categories": list(categories),
              "defects": ["good", "bad"]}
-    group, pending = store.prepare(path, layout, attrs)
-    for c in pending:
-        a, b = layout.chunk_range(c)
+
+    def chunk(a, b):
         part = rows[a:b]
-        store.write_chunk(group, layout, c, {
-            "tokens": np.stack([r[3] for r in part]).astype(np.float16),
-            "cls": np.stack([r[3].mean(0) + r[2] * dictionary[ATOM] for r in part]).astype(np.float16),
-            "masks": np.stack([r[4] for r in part]),
-            "images": g.integers(0, 256, (len(part), SIZE, SIZE, 3), dtype=np.uint8),
-            "labels": np.array([r[2] for r in part], np.uint8),
-            "category": np.array([r[1] for r in part], np.int16),
-            "defect": np.array([r[2] for r in part], np.int16),
-        })
-    store.finalize(group, path)
-    return store.open_store(path)
+        return {"tokens": np.stack([r[3] for r in part]).astype(np.float16),
+                "cls": np.stack([r[3].mean(0) + r[2] * dictionary[ATOM] for r in part]).astype(np.float16),
+                "masks": np.stack([r[4] for r in part]),
+                "images": g.integers(0, 256, (len(part), SIZE, SIZE, 3), dtype=np.uint8),
+                "labels": np.array([r[2] for r in part], np.uint8),
+                "category": np.array([r[1] for r in part], np.int16),
+                "defect": np.array([r[2] for r in part], np.int16)}
+
+    return store.write(path, layout, attrs, chunk)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +67,7 @@ def setup(tmp_path_factory):
     dictionary /= np.linalg.norm(dictionary, axis=1, keepdims=True)
     aux = make_store(tmp / "aux", tmp / "aux_root", dictionary, ["a1"], [48], [0.5], 1)
     # target: one regular category and one with no anomalous image at all
-    target = make_store(tmp / "target", tmp / "target_root", dictionary, ["t1", "t2"], [24, 6], [0.5, 0.0], 2)
+    make_store(tmp / "target", tmp / "target_root", dictionary, ["t1", "t2"], [24, 6], [0.5, 0.0], 2)
     model = sae.TopKSAE(D_IN, N_LATENTS, 4)
     with torch.no_grad():
         model.dictionary.copy_(torch.tensor(dictionary, dtype=torch.float32))
@@ -470,7 +467,7 @@ def test_stage_streams_every_category_and_matches_compute_all_on_the_same_maps(s
     monkeypatch.setattr(metrics, "compute_all", refuse)
     monkeypatch.setattr(metrics_stream, "BLOCK_WORDS", 64)
     monkeypatch.setattr(metrics_stream, "FAN_IN", 2)
-    seen, add, streamed = {}, metrics_stream.PixelStream.add, metrics_stream.PixelStream.metrics
+    add, streamed = metrics_stream.PixelStream.add, metrics_stream.PixelStream.metrics
 
     def record(self, masks, maps, regions=None):
         # kept on the stream itself: an id() could be reused by the next category's stream

@@ -1,7 +1,6 @@
 """The export stage on a small hand-built store (tests/test_evaluate.make_store), and the dvc.yaml
 artifact entries that make its output findable by `dvc artifacts get` / dvc.api.artifacts_show."""
 
-import json
 import shutil
 import subprocess
 from pathlib import Path

@@ -237,3 +237,22 @@ def test_store_of_a_newer_schema_is_refused_not_downgraded(tmp_path):
     with pytest.raises(StoreError, match=f"schema {store.SCHEMA + 1}, newer"):
         store.prepare(tmp_path / "s", LAYOUT, ATTRS)
     assert _tree(tmp_path / "s") == before
+
+
+def test_write_fills_what_an_unlabelled_set_of_normal_images_holds(tmp_path):
+    tokens = np.random.default_rng(0).standard_normal((5, 4, 3)).astype(np.float16)
+    layout = store.StoreLayout(5, 4, 3, mask_size=6, chunk_images=2)
+    asked = []
+
+    def chunk(a, b):
+        asked.append((a, b))
+        return {"tokens": tokens[a:b], "labels": np.array([1] * (b - a), np.uint8)}
+
+    attrs = {"dataset": "t", "backbone": "none", "weights_sha256": "0", "layer": -1, "image_size": 6, "grid": [2, 2]}
+    got = store.write(tmp_path / "s", layout, attrs, chunk)
+    assert asked == [(0, 2), (2, 4), (4, 5)] and got.attrs["complete"] is True
+    np.testing.assert_array_equal(got.tokens[:], tokens)
+    np.testing.assert_array_equal(got.cls[:], tokens.mean(axis=1))  # the mean patch token
+    assert got.labels[:].tolist() == [1] * 5  # given arrays are kept
+    assert not got.masks[:].any() and not got.images[:].any() and got.masks.shape == (5, 6, 6)
+    assert not got.category[:].any() and not got.defect[:].any()

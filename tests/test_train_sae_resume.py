@@ -38,17 +38,13 @@ def write_store(path: Path, seed: int = 0, inputs_sha256: str = "1" * 64) -> Pat
     layout = store.StoreLayout(N_IMAGES, N_TOKENS, DIM, mask_size=4, chunk_images=CHUNK)
     attrs = {"dataset": "tiny", "backbone": "none", "weights_sha256": "0" * 64, "layer": -1, "image_size": 4,
              "grid": [4, 4], "inputs_sha256": inputs_sha256}
-    group, pending = store.prepare(path, layout, attrs)
-    for chunk in pending:
-        start, stop = layout.chunk_range(chunk)
+
+    def chunk(start, stop):
         n = stop - start
         coef = rng.uniform(0, 2, (n, N_TOKENS, 8)) * (rng.random((n, N_TOKENS, 8)) < 0.3)
-        tokens = (coef @ atoms).astype(np.float16)
-        store.write_chunk(group, layout, chunk, {
-            "tokens": tokens, "cls": tokens.mean(axis=1), "masks": np.zeros((n, 4, 4), np.uint8),
-            "images": np.zeros((n, 4, 4, 3), np.uint8), "labels": np.zeros(n, np.uint8),
-            "category": np.zeros(n, np.int16), "defect": np.zeros(n, np.int16)})
-    store.finalize(group, path)
+        return {"tokens": (coef @ atoms).astype(np.float16)}
+
+    store.write(path, layout, attrs, chunk)
     return path
 
 

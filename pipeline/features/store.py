@@ -283,6 +283,29 @@ def finalize(group: zarr.Group, path: str | Path) -> None:
     group.attrs["complete"] = True
 
 
+def write(path: str | Path, layout: StoreLayout, attrs: Mapping[str, Any],
+          chunk: Callable[[int, int], Mapping[str, np.ndarray]]) -> FeatureStore:
+    """Write a complete store chunk by chunk from ``chunk(start, stop)``, the arrays of images
+    [start, stop), and open it: for features computed outside the extract stage (hand-built tests,
+    synthetic benchmarks, tokens a user imports). Arrays left out get what an unlabelled set of
+    normal images would hold: ``cls`` the mean patch token, zero ``masks`` and ``images``, label 0,
+    category and defect 0. Chunks already written (a resumed write) are not asked for again."""
+    group, pending = prepare(path, layout, attrs)
+    for c in pending:
+        a, b = layout.chunk_range(c)
+        arrays = dict(chunk(a, b))
+        n, size = b - a, layout.mask_size
+        tokens = arrays["tokens"]
+        arrays.setdefault("cls", np.asarray(tokens).mean(axis=1))
+        arrays.setdefault("masks", np.zeros((n, size, size), np.uint8))
+        arrays.setdefault("images", np.zeros((n, size, size, 3), np.uint8))
+        for name in ("labels", "category", "defect"):
+            arrays.setdefault(name, np.zeros(n, np.int16 if name != "labels" else np.uint8))
+        write_chunk(group, layout, c, arrays)
+    finalize(group, path)
+    return open_store(path)
+
+
 class FeatureStore:
     """A complete store, opened read-only. Arrays are zarr arrays: slice them to read."""
 
