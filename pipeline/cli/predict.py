@@ -504,15 +504,25 @@ class Together:
         return {"signals": self.names, "fusion": fusion.RULE, "fused_image_score": self.image_score}
 
 
-def score_together(planned, detector, reference, opts: Options, skip) -> Together:
-    """First pass over the inputs: guide signals, reference distances, tokens for the batch; then
-    the fusion (statistics of this set), image scores, and the threshold (override; the references,
-    each against the others; else the batch rule)."""
+@dataclass
+class _Signals:
+    """The first pass's patch signals (N, L) of the inputs, and of the references for the threshold."""
+
+    kept: list
+    guide: Any
+    distances: list
+    names: list[str]
+    normal_guide: Any = None
+    normal_parts: list | None = None
+
+
+def collect_signals(planned, detector, reference, opts: Options, skip) -> _Signals:
+    """First pass over the inputs: guide signals, reference distances, and (``--batch``) the tokens
+    the mutual scores come from; the references' own signals, each against the others."""
     import torch
 
-    from pipeline.method import fusion, neighbours, scoring
+    from pipeline.method import neighbours
 
-    t0 = time.perf_counter()
     kept, guide, ref, tokens = [], [], [], []
     for b in _batches([p for p, _ in planned], [n for _, n in planned], opts.batch_size, opts.max_pixels, skip,
                       "signals"):
@@ -525,25 +535,35 @@ def score_together(planned, detector, reference, opts: Options, skip) -> Togethe
         kept.extend(zip(b.paths, b.names))
     if not kept:
         raise PredictError("no input image could be decoded (see skipped.csv)")
-    n = len(kept)
-    guide_all = torch.cat(guide)
-    distances = [torch.cat(ref)] if reference is not None else []
-    names = ["guides"] + (["reference"] if reference is not None else [])
-    normal_guide = normal_parts = None
+    out = _Signals(kept, torch.cat(guide), [torch.cat(ref)] if reference is not None else [],
+                   ["guides"] + (["reference"] if reference is not None else []))
     if reference is not None:
-        normal_guide = detector.guide_signal(reference.tokens)
-        normal_parts = [reference.leave_one_out(device=detector.device)]
+        out.normal_guide = detector.guide_signal(reference.tokens)
+        out.normal_parts = [reference.leave_one_out(device=detector.device)]
     if opts.batch:
+        n = len(kept)
         if n + (reference.n_images if reference is not None else 0) < 2:
             raise PredictError("--batch needs at least 2 images scored together")
         # the references join the batch: more known-good images to compare with (evaluate does the same)
         together = torch.cat(tokens + ([reference.tokens.to(torch.float16)] if reference is not None else []))
         mutual = torch.from_numpy(neighbours.mutual(lambda i, j: together[i:j].float(), len(together),
                                                     together.shape[1], device=detector.device))
-        distances.append(mutual[:n])
+        out.distances.append(mutual[:n])
         if reference is not None:
-            normal_parts.append(mutual[n:])
-        names.append("batch")
+            out.normal_parts.append(mutual[n:])
+        out.names.append("batch")
+    return out
+
+
+def score_together(planned, detector, reference, opts: Options, skip) -> Together:
+    """:func:`collect_signals`, then the fusion (statistics of this set), image scores, and the
+    threshold (override; the references, each against the others; else the batch rule)."""
+    from pipeline.method import fusion, scoring
+
+    t0 = time.perf_counter()
+    sig = collect_signals(planned, detector, reference, opts, skip)
+    kept, guide_all, distances, names = sig.kept, sig.guide, sig.distances, sig.names
+    normal_guide, normal_parts = sig.normal_guide, sig.normal_parts
     probability = detector.settings.fusion == "none"
     stats = fusion.statistics(*fusion.parts(guide_all, *distances, probability=probability))
     patches = fusion.fuse(guide_all, *distances, probability=probability, stats=stats)
