@@ -56,7 +56,7 @@ def export(tmp, features="aux", out="models/aux/detector", guides_dir="guides"):
 def test_detector_files_follow_the_contract(setup):
     tmp, codes, dictionary = setup
     folder = export(tmp)
-    assert sorted(p.name for p in folder.iterdir()) == ["detector.json", "detector.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == ["atoms.safetensors", "detector.json", "detector.safetensors"]
     info, vectors = detector.read(folder)
     assert set(detector.REQUIRED) <= set(info) and info["format"] == "spg-detector/1"
     assert info["weights_path"] == "models/backbones/dinov2_vits14.safetensors"
@@ -70,6 +70,14 @@ def test_detector_files_follow_the_contract(setup):
     # the decoded guides: c·D per seed, rows in guides.ROWS order
     assert vectors.shape == (3, 4, D_IN) and vectors.dtype == torch.float32
     torch.testing.assert_close(vectors, codes @ dictionary, rtol=0, atol=1e-6)
+    # the atoms: exactly those with a non-zero code somewhere, their rows, and the codes on them
+    from pipeline.method.atoms import DetectorAtoms
+
+    atoms = DetectorAtoms.load(folder, vectors)
+    used = [j for j in range(codes.shape[-1]) if (codes[..., j] != 0).any()]
+    assert atoms.index.tolist() == used
+    torch.testing.assert_close(atoms.dictionary, dictionary[used], rtol=0, atol=0)
+    torch.testing.assert_close(atoms.codes, codes[..., used].float(), rtol=0, atol=0)
 
 
 def test_threshold_is_the_f1_max_of_the_detectors_own_aux_scores(setup):

@@ -2,7 +2,7 @@
 
     python -m pipeline.predict --detector models/synth_a/detector IMAGES... --out predictions/<name>
         [--threshold X | --threshold-from-normals DIR [--far 0.01]]
-        [--batch-size 8] [--writers 4] [--device auto] [--seed S] [--weights FILE] [--max-pixels 50000000]
+        [--normals DIR | --batch] [--explain] [--batch-size 8] [--writers 4] [--device auto] [--seed S] [--weights FILE] [--max-pixels 50000000]
 
 IMAGES are files, folders (searched recursively for the image extensions of
 :data:`pipeline.data.tables.IMAGE_EXTENSIONS`, any case, skipping dot files, dot folders and OS litter such as
@@ -30,6 +30,9 @@ Writes into ``--out`` (each file whole or not at all, through a temp file and ``
 - ``skipped.csv``: ``path, input, reason`` for every file that could not be scored (truncated, not an
   image, a decompression bomb, a refused mode, a name that cannot be mirrored under ``--out``); the
   batch goes on without them. Always written (the header alone when nothing was skipped).
+- ``explanations/<relative path>.json`` and ``.png`` (``--explain``, flagged images only): the SAE atoms
+  that carry the guide score at the image's peak patch, each with its exact share of the logit there
+  (:func:`pipeline.method.atoms.explain_image`), and a panel of those shares and where each atom acts.
 - ``summary.json`` (last): counts, the threshold and how it was chosen, timing, the map encoding and
   the detector's provenance (its ``detector.json``).
 
@@ -71,7 +74,7 @@ from pipeline.evaluation import report
 from pipeline.data.images import IMAGE_EXTENSIONS, DatasetError, load_image
 from pipeline.data.images import visible
 from pipeline.errors import NonFiniteError, PipelineError
-from pipeline.files import atomic_write
+from pipeline.files import atomic_write, write_bytes
 from pipeline.method.thresholds import ThresholdError, batch_threshold, check_rate, threshold_from_normals
 
 log = logging.getLogger("pipeline.cli.predict")
@@ -385,6 +388,9 @@ class Options:
     """Score the input images against each other too (``--batch``, the ``mutual`` signal) and fuse it."""
     max_patches: int | None = None
     """Subsample the ``reference_normals``' patches to this many (greedy coreset); None keeps all."""
+    explain: bool = False
+    """For every image flagged anomalous, the SAE atoms behind its guide score at its peak patch
+    (:func:`explain_flagged`): ``explanations/<relative path>.json`` and ``.png``."""
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "writers", "max_pixels"):
@@ -423,6 +429,8 @@ class _Tally:
     timing: dict = field(default_factory=lambda: {"decode_s": 0.0, "score_s": 0.0, "write_s": 0.0})
     score_min: float = math.inf
     score_max: float = -math.inf
+    flagged: list = field(default_factory=list)
+    """(path, name parts, score) of every image decided anomalous, in input order."""
 
 
 @dataclass(frozen=True)
@@ -639,6 +647,9 @@ def predict_files(inputs: Sequence[str | Path] | str | Path, detector, out: str 
             skipped.append((str(path), role, reason))
         return skip
 
+    if opts.explain and getattr(detector, "atoms", None) is None:
+        raise PredictError("--explain: this detector carries no atoms (atoms.safetensors, written by the export "
+                           "stage since explanations exist); re-export it: `dvc repro export@<aux>`")
     reference = reference_of(detector, opts, out, skipper("normals"))
     planned = plan_outputs(found.files, out, skipper("images"))
     if reference is None and not opts.batch:
@@ -652,6 +663,8 @@ def predict_files(inputs: Sequence[str | Path] | str | Path, detector, out: str 
     log.info("threshold %.6g (%s)", chosen["value"], chosen["source"])
     out.mkdir(parents=True, exist_ok=True)
     tally = score_all(planned, scorer, out, chosen["value"], encoding, opts, skipper("images"))
+    if opts.explain:
+        explain_flagged(tally.flagged, detector, out, opts, skipper("explain"))
     report.write_csv(out / "skipped.csv", [dict(zip(SKIPPED_COLUMNS, row)) for row in skipped], SKIPPED_COLUMNS)
     signals = signals or {"signals": ["guides"], "fusion": "none: the guide map alone"}
     summary = summarise(found, skipped, chosen, tally, opts, encoding, time.perf_counter() - t_start,
@@ -729,8 +742,10 @@ def score_all(planned: Sequence[tuple[Path, tuple[str, ...]]], scorer, out: Path
 
             def finish(pending: list[tuple]) -> None:
                 """Wait for one batch's files and write its rows, in input order."""
-                for path, score, decision, own_s, job in pending:
+                for path, parts, score, decision, own_s, job in pending:
                     map_file, overlay_file, write_s = job.result()
+                    if decision == ANOMALOUS:
+                        tally.flagged.append((path, parts, score))
                     tally.timing["write_s"] += write_s
                     tally.counts[decision] += 1
                     tally.score_min, tally.score_max = min(tally.score_min, score), max(tally.score_max, score)
@@ -753,12 +768,65 @@ def score_all(planned: Sequence[tuple[Path, tuple[str, ...]]], scorer, out: Path
                                     threshold - encoding.low, encoding.span)
                         for i, (parts, image) in enumerate(zip(b.names, b.images))]
                 finish(pending)
-                pending = [(path, float(scores[i]), verdicts[i], b.decode_s[i] + score_s / len(b.images), jobs[i])
-                           for i, path in enumerate(b.paths)]
+                pending = [(path, b.names[i], float(scores[i]), verdicts[i], b.decode_s[i] + score_s / len(b.images),
+                            jobs[i]) for i, path in enumerate(b.paths)]
             finish(pending)
 
     atomic_write(out / "scores.csv", run_all)
     return tally
+
+
+EXPLAIN_TOP = 5
+"""Atoms named per explained image."""
+
+
+def explain_flagged(flagged: Sequence[tuple[Path, tuple[str, ...], float]], detector, out: Path, opts: Options,
+                    skip) -> int:
+    """For each flagged image: the atoms behind its guide score at the patch where the guide signal
+    peaks (:func:`pipeline.method.atoms.explain_image`), as ``explanations/<relative path>.json`` and a
+    panel ``explanations/<relative path>.png`` (:func:`pipeline.evaluation.atom_report.explanation_figure`).
+    The images are decoded and run through the backbone again, so scoring pays nothing for the option.
+    With ``--normals`` or ``--batch`` the image's score also holds nearest-patch distances, which have no
+    atoms: the explanation is of the guide part, and says so. Returns the count explained."""
+    from pipeline.evaluation import atom_report
+    from pipeline.method import atoms as A
+
+    if not flagged:
+        return 0
+    fused = opts.reference_normals is not None or opts.batch or getattr(detector, "reference", None) is not None
+    aux = ((getattr(detector, "info", {}) or {}).get("aux") or {}).get("dataset", "<aux>")
+    done = 0
+    t0 = time.perf_counter()
+    by_path = {path: (parts, score) for path, parts, score in flagged}
+    for b in _batches(list(by_path), [by_path[p][0] for p in by_path], opts.batch_size, opts.max_pixels, skip,
+                      "explain"):
+        tokens, _ = detector.features(b.images)
+        signal = detector.guide_signal(tokens)
+        for i, path in enumerate(b.paths):
+            parts, score = by_path[path]
+            explained, share_maps = A.explain_image(detector.atoms, tokens[i].cpu(), signal[i], detector.grid,
+                                                    detector.settings.temperature, detector.chosen_seeds(),
+                                                    top=EXPLAIN_TOP)
+            image = b.images[i]
+            peak = explained["peak"]
+            gh, gw = detector.grid
+            explained = {"image": str(path), "score": score, "decision": ANOMALOUS,
+                         "peak_box": {"x0": peak["col"] * image.width / gw, "y0": peak["row"] * image.height / gh,
+                                      "x1": (peak["col"] + 1) * image.width / gw,
+                                      "y1": (peak["row"] + 1) * image.height / gh,
+                                      "units": "pixels of the original image"},
+                         **explained,
+                         "galleries": f"reports/{aux}/atoms/atom_<atom>.png (dvc repro atoms@{aux})",
+                         "scope": ("the guide part of the score only: nearest-patch distances to the references or "
+                                   "the batch, also in this image's score, are not made of atoms") if fused else
+                                  "the guide score, the whole of this image's score"}
+            fig = atom_report.explanation_figure(np.asarray(image.convert("RGB")), signal[i].numpy(), detector.grid,
+                                                 explained, share_maps.numpy(), f"{Path(*parts)}: score {score:.4g}")
+            report.write_json(output_path(out / "explanations", parts, ".json"), explained)
+            write_bytes(output_path(out / "explanations", parts, ".png"), report.png_bytes(fig))
+            done += 1
+    log.info("explained %d flagged image(s) in %.1f s -> %s", done, time.perf_counter() - t0, out / "explanations")
+    return done
 
 
 def summarise(found: InputSet, skipped: Sequence[tuple], chosen: dict, tally: _Tally, opts: Options,
@@ -815,6 +883,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="keep at most this many of the --normals' patches (greedy coreset); default all")
     parser.add_argument("--batch", action="store_true",
                         help="the input images also score each other (the mutual signal), fused with the guides")
+    parser.add_argument("--explain", action="store_true",
+                        help="for each image flagged anomalous, the SAE atoms behind its score at its peak "
+                             "(explanations/<image>.json and .png)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--writers", type=int, default=min(4, os.cpu_count() or 1),
                         help="threads writing the PNGs (default: min(4, CPU count))")
@@ -830,7 +901,8 @@ def main(argv: list[str] | None = None) -> None:
     # every option is checked before the detector (torch, timm, the weights) is loaded
     opts = Options(batch_size=args.batch_size, max_pixels=args.max_pixels, threshold=args.threshold,
                    normals=args.threshold_from_normals, far=args.far, writers=args.writers,
-                   reference_normals=args.normals, batch=args.batch, max_patches=args.max_patches)
+                   reference_normals=args.normals, batch=args.batch, max_patches=args.max_patches,
+                   explain=args.explain)
     from pipeline.method.detector import Detector  # heavy (torch, timm): only when a real detector is loaded
     from pipeline.launch import resolve_device
 

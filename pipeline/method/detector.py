@@ -8,6 +8,9 @@ A detector folder (``models/<A>/detector``, written by the export stage) holds
                            image_size, grid, temperature, blur_sigma, image_score, lse_temperature,
                            top_fraction, threshold, threshold_rule, seeds, map_range, aux, sae_sha256,
                            guides (provenance)
+    atoms.safetensors      the SAE atoms the guide codes use and the codes on them
+                           (:class:`pipeline.method.atoms.DetectorAtoms`): what ``predict --explain``
+                           decomposes a score over; optional (older exports lack it)
 
 :class:`Detector` loads it with the backbone weights it was made for (checked by sha256) and maps PIL
 images or tokens to anomaly maps (B, S, S) in [0, 1] and image scores (B,). Maps come from
@@ -148,6 +151,9 @@ class Detector:
         self.reference = None
         """A :class:`pipeline.method.reference.Reference` of the line's known-good images, when the
         folder carries one (``reference.json``) or one is set."""
+        self.atoms = None
+        """The :class:`pipeline.method.atoms.DetectorAtoms` of the folder's ``atoms.safetensors``, checked
+        to decode to ``vectors``; None when it has none."""
 
     @classmethod
     def load(cls, folder: str | Path, *, weights: str | Path | None = None, device: str | torch.device = "cpu",
@@ -183,8 +189,15 @@ class Detector:
         from pipeline.method.reference import Reference
 
         det = cls(info, vectors, seed=seed, backbone=backbone, transform=transform, device=device, where=str(folder))
+        from pipeline.method.atoms import DetectorAtoms
+
         det.reference = Reference.load(folder, detector_sha256=sha256_file(folder / "detector.safetensors"))
+        det.atoms = DetectorAtoms.load(folder, vectors)
         return det
+
+    def chosen_seeds(self) -> list[int]:
+        """Positions (in ``seeds``) of the seeds that score: all, or the one of ``seed``."""
+        return list(range(len(self.seeds))) if self.seed is None else [self.seeds.index(self.seed)]
 
     def guide_signal(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, L, d) -> (B, L) float32 on the CPU: the patch values the guide map upsamples

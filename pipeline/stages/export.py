@@ -5,7 +5,9 @@
         --out models/synth_a/detector
 
 Writes ``<out>/detector.safetensors`` (``vectors`` (n_seeds, 4, d): each seed's decoded guides ``c·D``)
-and ``<out>/detector.json`` (:mod:`pipeline.method.detector`), both atomically, the JSON last. One detector per
+and ``<out>/detector.json`` (:mod:`pipeline.method.detector`), both atomically, the JSON last, and
+``<out>/atoms.safetensors``, the SAE atoms the guide codes use and the codes on them
+(:class:`pipeline.method.atoms.DetectorAtoms`), which ``predict --explain`` decomposes scores over. One detector per
 auxiliary set, not per run: it depends on the SAE and guides of A and on the scoring settings only,
 never on a target, so every run from A scores with the same one.
 
@@ -39,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.method import atoms
 from pipeline.method import detector
 from pipeline.evaluation import evaluate as evaluation
 from pipeline.method import guides
@@ -112,6 +115,8 @@ def main(argv: list[str] | None = None) -> None:
         "guides": {"sha256": sha256_file(args.guides / "guides.safetensors"), "variant": training.get("variant"),
                    "seeds": seeds, "training": training},
     }
+    # the atoms first: detector.json, written last, marks a complete export
+    atoms.DetectorAtoms.from_codes(codes_per_seed.float(), dictionary).save(args.out)
     detector.save(args.out, vectors, info)
     log.info("%s: detector with %d seed(s) at %s; threshold %.6g (aux F1 %.3f)", aux.attrs["dataset"],
              len(seeds), args.out, threshold, f1)
