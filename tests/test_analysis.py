@@ -38,3 +38,36 @@ def test_fusion_rule_candidates_by_hand():
     np.testing.assert_allclose(got["rankmean"], (np.array([[2.5, 4], [1, 2.5]]) + np.array([[1, 4], [2, 3]])) / 8)
     z = (batch - batch.mean()) / batch.std()
     np.testing.assert_allclose(got["zmean_w0.5"], 0.5 * (guide - guide.mean()) / guide.std() + 0.5 * z, atol=1e-9)
+
+
+def test_sparsity_table_by_hand(tmp_path, capsys):
+    import json
+
+    import yaml
+
+    from analysis import sparsity
+
+    def setting(name, variant, l1, k, active, top10, runs):
+        folder = tmp_path / "sweep" / name
+        (folder / "synth_a").mkdir(parents=True)
+        (folder / "params.yaml").write_text(yaml.safe_dump({"guides": {"variant": variant, "l1_coef": l1,
+                                                                       "guide_topk": k}}))
+        (folder / "synth_a" / "atoms.json").write_text(json.dumps({
+            "active_atoms": [{"anomaly_local": a, "normal_local": 2 * a} for a in active],
+            "concentration": {"per_seed": [{"top_1": t / 2, "top_10": t} for t in top10]}}))
+        for run, (img, pix) in runs.items():
+            (folder / run).mkdir()
+            (folder / run / "metrics.json").write_text(json.dumps({"image_auroc": img, "image_auroc_std": 0.01,
+                                                                   "pixel_auroc": pix, "pixel_auroc_std": 0.02}))
+
+    setting("a", "l1", 0.001, 32, [300, 100], [0.2, 0.4], {"synth_a_to_x": (0.9, 0.8), "synth_a_to_y": (None, 0.6)})
+    setting("b", "topk", 0.001, 8, [8, 8], [1.0, 1.0], {"synth_a_to_x": (0.7, 0.9), "synth_a_to_y": (None, 0.7)})
+    assert sparsity.main([str(tmp_path / "sweep"), "--out", str(tmp_path / "out")]) == 0
+    rows = {r["setting"]: r for r in sparsity.table(tmp_path / "sweep")}
+    assert rows["l1 0.001"]["active_anomaly_local"] == 200 and rows["l1 0.001"]["active_normal_local"] == 400
+    assert rows["l1 0.001"]["top_10"] == pytest.approx(0.3) and rows["topk 8"]["top_1"] == pytest.approx(0.5)
+    # image AUROC over the run where it is defined, pixel over both
+    assert rows["l1 0.001"]["mean_image_auroc"] == pytest.approx(0.9)
+    assert rows["topk 8"]["mean_pixel_auroc"] == pytest.approx(0.8)
+    assert "| topk 8 | 8 / 16 | 0.50 / 1.00 | 0.700 (0.010) | 0.800 (0.020) |" in capsys.readouterr().out
+    assert (tmp_path / "out" / "sparsity.csv").read_text().count("\n") == 3

@@ -60,3 +60,17 @@ def test_garbled_or_missing_reports_are_clear_errors(tmp_path, capsys):
 def test_the_committed_docs_equal_what_the_committed_reports_give():
     assert results.main(["--reports", str(ROOT / "reports"), "--out", str(ROOT / "docs" / "results.md"),
                          "--readme", str(ROOT / "README.md"), "--check"]) == 0
+
+
+def test_the_atoms_table_of_a_hand_written_atoms_json(tmp_path):
+    reports = tmp_path / "reports"
+    write_run(reports, "a_to_b", aux="a", target="b", image_auroc=0.5, pixel_auroc=0.5, pixel_aupro=0.5)
+    (reports / "a" / "atoms.json").parent.mkdir(parents=True)
+    (reports / "a" / "atoms.json").write_text(json.dumps({
+        "active_atoms": [{"anomaly_local": 100, "normal_local": 10}, {"anomaly_local": 200, "normal_local": 30}],
+        "concentration": {"per_seed": [{"top_1": 0.1, "top_5": 0.2, "top_10": 0.3, "top_50": 0.6},
+                                       {"top_1": 0.3, "top_5": 0.4, "top_10": 0.5, "top_50": 0.8}]},
+        "kinds": {"specific": 3, "mixed": 1}}))
+    rendered = results.render(results.load_runs(reports), results.load_atoms(reports))
+    assert "| a | 150 | 20 | 0.200 | 0.300 | 0.400 | 0.700 | 3 / 0 / 1 / 0 |" in rendered.splitlines()
+    assert "Atoms behind the score" not in results.render(results.load_runs(reports), {})
