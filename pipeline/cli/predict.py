@@ -19,7 +19,8 @@ is **anomalous** when ``score >= threshold`` (the rule under which the F1-max th
 
 Writes into ``--out`` (each file whole or not at all, through a temp file and ``os.replace``):
 
-- ``scores.csv``: ``path, score, decision, seconds, map, overlay`` per scored image, in input order;
+- ``scores.csv``: ``path, score, decision, seconds, map, overlay, mask`` per scored image, in input order
+  (``mask`` empty where none was written);
   ``seconds`` is the image's own decode and write time plus an equal share of its batch's scoring time.
 - ``maps/<relative path>.png``: the map at the image's **original size** (the S x S map resized
   bilinearly), a 16-bit greyscale PNG whose pixel value v means the anomaly probability v / 65535
@@ -30,6 +31,11 @@ Writes into ``--out`` (each file whole or not at all, through a temp file and ``
 - ``skipped.csv``: ``path, input, reason`` for every file that could not be scored (truncated, not an
   image, a decompression bomb, a refused mode, a name that cannot be mirrored under ``--out``); the
   batch goes on without them. Always written (the header alone when nothing was skipped).
+- ``masks/<relative path>.png`` (flagged images, when a pixel threshold applies: ``--pixel-threshold``
+  or the detector's own, chosen on its auxiliary set for the guide map): 8-bit, 255 where the map at
+  the original size is ``>= pixel threshold``, regions under ``--min-region-area`` pixels removed; and
+  ``regions.csv``: ``path, region, area_px, x0, y0, x1, y1, peak, mean`` per connected (8-neighbour)
+  defect region of each flagged image (:func:`regions_of`).
 - ``explanations/<relative path>.json`` and ``.png`` (``--explain``, flagged images only): the SAE atoms
   that carry the guide score at the image's peak patch, each with its exact share of the logit there
   (:func:`pipeline.method.atoms.explain_image`), and a panel of those shares and where each atom acts.
@@ -81,7 +87,8 @@ log = logging.getLogger("pipeline.cli.predict")
 
 MAP_SCALE = 65535
 """A map PNG's pixel value v stands for the anomaly probability v / MAP_SCALE."""
-SCORE_COLUMNS = ("path", "score", "decision", "seconds", "map", "overlay")
+SCORE_COLUMNS = ("path", "score", "decision", "seconds", "map", "overlay", "mask")
+REGION_COLUMNS = ("path", "region", "area_px", "x0", "y0", "x1", "y1", "peak", "mean")
 SKIPPED_COLUMNS = ("path", "input", "reason")
 ANOMALOUS, NORMAL = "anomalous", "normal"
 OVERLAY_ALPHA = 0.5
@@ -289,15 +296,50 @@ def _write_png(path: Path, image: Image.Image) -> None:
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG", compress_level=1))
 
 
+def regions_of(full: np.ndarray, pixel_threshold: float, min_area: int = 1) -> tuple[np.ndarray, list[dict]]:
+    """A map at the image's size (H, W) -> (the defect mask (H, W) bool, its regions).
+
+    Defect pixels are those with ``map >= pixel_threshold``; a region is a set of them connected
+    through their 8 neighbours; regions of fewer than ``min_area`` pixels are dropped from both. Each
+    region: ``area_px``, the bounding box ``x0, y0`` (first column, row) to ``x1, y1`` (exclusive),
+    and the ``peak`` and ``mean`` map value over its pixels; numbered from 1 in raster order."""
+    from scipy import ndimage
+
+    labels, _ = ndimage.label(full >= pixel_threshold, structure=np.ones((3, 3), bool))
+    keep = np.zeros(labels.max() + 1, bool)
+    regions = []
+    for k, box in enumerate(ndimage.find_objects(labels), start=1):
+        inside = labels[box] == k
+        area = int(inside.sum())
+        if area < min_area:
+            continue
+        keep[k] = True
+        values = full[box][inside]
+        regions.append({"region": len(regions) + 1, "area_px": area, "x0": box[1].start, "y0": box[0].start,
+                        "x1": box[1].stop, "y1": box[0].stop, "peak": float(values.max()),
+                        "mean": float(values.mean())})
+    return keep[labels], regions
+
+
 def _write_outputs(out: Path, parts: Sequence[str], image: Image.Image, amap: np.ndarray,
-                   threshold: float, top: float = 1.0) -> tuple[Path, Path, float]:
-    """Write one image's map (16-bit, original size) and overlay PNGs; (map file, overlay file, seconds)."""
+                   threshold: float, top: float = 1.0, *, pixel_threshold: float | None = None,
+                   min_area: int = 1, low: float = 0.0) -> tuple[Path, Path, Path | None, list[dict], float]:
+    """Write one image's map (16-bit, original size) and overlay PNGs and, given a ``pixel_threshold``,
+    its defect mask PNG (8-bit, 255 = defect); (map file, overlay file, mask file or None, regions,
+    seconds). ``amap`` and both thresholds are relative to ``low``; the regions' values are not."""
     t0 = time.perf_counter()
     full = map_at_size(amap, image.size, top)
     map_file, overlay_file = output_path(out / "maps", parts), output_path(out / "overlays", parts)
     _write_png(map_file, map_png(full, top))
     _write_png(overlay_file, overlay(image, full, threshold, top))
-    return map_file, overlay_file, time.perf_counter() - t0
+    mask_file, regions = None, []
+    if pixel_threshold is not None:
+        mask, regions = regions_of(full, pixel_threshold, min_area)
+        for r in regions:
+            r["peak"], r["mean"] = r["peak"] + low, r["mean"] + low
+        mask_file = output_path(out / "masks", parts)
+        _write_png(mask_file, Image.fromarray(mask.astype(np.uint8) * 255, mode="L"))
+    return map_file, overlay_file, mask_file, regions, time.perf_counter() - t0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -388,6 +430,12 @@ class Options:
     """Score the input images against each other too (``--batch``, the ``mutual`` signal) and fuse it."""
     max_patches: int | None = None
     """Subsample the ``reference_normals``' patches to this many (greedy coreset); None keeps all."""
+    pixel_threshold: float | None = None
+    """The map value at and above which a pixel of a flagged image is defect (``--pixel-threshold``);
+    None: the detector's own (``pixel_threshold`` in detector.json, chosen on its auxiliary set), which
+    applies to the guide map alone, so fused runs write masks only when one is given."""
+    min_region_area: int = 1
+    """Defect regions of fewer pixels (at the image's own size) are dropped from masks and regions.csv."""
     explain: bool = False
     """For every image flagged anomalous, the SAE atoms behind its guide score at its peak patch
     (:func:`explain_flagged`): ``explanations/<relative path>.json`` and ``.png``."""
@@ -406,6 +454,12 @@ class Options:
             check_rate(self.far)
         except ThresholdError as e:
             raise PredictError(str(e)) from None
+        if self.pixel_threshold is not None and not (isinstance(self.pixel_threshold, (int, float))
+                                                     and math.isfinite(self.pixel_threshold)):
+            raise PredictError(f"--pixel-threshold must be a finite number, got {self.pixel_threshold!r}")
+        if (isinstance(self.min_region_area, bool) or not isinstance(self.min_region_area, int)
+                or self.min_region_area < 1):
+            raise PredictError(f"--min-region-area must be a positive integer, got {self.min_region_area!r}")
         if self.max_patches is not None and (isinstance(self.max_patches, bool) or not isinstance(self.max_patches, int)
                                              or self.max_patches < 1):
             raise PredictError(f"--max-patches must be a positive integer, got {self.max_patches!r}")
@@ -431,6 +485,8 @@ class _Tally:
     score_max: float = -math.inf
     flagged: list = field(default_factory=list)
     """(path, name parts, score) of every image decided anomalous, in input order."""
+    regions: list = field(default_factory=list)
+    """regions.csv's rows (:data:`REGION_COLUMNS`) of the flagged images, in input order."""
 
 
 @dataclass(frozen=True)
@@ -662,13 +718,17 @@ def predict_files(inputs: Sequence[str | Path] | str | Path, detector, out: str 
         scorer, encoding = scored.scorer, scored.encoding
     log.info("threshold %.6g (%s)", chosen["value"], chosen["source"])
     out.mkdir(parents=True, exist_ok=True)
-    tally = score_all(planned, scorer, out, chosen["value"], encoding, opts, skipper("images"))
+    pixel = choose_pixel_threshold(detector, opts, fused=signals is not None)
+    tally = score_all(planned, scorer, out, chosen["value"], encoding, opts, skipper("images"), pixel["value"])
+    if pixel["value"] is not None:
+        report.write_csv(out / "regions.csv", tally.regions, REGION_COLUMNS)
     if opts.explain:
         explain_flagged(tally.flagged, detector, out, opts, skipper("explain"))
     report.write_csv(out / "skipped.csv", [dict(zip(SKIPPED_COLUMNS, row)) for row in skipped], SKIPPED_COLUMNS)
     signals = signals or {"signals": ["guides"], "fusion": "none: the guide map alone"}
     summary = summarise(found, skipped, chosen, tally, opts, encoding, time.perf_counter() - t_start,
-                        {**signals, **dict(meta or {}), "detector": dict(getattr(detector, "info", {}) or {})})
+                        {**signals, "pixel_threshold": pixel, "n_regions": len(tally.regions) if pixel["value"] is not None
+                         else None, **dict(meta or {}), "detector": dict(getattr(detector, "info", {}) or {})})
     if summary["n_scored"] == 0:
         log.warning("no image could be scored: all %d were skipped (see %s)", len(found.files), out / "skipped.csv")
     report.write_json(out / "summary.json", summary)
@@ -715,6 +775,23 @@ def choose_threshold(detector, opts: Options, out: Path, skip) -> dict:
             "detector_threshold": detector_threshold}
 
 
+def choose_pixel_threshold(detector, opts: Options, *, fused: bool) -> dict:
+    """``summary.json``'s ``pixel_threshold``: the override, else the detector's own for the guide map
+    alone; ``value`` None (no masks) for fused maps without an override or a detector without one."""
+    if opts.pixel_threshold is not None:
+        return {"value": float(opts.pixel_threshold), "source": "override", "min_region_area": opts.min_region_area}
+    own = (getattr(detector, "info", {}) or {}).get("pixel_threshold")
+    if fused:
+        if own is not None:
+            log.info("no defect masks: the detector's pixel threshold is on the guide map's scale, not the fused "
+                     "map's; give --pixel-threshold for masks")
+        return {"value": None, "source": None, "reason": "fused maps: give --pixel-threshold for masks"}
+    if own is None:
+        return {"value": None, "source": None, "reason": "the detector has no pixel_threshold (re-export it)"}
+    return {"value": float(own), "source": "detector", "rule": detector.info.get("pixel_threshold_rule"),
+            "min_region_area": opts.min_region_area}
+
+
 def plan_outputs(files: Sequence[Path], out: Path, skip) -> list[tuple[Path, tuple[str, ...]]]:
     """(image, its relative name parts) for every image whose outputs can be named under ``out``
     (:func:`output_path`); the others go to ``skip``."""
@@ -730,9 +807,10 @@ def plan_outputs(files: Sequence[Path], out: Path, skip) -> list[tuple[Path, tup
 
 
 def score_all(planned: Sequence[tuple[Path, tuple[str, ...]]], scorer, out: Path, threshold: float,
-              encoding: MapEncoding, opts: Options, skip) -> _Tally:
+              encoding: MapEncoding, opts: Options, skip, pixel_threshold: float | None = None) -> _Tally:
     """Score the planned images batch by batch (``scorer(batch)`` -> maps, scores, seconds), writing
-    their PNGs (in ``opts.writers`` threads) and ``scores.csv`` (whole or not at all, rows in input order)."""
+    their PNGs (in ``opts.writers`` threads), with ``pixel_threshold`` the flagged images' masks, and
+    ``scores.csv`` (whole or not at all, rows in input order)."""
     tally = _Tally()
 
     def run_all(scores_tmp: Path) -> None:
@@ -743,16 +821,18 @@ def score_all(planned: Sequence[tuple[Path, tuple[str, ...]]], scorer, out: Path
             def finish(pending: list[tuple]) -> None:
                 """Wait for one batch's files and write its rows, in input order."""
                 for path, parts, score, decision, own_s, job in pending:
-                    map_file, overlay_file, write_s = job.result()
+                    map_file, overlay_file, mask_file, regions, write_s = job.result()
                     if decision == ANOMALOUS:
                         tally.flagged.append((path, parts, score))
+                        tally.regions += [{"path": str(path), **r} for r in regions]
                     tally.timing["write_s"] += write_s
                     tally.counts[decision] += 1
                     tally.score_min, tally.score_max = min(tally.score_min, score), max(tally.score_max, score)
                     # repr: the score as computed (float64), so a decision can be checked against the threshold
                     table.write(_csv_line((str(path), repr(score), decision, f"{own_s + write_s:.4f}",
                                            map_file.relative_to(out).as_posix(),
-                                           overlay_file.relative_to(out).as_posix())))
+                                           overlay_file.relative_to(out).as_posix(),
+                                           "" if mask_file is None else mask_file.relative_to(out).as_posix())))
                 table.flush()
 
             pending: list[tuple] = []
@@ -765,7 +845,10 @@ def score_all(planned: Sequence[tuple[Path, tuple[str, ...]]], scorer, out: Path
                 # PNG encoding (PIL releases the GIL) runs in the writers while the next batch is decoded and
                 # scored; waiting for the previous batch first keeps at most two batches in memory
                 jobs = [pool.submit(_write_outputs, out, parts, image, maps[i] - encoding.low,
-                                    threshold - encoding.low, encoding.span)
+                                    threshold - encoding.low, encoding.span,
+                                    pixel_threshold=(None if pixel_threshold is None or verdicts[i] != ANOMALOUS
+                                                     else pixel_threshold - encoding.low),
+                                    min_area=opts.min_region_area, low=encoding.low)
                         for i, (parts, image) in enumerate(zip(b.names, b.images))]
                 finish(pending)
                 pending = [(path, b.names[i], float(scores[i]), verdicts[i], b.decode_s[i] + score_s / len(b.images),
@@ -883,6 +966,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="keep at most this many of the --normals' patches (greedy coreset); default all")
     parser.add_argument("--batch", action="store_true",
                         help="the input images also score each other (the mutual signal), fused with the guides")
+    parser.add_argument("--pixel-threshold", type=float, default=None,
+                        help="map value at and above which a flagged image's pixel is defect (default: the "
+                             "detector's own, chosen on its auxiliary set; fused runs need one for masks)")
+    parser.add_argument("--min-region-area", type=int, default=1,
+                        help="drop defect regions of fewer pixels from masks/ and regions.csv (default 1)")
     parser.add_argument("--explain", action="store_true",
                         help="for each image flagged anomalous, the SAE atoms behind its score at its peak "
                              "(explanations/<image>.json and .png)")
@@ -902,7 +990,8 @@ def main(argv: list[str] | None = None) -> None:
     opts = Options(batch_size=args.batch_size, max_pixels=args.max_pixels, threshold=args.threshold,
                    normals=args.threshold_from_normals, far=args.far, writers=args.writers,
                    reference_normals=args.normals, batch=args.batch, max_patches=args.max_patches,
-                   explain=args.explain)
+                   explain=args.explain, pixel_threshold=args.pixel_threshold,
+                   min_region_area=args.min_region_area)
     from pipeline.method.detector import Detector  # heavy (torch, timm): only when a real detector is loaded
     from pipeline.launch import resolve_device
 

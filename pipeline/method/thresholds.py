@@ -71,3 +71,51 @@ def batch_threshold(scores: np.ndarray) -> dict:
             "rule": f"median + {BATCH_RULE_MADS:g} x 1.4826 x MAD of this run's fused image scores (assumes most "
                     "images scored together are good); pass --normals or --threshold for another",
             "median": median, "mad_scaled": mad}
+
+
+PIXEL_LEVELS = 65535
+"""A map's values are binned at the resolution of the map PNGs predict writes: ``top`` / 65535."""
+
+
+class PixelF1:
+    """The pixel threshold with the highest F1 over a labelled set's maps, streamed batch by batch.
+
+    Map values in [0, ``top``] are binned into levels ``b = floor(v / top · 65535)`` (the 16-bit map
+    PNG's resolution); a pixel is flagged at level ``b`` when its own level is ``>= b``, i.e. when its
+    value is ``>= b · top / 65535`` up to that resolution. Per level it counts defect and good pixels;
+    :meth:`best` returns the level of the highest F1 (the highest level on ties: the fewest flagged
+    pixels for the same F1) and its threshold ``b · top / 65535``. Memory is two arrays of 65,536 counts,
+    whatever the set's size.
+    """
+
+    def __init__(self, top: float = 1.0):
+        if not (math.isfinite(top) and top > 0):
+            raise ThresholdError(f"map range top must be a positive number, got {top!r}")
+        self.top = float(top)
+        self.positive = np.zeros(PIXEL_LEVELS + 1, np.int64)
+        self.negative = np.zeros(PIXEL_LEVELS + 1, np.int64)
+
+    def levels(self, maps: np.ndarray) -> np.ndarray:
+        return np.clip(np.floor(np.asarray(maps, np.float64) / self.top * PIXEL_LEVELS), 0, PIXEL_LEVELS).astype(np.int64)
+
+    def add(self, maps: np.ndarray, masks: np.ndarray) -> None:
+        """maps (B, S, S) and masks (B, S, S) {0, 1} of the same pixels."""
+        maps, masks = np.asarray(maps), np.asarray(masks)
+        if maps.shape != masks.shape:
+            raise ThresholdError(f"maps {maps.shape} and masks {masks.shape} differ in shape")
+        if not np.isfinite(maps).all():
+            raise ThresholdError("a map holds NaN or Inf: no pixel threshold can be chosen on it")
+        levels, defect = self.levels(maps).ravel(), masks.ravel() > 0
+        self.positive += np.bincount(levels[defect], minlength=PIXEL_LEVELS + 1)
+        self.negative += np.bincount(levels[~defect], minlength=PIXEL_LEVELS + 1)
+
+    def best(self) -> tuple[float, float]:
+        """(pixel F1-max, its threshold); a ThresholdError when the set has no defect or no good pixel."""
+        total = int(self.positive.sum())
+        if total == 0 or int(self.negative.sum()) == 0:
+            raise ThresholdError("the pixel threshold needs both defect and good pixels in the labelled set")
+        tp = np.cumsum(self.positive[::-1])[::-1]  # pixels at level >= b
+        fp = np.cumsum(self.negative[::-1])[::-1]
+        f1 = 2 * tp / (2 * tp + fp + (total - tp))
+        best = int(np.flatnonzero(f1 == f1.max())[-1])
+        return float(f1[best]), best * self.top / PIXEL_LEVELS

@@ -48,6 +48,7 @@ from pipeline.method import guides
 from pipeline.evaluation import metrics
 from pipeline.method import sae
 from pipeline.method import scoring
+from pipeline.method import thresholds
 from pipeline.features import store
 from pipeline.config import load_params
 from pipeline.files import sha256_file
@@ -109,6 +110,11 @@ def main(argv: list[str] | None = None) -> None:
         "threshold_note": "the image-score threshold with the highest F1 over the auxiliary set's own images "
                           "(pooled over its categories, mean-of-seeds maps); anomalous where score >= threshold",
         "threshold_aux": threshold_aux,
+        "pixel_threshold": threshold_aux["pixel_threshold"],
+        "pixel_threshold_rule": "aux_pixel_f1_max",
+        "pixel_threshold_note": "the map value with the highest pixel F1 over the auxiliary set's own maps "
+                                "(mean-of-seeds maps, all pixels pooled, at the map PNGs' resolution of "
+                                "1/65535 of the range); a pixel is defect where map >= pixel_threshold",
         "aux": {"dataset": aux.attrs["dataset"], "store": guides.store_fingerprint(aux.attrs)},
         "sae_sha256": sae_sha256,
         "sae": {k: sae_config[k] for k in ("d_in", "n_latents", "k") if k in sae_config},
@@ -125,10 +131,17 @@ def main(argv: list[str] | None = None) -> None:
 def aux_threshold(aux: store.FeatureStore, vectors: torch.Tensor, seeds: list[int], settings: scoring.ScoreSettings,
                   batch_images: int, device: torch.device, where: Path) -> tuple[float, float, dict]:
     """(F1, threshold, detector.json's ``threshold_aux``): the F1-max image-score threshold of the
-    detector's own scoring (the mean of the seeds' maps, maps not kept) over every auxiliary image."""
+    detector's own scoring (the mean of the seeds' maps, maps not kept) over every auxiliary image, and
+    in ``threshold_aux`` the pixel F1-max threshold of the same maps (:class:`thresholds.PixelF1`)."""
+    pixels = thresholds.PixelF1(top=1.0 if settings.fusion == "none" else 2.0)
+
+    def sink(offset: int, maps: dict) -> None:
+        m = maps[evaluation.ENSEMBLE]
+        pixels.add(m, aux.masks[offset:offset + len(m)])
+
     scored = evaluation.score_rows(aux, 0, aux.n_images, {k: v.to(device) for k, v in
                                                           evaluation.learned_sets(vectors, seeds).items()},
-                                   settings, batch_images, device, keep_maps=False)
+                                   settings, batch_images, device, keep_maps=False, sink=sink)
     _, scores = scored[evaluation.ENSEMBLE]
     labels = aux.labels[:].astype(np.int64)
     reason = metrics.one_class_reason(labels, "images")
@@ -137,9 +150,14 @@ def aux_threshold(aux: store.FeatureStore, vectors: torch.Tensor, seeds: list[in
                                      "normal and anomalous images, so it needs both")
     f1, threshold = metrics.f1_max_threshold(labels, scores)
     at = metrics.at_threshold(labels, scores, threshold)
+    try:
+        pixel_f1, pixel_threshold = pixels.best()
+    except thresholds.ThresholdError as err:
+        raise detector.DetectorError(f"{where}: {err}") from None
     return f1, threshold, {"image_f1": f1, "image_precision": at["image_precision_at_aux_threshold"],
                            "image_recall": at["image_recall_at_aux_threshold"], "n_images": int(labels.size),
-                           "n_anomalous": int(labels.sum())}
+                           "n_anomalous": int(labels.sum()), "pixel_threshold": pixel_threshold,
+                           "pixel_f1": pixel_f1}
 
 
 if __name__ == "__main__":
