@@ -397,3 +397,19 @@ def test_pixel_metrics_aupro_follows_its_integration_limit(fpr_limit):
     assert abs(got - reference_aupro(masks, maps, fpr_limit=fpr_limit)) < 1e-6
     assert abs(reference_aupro(masks, maps, fpr_limit=fpr_limit) - reference_aupro(masks, maps, fpr_limit=0.3)) > 1e-3 \
         or fpr_limit == 0.3
+
+
+def test_operator_view_by_hand():
+    from pipeline.evaluation.metrics import operator_view
+
+    # lowest defect score 0.4: good 0.1 passes, 0.5 and 0.9 are flagged
+    got = operator_view(np.array([0, 0, 0, 1, 1]), np.array([0.1, 0.5, 0.9, 0.4, 0.8]))
+    assert got["good_passed_at_full_recall"] == pytest.approx(1 / 3)
+    assert got["good_passed_at_1pct_miss"] == pytest.approx(1 / 3)  # 2 defects: k = 0, no miss allowed
+    # 100 defects scoring 1..100: one may be missed, so the threshold is 2; goods 1.5 and 1.9 pass, 2.5 not
+    labels = np.r_[np.zeros(3), np.ones(100)].astype(int)
+    scores = np.r_[1.5, 1.9, 2.5, np.arange(1, 101)].astype(float)
+    got = operator_view(labels, scores)
+    assert got["good_passed_at_full_recall"] == 0.0 and got["good_passed_at_1pct_miss"] == pytest.approx(2 / 3)
+    none = operator_view(np.ones(4, int), np.arange(4.0))
+    assert none["good_passed_at_full_recall"] is None and "0 normal" in none["null_reasons"]["good_passed_at_1pct_miss"]

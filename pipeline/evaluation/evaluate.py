@@ -41,6 +41,9 @@ from pipeline.method.reference import Reference
 KEYS = metrics.METRIC_KEYS
 IMAGE_KEYS = KEYS[:3]
 THRESHOLD_KEYS = metrics.THRESHOLD_KEYS
+DECISION_KEYS = (*metrics.THRESHOLD_KEYS, *metrics.OPERATOR_KEYS)
+"""What the detector's own scoring (the mean of the seeds' maps) decides: at the aux threshold, and the
+operator's view (:func:`metrics.operator_view`)."""
 MapSink = Callable[[int, Mapping[str, np.ndarray]], None]
 """Called with (row offset in [start, stop) minus start, {name: maps (b, S, S) float32}) for each batch
 of images as it is scored, in row order: how the evaluate stage streams maps to disk."""
@@ -492,7 +495,7 @@ def assemble(scored: Collected, categories: Sequence[str], *, threshold_info: Ma
     by_category = {c: category_summary(scored, c) for c in categories}
     null_reasons = {key: "undefined in every category; " + "; ".join(
                         f"{c}: {e['null_reasons'][key]}" for c, e in by_category.items() if key in e.get("null_reasons", {}))
-                    for key in (*KEYS, *THRESHOLD_KEYS) if result[key] is None}
+                    for key in (*KEYS, *DECISION_KEYS) if result[key] is None}
     curves, curve_reasons = pooled_curves(scored, curve_points)
     null_reasons.update(curve_reasons)
     null_reasons.update(_modes_of(scored, ENSEMBLE).get("null_reasons", {}))
@@ -520,10 +523,10 @@ def run_summary(scored: Collected, threshold_info: Mapping[str, Any], run_info: 
         return {**summary(prefix), "image_by_score": seed_summary_by_score(
             [_modes_of(scored, n)["image_by_score"] for n in _sets(scored, prefix)])}
 
-    ensemble = mean_over_categories(scored.per_category[ENSEMBLE], (*KEYS, *THRESHOLD_KEYS))
+    ensemble = mean_over_categories(scored.per_category[ENSEMBLE], (*KEYS, *DECISION_KEYS))
     return {
         **summary(LEARNED),
-        **{k: ensemble[k] for k in THRESHOLD_KEYS},
+        **{k: ensemble[k] for k in DECISION_KEYS},
         **threshold_info,
         "seed_ensemble": {k: ensemble[k] for k in KEYS},
         **run_info,
@@ -549,9 +552,9 @@ def category_summary(scored: Collected, category: str) -> dict:
     if reasons:
         entry["null_reasons"] = reasons
     mean_map = per[ENSEMBLE][category]
-    entry.update({k: mean_map[k] for k in THRESHOLD_KEYS})
+    entry.update({k: mean_map[k] for k in DECISION_KEYS})
     entry["seed_ensemble"] = {k: mean_map[k] for k in KEYS}
-    threshold_reasons = {k: v for k, v in mean_map["null_reasons"].items() if k in THRESHOLD_KEYS}
+    threshold_reasons = {k: v for k, v in mean_map["null_reasons"].items() if k in DECISION_KEYS}
     if threshold_reasons:
         entry["null_reasons"] = {**entry.get("null_reasons", {}), **threshold_reasons}
     entry["controls"] = {c: seed_summary([per[n][category] for n in _sets(scored, c)]) for c in ("untrained_init", "no_sae")}

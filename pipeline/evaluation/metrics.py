@@ -196,6 +196,35 @@ def at_threshold(labels: np.ndarray, scores: np.ndarray, threshold: float,
     return out
 
 
+OPERATOR_KEYS = ("good_passed_at_full_recall", "good_passed_at_1pct_miss")
+"""The operator's view of a set's image scores (:func:`operator_view`)."""
+MISS_RATE = 0.01
+
+
+def operator_view(labels: np.ndarray, scores: np.ndarray, miss_rate: float = MISS_RATE) -> dict[str, Any]:
+    """The fraction of good images passed (scored below the threshold) at two thresholds an operator sets
+    from the defects, with ``null_reasons`` where the data leave them undefined (one class only).
+
+    - ``good_passed_at_full_recall``: the threshold is the lowest anomalous score, so every defect is
+      caught (an image is flagged when ``score >= threshold``);
+    - ``good_passed_at_1pct_miss``: sort the n anomalous scores upwards, ``a(0) <= a(1) <= ...``, let
+      ``k = floor(miss_rate · n)``; the threshold is ``a(k)``, so at most k defects (those below it) are
+      missed; with fewer than 100 anomalous images k is 0 and this equals the full-recall figure.
+    """
+    labels, scores = image_inputs(labels, scores)
+    out: dict[str, Any] = dict.fromkeys(OPERATOR_KEYS)
+    reason = one_class_reason(labels, "images")
+    if reason:
+        out["null_reasons"] = dict.fromkeys(OPERATOR_KEYS, reason)
+        return out
+    anomalous, good = np.sort(scores[labels]), scores[~labels]
+    k = int(math.floor(miss_rate * anomalous.size + 1e-9))
+    out["good_passed_at_full_recall"] = float(np.mean(good < anomalous[0]))
+    out["good_passed_at_1pct_miss"] = float(np.mean(good < anomalous[k]))
+    out["null_reasons"] = {}
+    return out
+
+
 def _thin(n: int, max_points: int) -> np.ndarray:
     """At most ``max_points`` evenly spaced indices of range(n), first and last included."""
     return np.unique(np.linspace(0, n - 1, min(n, max_points)).round().astype(np.int64))

@@ -295,8 +295,10 @@ def score_category(run_in: Inputs, category: str, start: int, stop: int, collect
         sink.close()
     # the aux threshold belongs to the detector's scoring: the mean of the seeds' maps
     at = metrics.at_threshold(labels, scored[ENSEMBLE][1], det.threshold)
+    operator = metrics.operator_view(labels, scored[ENSEMBLE][1])
     entry = collected.per_category[ENSEMBLE][category]
-    entry.update(at, null_reasons={**entry["null_reasons"], **at.pop("null_reasons")})
+    reasons = {**entry["null_reasons"], **at.pop("null_reasons"), **operator.pop("null_reasons")}
+    entry.update(at, **operator, null_reasons=reasons)
     collected.pooled_labels.append(labels)
     collected.pooled_scores.append(scored[overlay_set][1])
     collected.pixel_sample[0].extend(sink.sample[0])
