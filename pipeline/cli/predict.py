@@ -390,6 +390,66 @@ def _score(detector, images: list[Image.Image], paths: Sequence[Path]) -> tuple[
     return maps, scores, time.perf_counter() - t0
 
 
+def tile_origins(length: int, tile: int) -> list[int]:
+    """Start offsets of tiles of ``tile`` pixels covering ``length`` at stride ``tile // 2``, the last
+    flush with the end (so every pixel is covered; the last two may overlap by more than half)."""
+    if length <= tile:
+        return [0]
+    stride = max(1, tile // 2)
+    starts = list(range(0, length - tile, stride))
+    return starts + [length - tile]
+
+
+def tile_window(tile: int) -> np.ndarray:
+    """(tile, tile) stitching weights: a separable tent, 1 at the centre and 0.1 at the edges, so a
+    pixel takes most of its value from the tiles it sits deep inside (a tile's edge patches see the
+    least context) and an image edge, covered by one tile, still has a weight."""
+    ramp = 1.0 - 0.9 * np.abs(np.linspace(-1.0, 1.0, tile))
+    return np.outer(ramp, ramp).astype(np.float64)
+
+
+def stitch_tiles(size: tuple[int, int], tile: int, origins: Sequence[tuple[int, int]], maps: Sequence[np.ndarray],
+                 top: float) -> np.ndarray:
+    """The tiles' maps (each S x S, resized to ``tile`` px) -> one (H, W) float32 map for ``size`` = (W, H):
+    per pixel the :func:`tile_window`-weighted mean of every tile covering it."""
+    w, h = size
+    total = np.zeros((h, w), np.float64)
+    weight = np.zeros((h, w), np.float64)
+    window = tile_window(tile)
+    for (x, y), m in zip(origins, maps):
+        th, tw = min(tile, h - y), min(tile, w - x)
+        full = map_at_size(m, (tw, th), top).astype(np.float64)
+        total[y:y + th, x:x + tw] += full * window[:th, :tw]
+        weight[y:y + th, x:x + tw] += window[:th, :tw]
+    return (total / weight).astype(np.float32)
+
+
+def _score_tiled(detector, images: list[Image.Image], paths: Sequence[Path], tile: int):
+    """As :func:`_score`, but every image larger than ``tile`` is scored as its overlapping tiles, their
+    maps stitched at the image's own size and the image score taken on that map (``settings.image_score``).
+    Maps are returned as a list (sizes differ); a tiled image's map is already at its size."""
+    from pipeline.method import scoring
+
+    t0 = time.perf_counter()
+    maps: list[np.ndarray] = []
+    scores = np.zeros(len(images), np.float64)
+    top = map_top(detector)
+    for i, (image, path) in enumerate(zip(images, paths)):
+        if max(image.size) <= tile:
+            m, sc, _ = _score(detector, [image], [path])
+            maps.append(m[0])
+            scores[i] = sc[0]
+            continue
+        origins = [(x, y) for y in tile_origins(image.height, tile) for x in tile_origins(image.width, tile)]
+        crops = [image.crop((x, y, min(x + tile, image.width), min(y + tile, image.height))) for x, y in origins]
+        tile_maps = np.concatenate([_score(detector, crops[j:j + 8], [path] * len(crops[j:j + 8]))[0]
+                                    for j in range(0, len(crops), 8)])
+        stitched = stitch_tiles(image.size, tile, origins, tile_maps, top)
+        maps.append(stitched)
+        scores[i] = float(scoring.score_images(stitched[None], None, detector.settings)[0])
+    return maps, scores, time.perf_counter() - t0
+
+
 def score_normals(files: Sequence[Path], detector, *, batch_size: int, max_pixels: int, skip) -> np.ndarray:
     """Image scores (n,) float64 of the decodable files among ``files`` (the others go to ``skip``)."""
     out = [_score(detector, b.images, b.paths)[1]
@@ -436,6 +496,9 @@ class Options:
     applies to the guide map alone, so fused runs write masks only when one is given."""
     min_region_area: int = 1
     """Defect regions of fewer pixels (at the image's own size) are dropped from masks and regions.csv."""
+    tile: int | None = None
+    """Score images larger than this (pixels, either side) as overlapping ``tile`` x ``tile`` crops of
+    the original at stride ``tile // 2``, stitched (:func:`stitch_tiles`); None: the whole image resized."""
     explain: bool = False
     """For every image flagged anomalous, the SAE atoms behind its guide score at its peak patch
     (:func:`explain_flagged`): ``explanations/<relative path>.json`` and ``.png``."""
@@ -460,6 +523,12 @@ class Options:
         if (isinstance(self.min_region_area, bool) or not isinstance(self.min_region_area, int)
                 or self.min_region_area < 1):
             raise PredictError(f"--min-region-area must be a positive integer, got {self.min_region_area!r}")
+        if self.tile is not None and (isinstance(self.tile, bool) or not isinstance(self.tile, int) or self.tile < 2):
+            raise PredictError(f"--tile must be an integer of at least 2 pixels, got {self.tile!r}")
+        if self.tile is not None and (self.reference_normals is not None or self.batch):
+            raise PredictError("--tile scores the guide map alone: it does not combine with --normals or --batch")
+        if self.tile is not None and self.explain:
+            raise PredictError("--explain decomposes the whole image's tokens; it does not combine with --tile")
         if self.max_patches is not None and (isinstance(self.max_patches, bool) or not isinstance(self.max_patches, int)
                                              or self.max_patches < 1):
             raise PredictError(f"--max-patches must be a positive integer, got {self.max_patches!r}")
@@ -706,11 +775,17 @@ def predict_files(inputs: Sequence[str | Path] | str | Path, detector, out: str 
     if opts.explain and getattr(detector, "atoms", None) is None:
         raise PredictError("--explain: this detector carries no atoms (atoms.safetensors, written by the export "
                            "stage since explanations exist); re-export it: `dvc repro export@<aux>`")
+    if opts.tile is not None and getattr(getattr(detector, "settings", None), "image_score", None) == "global":
+        raise PredictError("--tile: this detector's image score is 'global' (the CLS token's), which has no "
+                           "map to stitch; re-export it with another scoring.image_score")
     reference = reference_of(detector, opts, out, skipper("normals"))
     planned = plan_outputs(found.files, out, skipper("images"))
     if reference is None and not opts.batch:
         chosen = choose_threshold(detector, opts, out, skipper("normals"))
-        scorer, signals = (lambda b: _score(detector, b.images, b.paths)), None
+        if opts.tile is None:
+            scorer, signals = (lambda b: _score(detector, b.images, b.paths)), None
+        else:
+            scorer, signals = (lambda b: _score_tiled(detector, b.images, b.paths, opts.tile)), None
         encoding = MapEncoding.of_detector(detector)
     else:
         scored = score_together(planned, detector, reference, opts, skipper("images"))
@@ -937,6 +1012,9 @@ def summarise(found: InputSet, skipped: Sequence[tuple], chosen: dict, tally: _T
                    "images_per_s": round(n_scored / total_s, 4) if n_scored and total_s > 0 else None},
         "batch_size": opts.batch_size,
         "batch": opts.batch,
+        "tile": None if opts.tile is None else {"size": opts.tile, "stride": max(1, opts.tile // 2),
+                                                 "stitching": "tent-weighted mean of the tiles' maps (1 at a tile's "
+                                                              "centre, 0.1 at its edge)"},
         "writers": opts.writers,
         "max_pixels": opts.max_pixels,
         **extra,
@@ -971,6 +1049,9 @@ def main(argv: list[str] | None = None) -> None:
                              "detector's own, chosen on its auxiliary set; fused runs need one for masks)")
     parser.add_argument("--min-region-area", type=int, default=1,
                         help="drop defect regions of fewer pixels from masks/ and regions.csv (default 1)")
+    parser.add_argument("--tile", type=int, default=None, metavar="PX",
+                        help="score images larger than PX as overlapping PX x PX tiles of the original (stride "
+                             "PX/2), stitched; for small defects in large images (cost: one forward a tile)")
     parser.add_argument("--explain", action="store_true",
                         help="for each image flagged anomalous, the SAE atoms behind its score at its peak "
                              "(explanations/<image>.json and .png)")
@@ -990,7 +1071,7 @@ def main(argv: list[str] | None = None) -> None:
     opts = Options(batch_size=args.batch_size, max_pixels=args.max_pixels, threshold=args.threshold,
                    normals=args.threshold_from_normals, far=args.far, writers=args.writers,
                    reference_normals=args.normals, batch=args.batch, max_patches=args.max_patches,
-                   explain=args.explain, pixel_threshold=args.pixel_threshold,
+                   explain=args.explain, pixel_threshold=args.pixel_threshold, tile=args.tile,
                    min_region_area=args.min_region_area)
     from pipeline.method.detector import Detector  # heavy (torch, timm): only when a real detector is loaded
     from pipeline.launch import resolve_device
