@@ -93,7 +93,8 @@ def gallery_figure(aux: store.FeatureStore, model: S.TopKSAE, atom: int, stats: 
     crops = stats["gallery"]
     peaks = stats["peaks"]
     cols = max(len(crops), len(peaks), 1)
-    fig, axes = plt.subplots(2, cols, figsize=(1.6 * cols, 3.6), dpi=100, squeeze=False)
+    # at least 4 columns wide, so the title fits over an atom that fires on one or two patches only
+    fig, axes = plt.subplots(2, max(cols, 4), figsize=(1.6 * max(cols, 4), 3.6), dpi=100, squeeze=False)
     for ax in axes.ravel():
         ax.set_axis_off()
     for k, (value, image, patch) in enumerate(crops):
