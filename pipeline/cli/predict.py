@@ -1055,6 +1055,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--explain", action="store_true",
                         help="for each image flagged anomalous, the SAE atoms behind its score at its peak "
                              "(explanations/<image>.json and .png)")
+    parser.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch",
+                        help="torch (default) or onnxruntime, through the graph `python -m pipeline.cli.export_onnx` "
+                             "wrote (guide maps only: not with --normals, --batch or --explain)")
+    parser.add_argument("--onnx", type=Path, default=None, help="the ONNX file (default <detector>/detector.onnx)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--writers", type=int, default=min(4, os.cpu_count() or 1),
                         help="threads writing the PNGs (default: min(4, CPU count))")
@@ -1073,6 +1077,18 @@ def main(argv: list[str] | None = None) -> None:
                    reference_normals=args.normals, batch=args.batch, max_patches=args.max_patches,
                    explain=args.explain, pixel_threshold=args.pixel_threshold, tile=args.tile,
                    min_region_area=args.min_region_area)
+    if args.runtime == "onnxruntime":
+        if opts.reference_normals is not None or opts.batch or opts.explain:
+            raise PredictError("--runtime onnxruntime scores the guide map alone: --normals, --batch and --explain "
+                               "need the torch runtime")
+        from pipeline.method.onnx_graph import OnnxDetector
+
+        t0 = time.perf_counter()
+        runtime = OnnxDetector(args.onnx if args.onnx is not None else args.detector / "detector.onnx")
+        meta = {"detector_folder": str(args.detector), "runtime": "onnxruntime", "providers": runtime.providers,
+                "onnx": {k: v for k, v in runtime.meta.items() if k != "detector_json"}, "detector_load_s": round(time.perf_counter() - t0, 4)}
+        predict_files(args.images, runtime, args.out, opts, meta=meta)
+        return
     from pipeline.method.detector import Detector  # heavy (torch, timm): only when a real detector is loaded
     from pipeline.launch import resolve_device
 

@@ -390,19 +390,23 @@ def image_transform(backbone: Backbone) -> ImageTransform:
     There is no centre crop (``crop_pct=1``, ``crop_mode='squash'``), so a mask resized to S x S stays
     aligned with the image's patch grid; the aspect ratio is not kept.
     """
+    return transform_for(backbone.image_size, backbone.mean, backbone.std, backbone.interpolation)
+
+
+def transform_for(image_size: int, mean, std, interpolation: str) -> ImageTransform:
+    """:func:`image_transform` from its settings alone (an exported graph records them; no model needed)."""
     from timm.data import create_transform
 
-    s = backbone.image_size
     tf = create_transform(
-        input_size=(3, s, s),
+        input_size=(3, image_size, image_size),
         is_training=False,
-        interpolation=backbone.interpolation,
-        mean=backbone.mean,
-        std=backbone.std,
+        interpolation=interpolation,
+        mean=tuple(mean),
+        std=tuple(std),
         crop_pct=1.0,
         crop_mode="squash",
     )
-    return ImageTransform(tf, s, backbone.mean, backbone.std, backbone.interpolation)
+    return ImageTransform(tf, image_size, tuple(mean), tuple(std), interpolation)
 
 
 # --------------------------------------------------------------------------------------------------

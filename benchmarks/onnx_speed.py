@@ -1,0 +1,86 @@
+"""Benchmark: the detector through onnxruntime against torch eager, images/s side by side.
+
+    python benchmarks/onnx_speed.py --detector models/synth_a/detector [--image-sizes 224 448]
+        [--batch 8] [--repeats 5] [--threads N]
+
+Per image size: the same graph (:class:`pipeline.method.onnx_graph.ScoringGraph`: backbone to the block,
+guide scoring, upsampling, blur, image score) run by torch eager and, exported, by onnxruntime's CPU
+provider, on one batch of normalised inputs, interleaved repeat by repeat so machine noise hits both.
+Prints images/s of each, the ratio (goal: onnxruntime >= 1.3 x torch on CPU), the graph's FLOPs per
+image (torch's FlopCounterMode) and the fraction of this machine's measured fp32 matmul rate that each
+path reaches (a 2048^3 torch matmul on the same threads: a practical peak, not the datasheet's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from predict_throughput import detector_at
+
+from pipeline.method import onnx_graph
+from pipeline.method.detector import Detector
+
+
+def matmul_gflops(threads: int, n: int = 2048, repeats: int = 3) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * n ** 3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--detector", required=True, type=Path)
+    parser.add_argument("--image-sizes", type=int, nargs="+", default=[224, 448])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    import onnxruntime as ort
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    peak = matmul_gflops(args.threads)
+    print(f"{args.threads} threads; torch fp32 matmul 2048^3: {peak:.1f} GFLOP/s (the 'peak' below)")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for size in args.image_sizes:
+            folder = detector_at(args.detector, size, tmp)
+            det = Detector.load(folder)
+            graph = onnx_graph.ScoringGraph(det.backbone, det.vectors, det.settings, det.grid, det.image_size).eval()
+            onnx_graph.export(folder, tmp / f"d{size}.onnx")
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = args.threads
+            session = ort.InferenceSession(str(tmp / f"d{size}.onnx"), options, providers=["CPUExecutionProvider"])
+            x = torch.randn(args.batch, 3, size, size)
+            with FlopCounterMode(display=False) as counter:
+                graph(x[:1])
+            flops = counter.get_total_flops()
+            want = graph(x)[0].numpy()
+            got = session.run(["maps"], {"images": x.numpy()})[0]
+            times = {"torch": [], "onnxruntime": []}
+            for _ in range(args.repeats):
+                times["torch"].append(_timed(lambda: graph(x)))
+                times["onnxruntime"].append(_timed(lambda: session.run(None, {"images": x.numpy()})))
+            rate = {k: args.batch / statistics.median(v) for k, v in times.items()}
+            print(f"{size} px: {flops / 1e9:.2f} GFLOP/image; max |map difference| {np.abs(got - want).max():.2e}")
+            for k, r in rate.items():
+                print(f"  {k:12s} {r:7.2f} images/s  {100 * r * flops / 1e9 / peak:5.1f} % of the matmul peak")
+            print(f"  onnxruntime / torch: x{rate['onnxruntime'] / rate['torch']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
