@@ -39,6 +39,8 @@ Writes into ``--out`` (each file whole or not at all, through a temp file and ``
 - ``explanations/<relative path>.json`` and ``.png`` (``--explain``, flagged images only): the SAE atoms
   that carry the guide score at the image's peak patch, each with its exact share of the logit there
   (:func:`pipeline.method.atoms.explain_image`), and a panel of those shares and where each atom acts.
+- ``report.html``: a self-contained page of the scored images as cards sorted by score, with a
+  threshold slider that re-decides them in the browser (:mod:`pipeline.evaluation.html_report`).
 - ``summary.json`` (last): counts, the threshold and how it was chosen, timing, the map encoding and
   the detector's provenance (its ``detector.json``).
 
@@ -76,7 +78,7 @@ from PIL import Image
 from scipy.ndimage import minimum_filter
 from tqdm import tqdm
 
-from pipeline.evaluation import report
+from pipeline.evaluation import html_report, report
 from pipeline.data.images import IMAGE_EXTENSIONS, DatasetError, load_image
 from pipeline.data.images import visible
 from pipeline.errors import NonFiniteError, PipelineError
@@ -799,6 +801,9 @@ def predict_files(inputs: Sequence[str | Path] | str | Path, detector, out: str 
         report.write_csv(out / "regions.csv", tally.regions, REGION_COLUMNS)
     if opts.explain:
         explain_flagged(tally.flagged, detector, out, opts, skipper("explain"))
+    with open(out / "scores.csv", newline="", encoding="utf-8") as f:
+        html_report.predict_page(out, list(csv.DictReader(f)), chosen["value"], chosen["source"],
+                                 f"predict: {len(found.files)} image(s), {tally.counts[ANOMALOUS]} flagged")
     report.write_csv(out / "skipped.csv", [dict(zip(SKIPPED_COLUMNS, row)) for row in skipped], SKIPPED_COLUMNS)
     signals = signals or {"signals": ["guides"], "fusion": "none: the guide map alone"}
     summary = summarise(found, skipped, chosen, tally, opts, encoding, time.perf_counter() - t_start,

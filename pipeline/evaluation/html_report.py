@@ -1,0 +1,105 @@
+"""A self-contained page a person looks at: predict's images as cards, with a threshold slider.
+
+``predict`` writes ``report.html`` beside ``scores.csv``. No CDN, no server: the scores are embedded in
+the page as JSON, the images are linked by paths relative to the page (the run's own ``overlays/``,
+``maps/``, ``masks/``), and the script is inline. The cards are sorted by score, highest first, each
+with its decision and score; a click opens its overlay, map and mask at full size. The slider re-decides
+every card from the embedded scores (anomalous when ``score >= threshold``, predict's rule) and counts
+the flagged ones; it starts at the run's threshold. ``?threshold=X`` in the page's URL sets the slider
+on load, as moving it would (a bookmarkable view; the browser test uses it).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from pipeline.files import write_bytes
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>__TITLE__</title>
+<style>
+body { font: 14px system-ui, sans-serif; margin: 1em 2em; background: #fafafa; }
+header { position: sticky; top: 0; background: #fafafa; padding: .5em 0; border-bottom: 1px solid #ddd; }
+#cards { display: flex; flex-wrap: wrap; gap: 10px; margin-top: 1em; }
+.card { width: 180px; background: white; border: 3px solid #4a4; border-radius: 6px; padding: 4px; cursor: pointer; }
+.card.anomalous { border-color: #d33; }
+.card img { width: 100%; display: block; }
+.card .name { font-size: 11px; overflow-wrap: anywhere; }
+.card .verdict { font-weight: bold; }
+#viewer { display: none; position: fixed; inset: 0; background: rgba(0,0,0,.85); padding: 2em; overflow: auto; }
+#viewer img { max-width: 32%; margin: .5%; background: white; }
+#viewer p { color: white; }
+</style></head><body>
+<header>
+<h1>__TITLE__</h1>
+<label>threshold <input id="slider" type="range" min="__MIN__" max="__MAX__" step="any" value="__THRESHOLD__">
+<span id="value"></span></label>
+&nbsp; <span id="flagged"></span> &nbsp; <span class="note">(run threshold __THRESHOLD__, __SOURCE__)</span>
+</header>
+<div id="cards"></div>
+<div id="viewer" title="click to close"><p id="viewer-name"></p><div id="viewer-images"></div></div>
+<script type="application/json" id="data">__DATA__</script>
+<script>
+"use strict";
+const rows = JSON.parse(document.getElementById("data").textContent);
+const cards = document.getElementById("cards");
+const slider = document.getElementById("slider");
+const viewer = document.getElementById("viewer");
+function text(tag, cls, value) { const e = document.createElement(tag); e.className = cls; e.textContent = value; return e; }
+for (const row of rows) {
+  const card = document.createElement("div");
+  card.className = "card";
+  card.dataset.score = row.score;
+  const img = document.createElement("img");
+  img.src = row.overlay; img.alt = row.name; img.loading = "lazy";
+  card.append(img, text("div", "verdict", ""), text("div", "score", row.score.toPrecision(6)), text("div", "name", row.name));
+  card.addEventListener("click", () => {
+    document.getElementById("viewer-name").textContent = row.name + "  score " + row.score;
+    const box = document.getElementById("viewer-images");
+    box.replaceChildren();
+    for (const src of [row.overlay, row.map, row.mask]) {
+      if (!src) continue;
+      const full = document.createElement("img"); full.src = src; box.append(full);
+    }
+    viewer.style.display = "block";
+  });
+  cards.append(card);
+}
+viewer.addEventListener("click", () => { viewer.style.display = "none"; });
+function decide() {
+  const t = parseFloat(slider.value);
+  let flagged = 0;
+  for (const card of cards.children) {
+    const anomalous = parseFloat(card.dataset.score) >= t;
+    card.classList.toggle("anomalous", anomalous);
+    card.querySelector(".verdict").textContent = anomalous ? "anomalous" : "normal";
+    flagged += anomalous ? 1 : 0;
+  }
+  document.getElementById("value").textContent = t.toPrecision(6);
+  document.getElementById("flagged").textContent = "flagged: " + flagged + " of " + cards.children.length;
+}
+slider.addEventListener("input", decide);
+const asked = new URLSearchParams(location.search).get("threshold");
+if (asked !== null) { slider.value = asked; slider.dispatchEvent(new Event("input")); } else { decide(); }
+</script></body></html>
+"""
+
+
+def predict_page(out: Path, rows: Sequence[Mapping], threshold: float, source: str, title: str) -> Path:
+    """Write ``out/report.html`` from scores.csv's rows (path, score, map, overlay, mask, paths relative
+    to ``out``); returns its path."""
+    data = sorted(({"name": str(r["path"]), "score": float(r["score"]), "overlay": r["overlay"], "map": r["map"],
+                    "mask": r.get("mask") or ""} for r in rows), key=lambda r: -r["score"])
+    scores = [r["score"] for r in data] or [threshold]
+    low, high = min(min(scores), threshold), max(max(scores), threshold)
+    # "</" cannot end the JSON block early: the only place it could appear is inside a file name
+    blob = json.dumps(data).replace("</", "<\\/")
+    page = (PAGE.replace("__TITLE__", html.escape(title)).replace("__MIN__", repr(low)).replace("__MAX__", repr(high))
+            .replace("__THRESHOLD__", repr(float(threshold))).replace("__SOURCE__", html.escape(source))
+            .replace("__DATA__", blob))
+    path = Path(out) / "report.html"
+    write_bytes(path, page.encode())
+    return path
