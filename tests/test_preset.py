@@ -135,3 +135,15 @@ def test_real_preset_datasets_pass_check_where_shared_data_is_present(tmp_path, 
     assert check.main(["kolektorsdd", "bsdata", "--params", str(params)]) == 0
     out = capsys.readouterr().out
     assert "383 images, 333 normal, 50 anomalous" in out and "394 images, 0 normal, 394 anomalous" in out
+
+
+def test_a_null_or_scalar_section_is_refused_and_changes_nothing(tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params)
+    before = params.read_text()
+    for text, where in (("sae:\n", "sae"), ("guides: 3\n", "guides"), ("runs:\n", "runs")):
+        (tmp_path / "p.yaml").write_text(text)
+        assert preset.main([str(tmp_path / "p.yaml"), "--params", str(params)]) == 1
+        err = capsys.readouterr().err
+        assert f"section {where!r}" in err and str(tmp_path / "p.yaml") in err
+        assert params.read_text() == before

@@ -4,7 +4,9 @@
     python -m pipeline.cli.preset configs/paper.yaml --dry-run
 
 The mapping sections ``datasets`` and ``runs`` and the lists ``aux_datasets`` and ``synthetic.datasets``
-are replaced whole (they define which stages exist); every other section is merged key by key. A
+are replaced whole (they define which stages exist); every other section is merged key by key, so a
+preset never changes a key it does not name. A section that is empty (null) or not a mapping (a list
+for ``aux_datasets``) is refused, naming it. A
 preset that replaces ``runs`` must list their auxiliary datasets in ``aux_datasets`` too, or the
 validation below refuses it naming the run. The result is
 validated with :mod:`pipeline.config` before anything is written, so a bad preset changes nothing.
@@ -52,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
         preset = read_yaml(args.preset, "preset") or {}
         if not isinstance(preset, Mapping):
             raise ConfigError(f"{args.preset}: expected a mapping of sections at top level")
+        for section, value in preset.items():
+            # an empty section (`sae:` alone reads as null) would wipe the whole section, comments and all
+            want = list if section == "aux_datasets" else Mapping
+            if not isinstance(value, want):
+                raise ConfigError(f"{args.preset}: section {section!r} is {'empty (null)' if value is None else repr(value)}"
+                                  f"; a preset section is a {'list' if want is list else 'mapping of the keys it sets'}")
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
