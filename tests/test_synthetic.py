@@ -403,6 +403,32 @@ def test_refuses_to_wipe_a_foreign_folder(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+KW = dict(seed=0, image_size=32, train_good=1, test_good=1, test_anomalous=1)
+
+
+@pytest.mark.parametrize("inside", ["brick/NOTES.txt", "brick/my_photos/keep.png", "brick/test/good/mine.jpg",
+                                    "brick/ground_truth/stain/notes.md"])
+def test_a_users_file_inside_a_generated_category_is_never_deleted(tmp_path, inside):
+    root = tmp_path / "synth_a"
+    generate(root, "synth_a", **KW)
+    (root / inside).parent.mkdir(parents=True, exist_ok=True)
+    (root / inside).write_text("mine")
+    with pytest.raises(DataFolderError, match=inside.split("/")[-1]):
+        generate(root, "synth_a", **KW)
+    assert (root / inside).read_text() == "mine"
+    assert not (tmp_path / "synth_a.tmp").exists()
+
+
+def test_a_symlinked_root_is_refused_in_one_line_and_leaves_nothing(tmp_path):
+    real = tmp_path / "real"
+    generate(real, "synth_a", **KW)
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    with pytest.raises(DataFolderError, match="symbolic link"):
+        generate(link, "synth_a", **KW)
+    assert link.is_symlink() and (real / "brick").is_dir() and not (tmp_path / "link.tmp").exists()
+
+
 # ------------------------------------------------------------------------------------------------
 # bad arguments
 

@@ -32,6 +32,7 @@ images of another, and the same seed gives byte-identical PNGs.
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import zlib
 from functools import lru_cache
@@ -884,16 +885,33 @@ class DataFolderError(PipelineError, FileExistsError):
     """A folder the data stage would replace holds something it did not write. Names what is there."""
 
 
+_GENERATED = re.compile(r"(?:train/good|test/[a-z_]+)/\d+\.png|ground_truth/[a-z_]+/\d+_mask\.png")
+"""The files :func:`generate` writes inside a category folder (relative to it)."""
+
+
 def _check_replaceable(root: Path) -> None:
-    """Refuse to wipe a folder that does not look like a dataset written here."""
+    """Refuse to wipe a folder holding anything :func:`generate` did not write: a symbolic link (to be
+    deleted through), an entry beside the categories, or any file inside a category whose path is not
+    one the generator writes (:data:`_GENERATED`), e.g. a user's notes or photos. Names what it found."""
+    if root.is_symlink():
+        raise DataFolderError(f"{root} is a symbolic link; the data stage replaces a folder and will not delete "
+                              f"or replace a link: give the folder itself ({root.resolve()}) or another root")
     if not root.exists():
         return
+    if not root.is_dir():
+        raise DataFolderError(f"{root} exists and is not a folder; remove it or choose another root")
     known = {c for spec in DATASETS.values() for c in spec["categories"]}
-    foreign = [p.name for p in root.iterdir() if not (p.is_dir() and p.name in known)]
-    if not root.is_dir() or foreign:
+    foreign = [p.name for p in root.iterdir() if not (p.is_dir() and not p.is_symlink() and p.name in known)]
+    for category in sorted(p for p in root.iterdir() if p.name in known and p.is_dir() and not p.is_symlink()):
+        for path in sorted(category.rglob("*")):
+            inside = path.relative_to(category).as_posix()
+            if path.is_symlink() or (path.is_file() and not _GENERATED.fullmatch(inside)) or \
+                    not (path.is_file() or path.is_dir()):
+                foreign.append(f"{category.name}/{inside}")
+    if foreign:
         raise DataFolderError(
-            f"{root} exists and is not a synthetic dataset (unexpected entries: {foreign[:5]}); "
-            "remove it or choose another root"
+            f"{root} holds files the data stage did not write (unexpected: {', '.join(foreign[:5])}"
+            f"{', ...' if len(foreign) > 5 else ''}); it never deletes those: move them away or choose another root"
         )
 
 
