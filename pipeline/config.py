@@ -11,6 +11,7 @@ sections it should build, mirroring the ``params:`` list of the stage in ``dvc.y
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -530,6 +531,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                        f"{_yaml_float(value)}")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(key, f"expected a number, got {value!r}")
+        if not math.isfinite(value):  # .inf or .nan: a learning rate or σ like that only fails later, after damage
+            _fail(key, f"must be a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -649,15 +652,39 @@ def load_params(path: str | Path = "params.yaml", sections: typing.Iterable[str]
     return parse(raw, sections)
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, first: int, again: int):
+        super().__init__(f"duplicate key {key!r} (line {first} and line {again})")
+        self.text = str(self)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+            if first != key_node.start_mark.line + 1:
+                raise _DuplicateKey(key, first, key_node.start_mark.line + 1)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path, what: str = "YAML file") -> Any:
-    """``yaml.safe_load`` of a file (None when empty); a missing file or bad syntax is a ConfigError
-    naming the file, line and column."""
+    """``yaml.safe_load`` of a file (None when empty); a missing file, bad syntax or a key given twice
+    in one mapping is a ConfigError naming the file, line and column (both lines for a duplicate)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: {what} not found")
     try:
         with path.open(encoding="utf-8") as fh:
-            return yaml.safe_load(fh)
+            return yaml.load(fh, Loader=_UniqueKeyLoader)
+    except _DuplicateKey as err:
+        raise ConfigError(f"{path}: {err.text}; give each key once") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

@@ -241,3 +241,23 @@ def test_a_scoring_key_left_under_evaluate_says_where_it_moved(key):
     # an unknown key that never lived there is still just unknown
     with pytest.raises(ConfigError, match=r"^evaluate\.blur: unknown key"):
         parse({"evaluate": {"blur": 1}}, ["evaluate"])
+
+
+@pytest.mark.parametrize("key,value", [("sae.lr", ".inf"), ("scoring.blur_sigma", ".nan"),
+                                       ("guides.temperature", "-.inf"), ("guides.l1_coef", ".nan")])
+def test_a_non_finite_number_is_refused_naming_its_key(tmp_path, key, value):
+    section, name = key.split(".")
+    path = tmp_path / "params.yaml"
+    path.write_text(f"{section}:\n  {name}: {value}\n")
+    with pytest.raises(ConfigError, match=rf"{key}: .*finite"):
+        load_params(path, [section])
+
+
+def test_a_duplicate_key_is_refused_naming_both_lines(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("sae:\n  k: 64\n  lr: 0.001\n  k: 32\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'k'.*line 2.*line 4"):
+        load_params(path, ["sae"])
+    (tmp_path / "ok.yaml").write_text("sae:\n  lr: 0.002\nguides:\n  lr: 0.02\n")  # one name in two sections
+    p = load_params(tmp_path / "ok.yaml", ["sae", "guides"])
+    assert (p.sae.lr, p.guides.lr) == (0.002, 0.02)
