@@ -22,12 +22,28 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (``os.umask`` can only be
+    read by setting it, which would race with the writer threads of predict); else set and restored."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(dest: str | Path, write: Callable[[Path], None]) -> None:
     """Make ``dest`` whole or leave the old file: ``write(tmp)`` fills a temp file beside it (same
-    folder, so same file system), then ``os.replace`` puts it in place. The folder is created."""
+    folder, so same file system), then ``os.replace`` puts it in place. The folder is created. The
+    file gets the mode any new file gets under the umask (0644 under the usual 022), not mkstemp's 0600."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~current_umask())
     os.close(fd)
     try:
         write(Path(tmp))
