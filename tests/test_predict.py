@@ -356,3 +356,20 @@ def test_the_command_refuses_a_bad_option_before_loading_the_detector(tmp_path, 
         P.main([str(image), "--detector", str(tmp_path / "no_detector"), "--out", str(tmp_path / "out"),
                 flag, value])
     assert not (tmp_path / "out").exists()
+
+
+def test_out_that_is_a_file_is_refused_before_the_detector_loads(tmp_path):
+    image = solid(tmp_path / "in" / "a.png")
+    (tmp_path / "afile").write_text("mine")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "below"):
+        with pytest.raises(P.PredictError, match="is a file"):
+            P.main([str(image), "--detector", str(tmp_path / "no_detector"), "--out", str(out)])
+        with pytest.raises(P.PredictError, match="is a file"):
+            P.predict_files([image], FakeDetector(), out)
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_inputs_all_inside_out_are_named_as_such(tmp_path):
+    solid(tmp_path / "in" / "a.png")
+    with pytest.raises(P.PredictError, match="inside --out"):
+        P.predict_files([tmp_path / "in"], FakeDetector(), tmp_path / "in")

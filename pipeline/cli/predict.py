@@ -761,8 +761,12 @@ def predict_files(inputs: Sequence[str | Path] | str | Path, detector, out: str 
     t_start = time.perf_counter()
     opts = options if options is not None else Options(**settings)
     out = Path(out)
+    check_out(out)
     inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     found = collect_images(inputs, exclude=out)
+    if not found.files and collect_images(inputs).files:
+        raise PredictError(f"every image among {' '.join(map(str, inputs))} lies inside --out {out}, which is never "
+                           "read as input (it holds this command's outputs): choose another --out")
     if not found.files:
         raise PredictError(f"no image to score in {' '.join(map(str, inputs)) or '(no input)'}: expected image files "
                            f"({' '.join(IMAGE_EXTENSIONS)}, any case), folders holding them, or glob patterns")
@@ -815,6 +819,13 @@ def predict_files(inputs: Sequence[str | Path] | str | Path, detector, out: str 
     log.info("%d images: %d anomalous, %d normal, %d skipped -> %s", len(found.files), summary["n_anomalous"],
              summary["n_normal"], summary["n_skipped"], out)
     return summary
+
+
+def check_out(out: Path) -> None:
+    """Refuse an ``--out`` that is a file or lies below one (before anything is loaded or written)."""
+    for folder in (out, *out.parents):
+        if folder.exists() and not folder.is_dir():
+            raise PredictError(f"--out {out}: {folder} is a file, not a folder; give a folder for the outputs")
 
 
 def choose_threshold(detector, opts: Options, out: Path, skip) -> dict:
@@ -1082,6 +1093,7 @@ def main(argv: list[str] | None = None) -> None:
                    reference_normals=args.normals, batch=args.batch, max_patches=args.max_patches,
                    explain=args.explain, pixel_threshold=args.pixel_threshold, tile=args.tile,
                    min_region_area=args.min_region_area)
+    check_out(args.out)
     if args.runtime == "onnxruntime":
         if opts.reference_normals is not None or opts.batch or opts.explain:
             raise PredictError("--runtime onnxruntime scores the guide map alone: --normals, --batch and --explain "
