@@ -214,3 +214,21 @@ def test_evaluate_refuses_a_detector_with_other_settings_or_guides(setup, tmp_pa
     with pytest.raises(detector.DetectorError, match="guides with sha256 0000"):
         evaluate_stage.main(argv)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("key,value", [("temperature", "hot"), ("temperature", -1.0), ("layer", 99),
+                                       ("backbone", "resnet50"), ("map_range", [0, "big"]), ("blur_sigma", None),
+                                       ("image_size", -28), ("grid", [2]), ("image_score", "mean"), ("seeds", "all"),
+                                       ("top_fraction", 2.0), ("threshold", "high")])
+def test_a_detector_json_with_a_bad_value_is_refused_naming_the_key(setup, tmp_path, key, value):
+    import json
+    import shutil
+
+    tmp, weights, _, _ = setup
+    folder = tmp_path / "detector"
+    shutil.copytree(export(tmp, weights, "max"), folder)
+    info = json.loads((folder / "detector.json").read_text())
+    info[key] = value
+    (folder / "detector.json").write_text(json.dumps(info))
+    with pytest.raises(detector.DetectorError, match=rf"detector.json: {key} "):
+        detector.Detector.load(folder, weights=weights)

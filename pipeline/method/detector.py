@@ -25,6 +25,8 @@ detector.json was chosen on the auxiliary set with that same scoring. ``seed=s``
 from __future__ import annotations
 
 import json
+import math
+import typing
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -100,6 +102,7 @@ def read(folder: str | Path) -> tuple[dict, torch.Tensor]:
     missing = [k for k in REQUIRED if k not in info]
     if missing:
         raise DetectorError(f"{folder / 'detector.json'}: missing key(s) {missing}; {hint}")
+    check_info(info, folder / "detector.json", hint)
     try:
         vectors = load_file(str(folder / "detector.safetensors"))["vectors"].float()
     except (SafetensorError, KeyError, OSError) as err:
@@ -111,6 +114,51 @@ def read(folder: str | Path) -> tuple[dict, torch.Tensor]:
     if not torch.isfinite(vectors).all():
         raise DetectorError(f"{folder / 'detector.safetensors'}: vectors hold NaN/Inf; {hint}")
     return info, vectors
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_info(info: Mapping[str, Any], where: Path, hint: str) -> None:
+    """Refuse a detector.json whose values cannot be what export wrote (an edit, a damaged file): a
+    DetectorError naming the key, instead of a traceback or a silently wrong map later."""
+    from pipeline.features.backbones import BACKBONES
+
+    def bad(key: str, why: str) -> typing.NoReturn:
+        raise DetectorError(f"{where}: {key} {info.get(key)!r} {why}; {hint}")
+
+    spec = BACKBONES.get(info["backbone"]) if isinstance(info["backbone"], str) else None
+    if spec is None:
+        bad("backbone", f"is not a backbone this code knows ({', '.join(BACKBONES)})")
+    layer, size = info["layer"], info["image_size"]
+    if not isinstance(layer, int) or isinstance(layer, bool) or not 1 <= abs(layer) <= spec.depth:
+        bad("layer", f"is not a block of {spec.name} (1 to {spec.depth})")
+    # image_size and grid against the backbone itself: Detector.load, once the backbone is built
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        bad("image_size", "must be a positive integer")
+    grid = info["grid"]
+    if not (isinstance(grid, list) and len(grid) == 2 and all(isinstance(g, int) and g > 0 for g in grid)):
+        bad("grid", "must be two positive integers")
+    for key, low, strict in (("temperature", 0.0, True), ("blur_sigma", 0.0, False), ("lse_temperature", 0.0, True)):
+        value = info[key]
+        if not _number(value) or value < low or (strict and value == low):
+            bad(key, f"must be a finite number {'>' if strict else '>='} {low:g}")
+    if not _number(info["top_fraction"]) or not 0 < info["top_fraction"] <= 1:
+        bad("top_fraction", "must be a number in (0, 1]")
+    if info["image_score"] not in scoring.IMAGE_SCORES:
+        bad("image_score", f"is not one of {', '.join(scoring.IMAGE_SCORES)}")
+    if info.get("fusion", "none") not in scoring.FUSIONS:
+        bad("fusion", f"is not one of {', '.join(scoring.FUSIONS)}")
+    for key in ("threshold", "pixel_threshold"):
+        if info.get(key) is not None and not _number(info[key]):
+            bad(key, "must be a finite number or null")
+    seeds = info["seeds"]
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
+        bad("seeds", "must be a non-empty list of integers")
+    span = info["map_range"]
+    if not (isinstance(span, list) and len(span) == 2 and all(_number(x) for x in span) and span[0] < span[1]):
+        bad("map_range", "must be two finite numbers, low < high")
 
 
 def settings_of(info: Mapping[str, Any]) -> scoring.ScoreSettings:
