@@ -373,3 +373,20 @@ def test_inputs_all_inside_out_are_named_as_such(tmp_path):
     solid(tmp_path / "in" / "a.png")
     with pytest.raises(P.PredictError, match="inside --out"):
         P.predict_files([tmp_path / "in"], FakeDetector(), tmp_path / "in")
+
+
+def test_exif_orientation_is_honoured_as_viewers_do(tmp_path):
+    stored = np.zeros((150, 300, 3), np.uint8)
+    stored[:, :50, 0] = 255  # a red band on the stored image's left: on top once rotated for display
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display": shown 150 wide, 300 tall
+    path = tmp_path / "in" / "phone.jpg"
+    path.parent.mkdir()
+    Image.fromarray(stored).save(path, exif=exif.tobytes(), quality=95)
+    out = tmp_path / "out"
+    summary = P.predict_files([path], FakeDetector(), out, P.Options())
+    overlay = Image.open(out / "overlays" / "phone.jpg.png")
+    assert overlay.size == Image.open(out / "maps" / "phone.jpg.png").size == (150, 300)
+    red = np.asarray(overlay.convert("RGB"), np.float64)[..., 0]
+    assert red[:40].mean() > red[-100:].mean() + 50  # the band is at the top, as a viewer shows it
+    assert "EXIF" in summary["orientation"]

@@ -11,7 +11,8 @@ folder that yields no image is reported in the log and in ``summary.json`` (``un
 does not exist and is not a pattern is an error, and so is an input set with no image at all. A file
 named explicitly is always tried, whatever its extension. Anything under ``--out`` is never an input.
 
-Each image is decoded by :func:`pipeline.data.tables.load_image` (any size; modes L, RGB, RGBA, 16-bit grey,
+Each image is decoded by :func:`pipeline.data.tables.load_image`, turned upright by its EXIF orientation
+tag (as image viewers show it), (any size; modes L, RGB, RGBA, 16-bit grey,
 palette, ...; 32-bit ``I``/``F`` refused; more than ``--max-pixels`` pixels refused) and scored by the
 detector (:class:`pipeline.method.detector.Detector`: maps (B, S, S) in [0, 1] and image scores (B,)). An image
 is **anomalous** when ``score >= threshold`` (the rule under which the F1-max threshold is defined,
@@ -74,7 +75,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from scipy.ndimage import minimum_filter
 from tqdm import tqdm
 
@@ -363,7 +364,9 @@ def _batches(files: Sequence[Path], names: Sequence[tuple[str, ...]] | None, bat
     for i, path in enumerate(tqdm(files, desc=desc, unit="image", dynamic_ncols=True)):
         t0 = time.perf_counter()
         try:
-            image = load_image(path, max_pixels)
+            # turned as the EXIF orientation says, as viewers show it: a phone photo is scored upright and
+            # its map and overlay have the size it is displayed at
+            image = ImageOps.exif_transpose(load_image(path, max_pixels))
         except DatasetError as e:
             skip(path, str(e))
             continue
@@ -1026,6 +1029,8 @@ def summarise(found: InputSet, skipped: Sequence[tuple], chosen: dict, tally: _T
                    "note": "write_s is summed over the writer threads, which run while batches are decoded "
                            "and scored, so the parts add up to more than total_s",
                    "images_per_s": round(n_scored / total_s, 4) if n_scored and total_s > 0 else None},
+        "orientation": "images are turned as their EXIF orientation tag says (as viewers show them) before "
+                       "scoring; maps, overlays and masks have that displayed size",
         "batch_size": opts.batch_size,
         "batch": opts.batch,
         "tile": None if opts.tile is None else {"size": opts.tile, "stride": max(1, opts.tile // 2),
