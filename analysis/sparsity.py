@@ -67,7 +67,8 @@ def table(sweep: Path) -> list[dict]:
         for run, m in runs.items():
             row[f"{run}.image_auroc"], row[f"{run}.pixel_auroc"] = m["image_auroc"], m["pixel_auroc"]
         rows.append(row)
-    return rows
+    # Folder names sort as strings (topk_16 before topk_8); order by the setting's own number instead.
+    return sorted(rows, key=lambda r: (r["variant"], r["l1_coef"] if r["variant"] == "l1" else r["guide_topk"]))
 
 
 def figure(rows: list[dict]):
