@@ -11,6 +11,10 @@ For each run (aux -> target) it reads the target store, the aux detector and the
 - ``rankmean``: mean of the two signals' ranks (percentiles) over the category's patches;
 - ``zmean_w<w>``, ``zlogit_w<w>``, ``geometric_w<w>``: the same with weight w on the guide (the
   guide as its logit for ``zlogit``), w in {0.5, 0.25};
+- ``rzlogit``, ``rzmean``: the ``zlogit_w0.5`` / ``zmean_w0.5`` means with each signal standardised by its
+  median and MAD (×1.4826) instead of mean and std; ``rzlogit_max``: the larger of the two;
+- ``late_w<w>``: image scores fused late: each signal's own image score standardised over the category's
+  images, weight w on the guide's (as a logit); pixel maps those of ``fuse``;
 - ``guide`` and ``batch`` alone, for reference.
 
 Then upsampled and blurred like a guide map, image score = max, and the six metrics per category, the
@@ -41,6 +45,13 @@ def rules(guide: np.ndarray, batch: np.ndarray) -> dict[str, np.ndarray]:
            "geometric": fusion.geometric(torch.from_numpy(guide), torch.from_numpy(batch)).numpy(),
            "rankmean": (r(guide) + r(batch)) / 2,
            "fuse": fusion.fuse(torch.from_numpy(guide), torch.from_numpy(batch)).numpy()}
+    # Robust standardisation: median and MAD over the set's patches. Defects are a small share of the
+    # patches, so these describe the normal patches; a signal that separates the defects well keeps a
+    # large score on them instead of having its spread inflated by them (as the std is).
+    rz = lambda x: (x - np.median(x)) / (1.4826 * np.median(np.abs(x - np.median(x))) + 1e-12)  # noqa: E731
+    out["rzlogit"] = (rz(logit) + rz(batch)) / 2
+    out["rzmean"] = (rz(guide) + rz(batch)) / 2
+    out["rzlogit_max"] = np.maximum(rz(logit), rz(batch))
     for w in (0.5, 0.25):
         out[f"zmean_w{w}"] = w * z(guide) + (1 - w) * z(batch)
         out[f"zlogit_w{w}"] = w * z(logit) + (1 - w) * z(batch)
@@ -63,12 +74,23 @@ def score_run(root: Path, aux: str, target_name: str) -> dict[str, dict]:
             continue
         signals = evaluation.guide_signals(target, start, stop, vectors, det.settings, 16, torch.device("cpu"))
         labels, masks = target.labels[start:stop].astype(np.int64), target.masks[start:stop]
+        image, fused_maps = {}, None
         for name, values in rules(signals["guides"], mutual).items():
             maps = scoring.patch_maps(torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)), grid, size,
                                       sigma=det.settings.blur_sigma)
-            m = metrics.compute_all(labels, maps.reshape(len(maps), -1).max(1), masks, maps,
-                                    has_masks=category not in no_masks)
+            image[name] = maps.reshape(len(maps), -1).max(1)
+            fused_maps = maps if name == "fuse" else fused_maps
+            m = metrics.compute_all(labels, image[name], masks, maps, has_masks=category not in no_masks)
             per.setdefault(name, {})[category] = m
+        # Late fusion: each signal's own image score (its map's max; the guide's as a logit), standardised
+        # over the category's images, then averaged; the pixel maps stay those of ``fuse``.
+        z = lambda x: (x - x.mean()) / (x.std() + 1e-12)  # noqa: E731
+        g = np.clip(image["guide"].astype(np.float64), 1e-6, 1 - 1e-6)
+        late = {"late_w0.5": 0.5 * z(np.log(g / (1 - g))) + 0.5 * z(image["batch"]),
+                "late_w0.25": 0.25 * z(np.log(g / (1 - g))) + 0.75 * z(image["batch"])}
+        for name, scores in late.items():
+            per.setdefault(name, {})[category] = metrics.compute_all(labels, scores, masks, fused_maps,
+                                                                     has_masks=category not in no_masks)
     return {name: evaluation.mean_over_categories(cats) for name, cats in per.items()}
 
 
