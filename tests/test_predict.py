@@ -99,6 +99,31 @@ def test_outputs_have_original_size_and_map_values_round_trip(tmp_path):
     assert rows(out / "skipped.csv") == [] and (out / "skipped.csv").read_text().strip() == "path,input,reason"
 
 
+def test_overlays_are_written_for_flagged_images_unless_all_are_asked_for(tmp_path):
+    """By default only the images decided anomalous get an overlay (the costliest write); every image
+    keeps its map, and scores.csv leaves ``overlay`` empty for the others. ``overlays="all"`` writes one
+    for each."""
+    bad = solid(tmp_path / "in" / "bad.png", red=255)    # score 1.0 >= 0.5: anomalous
+    good = solid(tmp_path / "in" / "good.png", red=51)   # score 0.2: normal
+    out = tmp_path / "out"
+    summary = P.predict_files([tmp_path / "in"], FakeDetector(threshold=0.5), out)
+    table = {r["path"]: r for r in rows(out / "scores.csv")}
+    assert table[str(bad)]["decision"] == "anomalous" and table[str(good)]["decision"] == "normal"
+    assert table[str(bad)]["overlay"] == "overlays/bad.png.png" and (out / "overlays" / "bad.png.png").is_file()
+    assert table[str(good)]["overlay"] == "" and not (out / "overlays" / "good.png.png").exists()
+    assert all((out / r["map"]).is_file() for r in table.values())
+    assert summary["overlays"]["written_for"] == "flagged"
+    page = (out / "report.html").read_text()
+    assert "row.overlay || row.map" in page  # the page shows the map where no overlay was written
+
+    out_all = tmp_path / "out_all"
+    P.predict_files([tmp_path / "in"], FakeDetector(threshold=0.5), out_all, overlays="all")
+    assert sorted(p.name for p in (out_all / "overlays").iterdir()) == ["bad.png.png", "good.png.png"]
+    assert all(r["overlay"] for r in rows(out_all / "scores.csv"))
+    with pytest.raises(P.PredictError, match="--overlays must be one of flagged, all"):
+        P.Options(overlays="some")
+
+
 def test_fused_detector_maps_keep_values_above_one(tmp_path):
     """A detector exported with ``fusion: self_dissimilarity`` has map_range [0, 2]: its maps and image
     scores go above 1. The map PNG stores value / 2, the overlay's colours span 0 to 2, and its outline is
@@ -141,9 +166,40 @@ def test_overlay_outlines_the_thresholded_region():
     expected[10:20, 5:25] = True
     expected[11:19, 6:24] = False
     np.testing.assert_array_equal(white, expected)
-    # elsewhere: half image (black), half jet colour of the value
+    # elsewhere: half image (black), half jet colour of the value (PIL's blend: within one level)
     jet0 = P._jet_lut()[0]
-    np.testing.assert_array_equal(out[0, 0], np.round(0.5 * jet0.astype(np.float32)).astype(np.uint8))
+    np.testing.assert_allclose(out[0, 0], 0.5 * jet0.astype(np.float64), atol=1)
+
+
+def slow_overlay(image: Image.Image, full: np.ndarray, threshold: float, top: float = 1.0) -> np.ndarray:
+    """The overlay's rule in float numpy over the whole image: the reference for :func:`P.overlay`."""
+    from scipy.ndimage import minimum_filter
+
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float64)
+    colour = P._jet_lut()[np.rint(np.clip(full, 0, top) * (255 / top)).astype(np.uint8)].astype(np.float64)
+    out = (1 - P.OVERLAY_ALPHA) * rgb + P.OVERLAY_ALPHA * colour
+    region = full >= threshold
+    width = max(1, round(max(region.shape) / 300))
+    inner = minimum_filter(region.astype(np.uint8), size=2 * width + 1, mode="nearest").astype(bool)
+    out[region & ~inner] = 255
+    return out
+
+
+@pytest.mark.parametrize("threshold", [0.05, 0.5, 0.95, 2.0])
+def test_overlay_equals_the_float_reference_on_a_photo_sized_image(threshold):
+    """Random photo-like image and smooth map (regions touching the image's edges, several blobs, none at
+    2.0): the outline is exactly the reference's, every other pixel within one level."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(3)
+    image = Image.fromarray(rng.integers(0, 256, (600, 901, 3), dtype=np.uint8))  # longer side 901: width 3
+    smooth = gaussian_filter(rng.random((600, 901)), 25)
+    full = ((smooth - smooth.min()) / (smooth.max() - smooth.min())).astype(np.float32)
+    got = np.asarray(P.overlay(image, full, threshold)).astype(np.float64)
+    want = slow_overlay(image, full, threshold)
+    white = (want == 255).all(axis=-1) & (full >= threshold)
+    np.testing.assert_array_equal((got == 255).all(axis=-1) & (full >= threshold), white)
+    assert np.abs(got - want).max() <= 1
 
 
 def test_decisions_at_the_threshold_and_the_override(tmp_path):
@@ -384,7 +440,7 @@ def test_exif_orientation_is_honoured_as_viewers_do(tmp_path):
     path.parent.mkdir()
     Image.fromarray(stored).save(path, exif=exif.tobytes(), quality=95)
     out = tmp_path / "out"
-    summary = P.predict_files([path], FakeDetector(), out, P.Options())
+    summary = P.predict_files([path], FakeDetector(), out, P.Options(overlays="all"))
     overlay = Image.open(out / "overlays" / "phone.jpg.png")
     assert overlay.size == Image.open(out / "maps" / "phone.jpg.png").size == (150, 300)
     red = np.asarray(overlay.convert("RGB"), np.float64)[..., 0]

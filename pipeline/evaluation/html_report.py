@@ -3,7 +3,8 @@
 ``predict`` writes ``report.html`` beside ``scores.csv``. No CDN, no server: the scores are embedded in
 the page as JSON, the images are linked by paths relative to the page (the run's own ``overlays/``,
 ``maps/``, ``masks/``), and the script is inline. The cards are sorted by score, highest first, each
-with its decision and score; a click opens its overlay, map and mask at full size. The slider re-decides
+with its decision and score (its overlay, or its map where predict wrote no overlay, as for images it
+did not flag by default); a click opens its overlay, map and mask at full size. The slider re-decides
 every card from the embedded scores (anomalous when ``score >= threshold``, predict's rule) and counts
 the flagged ones; it starts at the run's threshold. ``?threshold=X`` in the page's URL sets the slider
 on load, as moving it would (a bookmarkable view; the browser test uses it).
@@ -54,7 +55,7 @@ for (const row of rows) {
   card.className = "card";
   card.dataset.score = row.score;
   const img = document.createElement("img");
-  img.src = row.overlay; img.alt = row.name; img.loading = "lazy";
+  img.src = row.overlay || row.map; img.alt = row.name; img.loading = "lazy";  // unflagged: no overlay by default
   card.append(img, text("div", "verdict", ""), text("div", "score", row.score.toPrecision(6)), text("div", "name", row.name));
   card.addEventListener("click", () => {
     document.getElementById("viewer-name").textContent = row.name + "  score " + row.score;
