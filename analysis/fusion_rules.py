@@ -37,8 +37,12 @@ from pipeline.features import store
 from pipeline.method import detector, fusion, scoring
 
 
+def standardised(x: np.ndarray) -> np.ndarray:
+    return (x - x.mean()) / (x.std() + 1e-12)
+
+
 def rules(guide: np.ndarray, batch: np.ndarray) -> dict[str, np.ndarray]:
-    z = lambda x: (x - x.mean()) / (x.std() + 1e-12)  # noqa: E731
+    z = standardised
     r = lambda x: rankdata(x.ravel()).reshape(x.shape) / x.size  # noqa: E731
     logit = np.log(np.clip(guide, 1e-6, None)) - np.log(np.clip(1 - guide, 1e-6, None))
     out = {"guide": guide, "batch": batch,
@@ -84,10 +88,8 @@ def score_run(root: Path, aux: str, target_name: str) -> dict[str, dict]:
             per.setdefault(name, {})[category] = m
         # Late fusion: each signal's own image score (its map's max; the guide's as a logit), standardised
         # over the category's images, then averaged; the pixel maps stay those of ``fuse``.
-        z = lambda x: (x - x.mean()) / (x.std() + 1e-12)  # noqa: E731
-        g = np.clip(image["guide"].astype(np.float64), 1e-6, 1 - 1e-6)
-        late = {"late_w0.5": 0.5 * z(np.log(g / (1 - g))) + 0.5 * z(image["batch"]),
-                "late_w0.25": 0.25 * z(np.log(g / (1 - g))) + 0.75 * z(image["batch"])}
+        guide_logit = standardised(fusion.logit(torch.from_numpy(image["guide"])).numpy())
+        late = {f"late_w{w}": w * guide_logit + (1 - w) * standardised(image["batch"]) for w in (0.5, 0.25)}
         for name, scores in late.items():
             per.setdefault(name, {})[category] = metrics.compute_all(labels, scores, masks, fused_maps,
                                                                      has_masks=category not in no_masks)

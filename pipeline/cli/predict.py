@@ -26,9 +26,9 @@ Writes into ``--out`` (each file whole or not at all, through a temp file and ``
 - ``maps/<relative path>.png``: the map at the image's **original size** (the S x S map resized
   bilinearly), a 16-bit greyscale PNG whose pixel value v means the anomaly probability v / 65535
   (a detector exported with ``fusion: self_dissimilarity`` has ``map_range`` [0, 2]: v / 65535 · 2).
-- ``overlays/<relative path>.png`` (flagged images; every image with ``--overlays all``): the image with the map over it as a colour layer (``jet``, fixed
-  scale 0 to the map range's top, half transparent) and the outline, in white, of the pixels whose map
-  value is ``>= threshold``.
+- ``overlays/<relative path>.png`` (flagged images; every image with ``--overlays all``): the image with
+  the map over it as a colour layer (``jet``, fixed scale 0 to the map range's top, half transparent)
+  and the outline, in white, of the pixels whose map value is ``>= threshold``.
 - ``skipped.csv``: ``path, input, reason`` for every file that could not be scored (truncated, not an
   image, a decompression bomb, a refused mode, a name that cannot be mirrored under ``--out``); the
   batch goes on without them. Always written (the header alone when nothing was skipped).
