@@ -256,3 +256,68 @@ def test_write_fills_what_an_unlabelled_set_of_normal_images_holds(tmp_path):
     assert got.labels[:].tolist() == [1] * 5  # given arrays are kept
     assert not got.masks[:].any() and not got.images[:].any() and got.masks.shape == (5, 6, 6)
     assert not got.category[:].any() and not got.defect[:].any()
+
+
+@pytest.mark.parametrize("array", ["tokens", "cls", "masks", "images", "labels", "category", "defect"])
+def test_a_chunk_file_deleted_from_a_complete_store_is_refused_naming_it(tmp_path, array):
+    path = tmp_path / "s"
+    write_all(path)
+    victim = sorted((path / array / "c").rglob("*"))
+    victim = [f for f in victim if f.is_file()][1]  # chunk 1 of that array
+    rel = victim.relative_to(path).as_posix()
+    victim.unlink()
+    with pytest.raises(StoreError, match=f"array '{array}': chunk file {rel} is missing"):
+        store.open_store(path)
+    # prepare sees the damage too and starts afresh instead of calling the store complete
+    group, pending = store.prepare(path, LAYOUT, ATTRS)
+    assert pending == [0, 1, 2]
+
+
+def test_a_truncated_chunk_file_is_refused_with_both_sizes(tmp_path):
+    path = tmp_path / "s"
+    write_all(path)
+    victim = next(f for f in sorted((path / "tokens" / "c").rglob("*")) if f.is_file())
+    size = victim.stat().st_size
+    victim.write_bytes(victim.read_bytes()[: size // 2])
+    with pytest.raises(StoreError, match=f"has {size // 2} bytes, {size} when the store was finalized"):
+        store.open_store(path)
+
+
+def test_a_chunk_zarr_never_wrote_is_not_missing(tmp_path):
+    # all-zero masks equal the fill value, so zarr writes no chunk file for them: nothing to miss
+    layout = store.StoreLayout(4, 2, 3, mask_size=5, chunk_images=2)
+    attrs = {"dataset": "t", "backbone": "none", "weights_sha256": "0", "layer": -1, "image_size": 5, "grid": [1, 2]}
+    tokens = np.ones((4, 2, 3), np.float16)
+    got = store.write(tmp_path / "s", layout, attrs, lambda a, b: {"tokens": tokens[a:b]})
+    recorded = got.attrs[store.CHUNK_FILES]
+    assert not any(k.startswith("masks/") for k in recorded)
+    assert {"tokens/c/0/0/0", "tokens/c/1/0/0"} <= set(recorded)
+    assert store.open_store(tmp_path / "s").n_images == 4
+
+
+def test_a_store_finalized_before_the_chunk_list_existed_still_opens(tmp_path):
+    path = tmp_path / "s"
+    write_all(path)
+    group = store.open_for_writing(path)
+    del group.attrs[store.CHUNK_FILES]
+    assert store.open_store(path).n_images == 7
+
+
+def test_a_corrupt_zarr_json_is_one_line(tmp_path):
+    path = tmp_path / "s"
+    write_all(path)
+    (path / "zarr.json").write_text('{"zarr_format": 3, "node_type": "gro')
+    with pytest.raises(StoreError, match="zarr.json cannot be read"):
+        store.open_store(path)
+    path = tmp_path / "t"
+    write_all(path)
+    (path / "tokens" / "zarr.json").unlink()
+    with pytest.raises(StoreError, match="an array's metadata cannot be read"):
+        store.open_store(path)
+
+
+def test_a_paths_attr_shorter_than_the_store_is_refused(tmp_path):
+    path = tmp_path / "s"
+    write_all(path, attrs={**ATTRS, "paths": ["x"] * 5})
+    with pytest.raises(StoreError, match="attr 'paths' holds 5 entries for 7 images"):
+        store.open_store(path)

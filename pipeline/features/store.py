@@ -48,6 +48,12 @@ one) whose values differ here cannot be scored against each other (``open_store(
 
 _DONE = "_done"
 
+CHUNK_FILES = "chunk_files"
+"""Attr written at finalize: every chunk file of the complete store (path relative to the store ->
+size in bytes). Zarr reads a missing chunk as its fill value, so a deleted tokens chunk would read as
+zeros and every stage downstream would score garbage with exit 0; :func:`open_store` stats each file
+against this list instead (a few hundred ``stat`` calls, no reading)."""
+
 # Tokens are not compressed: lossless compression of fp16 tokens measured only ~1.09x here, for a
 # real cost in write and read throughput. Small arrays keep zarr's default (zstd).
 _UNCOMPRESSED = ("tokens", "cls")
@@ -218,7 +224,8 @@ def prepare(path: str | Path, layout: StoreLayout, attrs: Mapping[str, Any]) -> 
             if not have:
                 reason = "it has no attrs (creation was interrupted)"
             else:
-                diff = sorted(k for k in (set(wanted) | set(have)) - {"complete"} if have.get(k) != wanted.get(k))
+                ignored = {"complete", CHUNK_FILES}
+                diff = sorted(k for k in (set(wanted) | set(have)) - ignored if have.get(k) != wanted.get(k))
                 if diff:
                     reason = f"attr {diff[0]!r} differs (store {have.get(diff[0])!r}, now {wanted.get(diff[0])!r})"
                 elif _layout_of(group) != layout:
@@ -228,9 +235,12 @@ def prepare(path: str | Path, layout: StoreLayout, attrs: Mapping[str, Any]) -> 
         if reason is None:
             _remove_partials(path)
             if have.get("complete") is True:
-                log.info("%s: complete and matching, nothing to extract", path)
-                return group, []
-            if _DONE not in group:
+                damage = _chunk_file_problem(path, have)
+                if damage is None:
+                    log.info("%s: complete and matching, nothing to extract", path)
+                    return group, []
+                reason = damage
+            elif _DONE not in group:
                 reason = "it is marked incomplete but has no progress array"
             else:
                 done = group[_DONE][:]
@@ -270,6 +280,39 @@ def write_chunk(group: zarr.Group, layout: StoreLayout, chunk: int, arrays: Mapp
     group[_DONE][chunk] = 1
 
 
+def chunk_files(path: str | Path) -> dict[str, int]:
+    """Every chunk file of the store at ``path`` (``<array>/c/...`` relative to it) and its size.
+
+    A chunk that holds only the fill value is never written by zarr (the masks of normal images, say),
+    so it is absent here and absent on disk: only files present at finalize are expected later.
+    """
+    root = Path(path)
+    files = {}
+    for array in sorted(p for p in root.iterdir() if p.is_dir() and (p / "c").is_dir()):
+        for f in sorted((array / "c").rglob("*")):
+            if f.is_file() and not f.name.endswith(".partial"):
+                files[f.relative_to(root).as_posix()] = f.stat().st_size
+    return files
+
+
+def _chunk_file_problem(path: Path, attrs: Mapping[str, Any]) -> str | None:
+    """What is wrong with the first chunk file of ``attrs[CHUNK_FILES]`` that is missing or has another
+    size, or None. A store finalized before this attr existed is not checked."""
+    expected = attrs.get(CHUNK_FILES)
+    if not isinstance(expected, dict):
+        return None
+    for rel, size in expected.items():
+        f = path / rel
+        if not f.is_file():
+            problem = "is missing (zarr would read it as zeros)"
+        elif f.stat().st_size != size:
+            problem = f"has {f.stat().st_size} bytes, {size} when the store was finalized"
+        else:
+            continue
+        return f"array {rel.split('/', 1)[0]!r}: chunk file {rel} {problem}"
+    return None
+
+
 def finalize(group: zarr.Group, path: str | Path) -> None:
     """Check every chunk is written, drop the progress array and set ``complete: true`` (last)."""
     if group.attrs.get("complete") is True:
@@ -280,7 +323,8 @@ def finalize(group: zarr.Group, path: str | Path) -> None:
     if _DONE in group:
         del group[_DONE]
     _remove_partials(Path(path))
-    group.attrs["complete"] = True
+    # one metadata write: the list of chunk files and the completion mark land together
+    group.attrs.update({CHUNK_FILES: chunk_files(path), "complete": True})
 
 
 def write(path: str | Path, layout: StoreLayout, attrs: Mapping[str, Any],
@@ -419,13 +463,33 @@ def open_store(path: str | Path, expect: Mapping[str, Any] | None = None) -> Fea
     path = Path(path)
     if not (path / "zarr.json").is_file():
         raise StoreError(f"{path}: no feature store here (run the extract stage first)")
-    group = zarr.open_group(str(path), mode="r", zarr_format=3)
-    attrs = dict(group.attrs)
+    try:
+        group = zarr.open_group(str(path), mode="r", zarr_format=3)
+        attrs = dict(group.attrs)
+    except Exception as err:  # a truncated or hand-edited zarr.json: zarr's own errors vary by version
+        raise StoreError(f"{path}: zarr.json cannot be read ({type(err).__name__}: {err}); "
+                         "re-run its extract stage") from err
     if attrs.get("complete") is not True:
         raise StoreError(f"{path}: store is incomplete (attr 'complete' is not true); re-run its extract stage")
     if attrs.get("schema") != SCHEMA:
         raise StoreError(f"{path}: attr 'schema' is {attrs.get('schema')!r}, this code reads schema {SCHEMA}")
+    damage = _chunk_file_problem(path, attrs)
+    if damage is not None:
+        raise StoreError(
+            f"{path}: {damage}; the store is damaged: re-run its extract stage "
+            f"(dvc repro -f extract@<dataset>, or delete the folder and dvc repro)"
+        )
     for key, value in _jsonable(dict(expect or {})).items():
         if attrs.get(key) != value:
             raise StoreError(f"{path}: attr {key!r} is {attrs.get(key)!r} in the store but {value!r} in the config")
-    return FeatureStore(path, group)
+    try:
+        store = FeatureStore(path, group)
+    except Exception as err:  # an array's own zarr.json missing or unreadable
+        raise StoreError(f"{path}: an array's metadata cannot be read ({type(err).__name__}: {err}); "
+                         "re-run its extract stage") from err
+    paths = attrs.get("paths")
+    if paths is not None and (not isinstance(paths, list) or len(paths) != store.n_images):
+        count = len(paths) if isinstance(paths, list) else type(paths).__name__
+        raise StoreError(f"{path}: attr 'paths' holds {count} entries for {store.n_images} images; "
+                         "re-run its extract stage")
+    return store
