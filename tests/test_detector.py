@@ -232,3 +232,52 @@ def test_a_detector_json_with_a_bad_value_is_refused_naming_the_key(setup, tmp_p
     (folder / "detector.json").write_text(json.dumps(info))
     with pytest.raises(detector.DetectorError, match=rf"detector.json: {key} "):
         detector.Detector.load(folder, weights=weights)
+
+
+@pytest.mark.parametrize("key,value", [("layer", 11), ("threshold", 0.5), ("temperature", 0.5), ("blur_sigma", 0.0)])
+def test_a_detector_json_edited_to_another_valid_value_is_refused(setup, tmp_path, key, value):
+    # each value passes check_info (a real block, a finite threshold, positive temperature): only the
+    # settings hash recorded at export tells the edit from what export wrote
+    import shutil
+
+    tmp, weights, _, _ = setup
+    folder = tmp_path / "detector"
+    shutil.copytree(export(tmp, weights, "max"), folder)
+    info = json.loads((folder / "detector.json").read_text())
+    assert info[key] != value
+    detector.Detector.load(folder, with_backbone=False)  # as exported: loads
+    (folder / "detector.json").write_text(json.dumps({**info, key: value}, indent=2))
+    with pytest.raises(detector.DetectorError, match="its settings were changed after export.*predict --threshold"):
+        detector.Detector.load(folder, with_backbone=False)
+    # re-serialised without an edit (another indent, key order): still the same settings
+    (folder / "detector.json").write_text(json.dumps(dict(reversed(list(info.items())))))
+    detector.Detector.load(folder, with_backbone=False)
+
+
+def test_another_detectors_vectors_of_the_same_shape_are_refused(setup, tmp_path):
+    import shutil
+
+    tmp, weights, _, _ = setup
+    folder = tmp_path / "detector"
+    shutil.copytree(export(tmp, weights, "max"), folder)
+    _, vectors = detector.read(folder)
+    swapped = vectors.flip(0).contiguous()  # seed 1's guides under seed 0's name: same shape, all finite
+    from safetensors.torch import save_file
+
+    save_file({"vectors": swapped}, str(folder / "detector.safetensors"))
+    with pytest.raises(detector.DetectorError, match="detector.safetensors: sha256 .* another export"):
+        detector.Detector.load(folder, with_backbone=False)
+
+
+def test_a_detector_exported_before_the_integrity_key_still_loads(setup, tmp_path):
+    import shutil
+
+    tmp, weights, _, _ = setup
+    folder = tmp_path / "detector"
+    shutil.copytree(export(tmp, weights, "max"), folder)
+    info = json.loads((folder / "detector.json").read_text())
+    assert set(info[detector.INTEGRITY]) == {"vectors_sha256", "settings_sha256"}
+    del info[detector.INTEGRITY]
+    info["threshold"] = 0.25  # unchecked: nothing records what it was
+    (folder / "detector.json").write_text(json.dumps(info))
+    assert detector.Detector.load(folder, with_backbone=False).threshold == 0.25

@@ -7,7 +7,8 @@ A detector folder (``models/<A>/detector``, written by the export stage) holds
     detector.json          format ``spg-detector/1``; backbone, weights_sha256, weights_path, layer,
                            image_size, grid, temperature, blur_sigma, image_score, lse_temperature,
                            top_fraction, threshold, threshold_rule, seeds, map_range, aux, sae_sha256,
-                           guides (provenance)
+                           guides (provenance), integrity (sha256 of the tensor file and of every other
+                           key, verified at load: an edited or swapped file is refused, not scored)
     atoms.safetensors      the SAE atoms the guide codes use and the codes on them
                            (:class:`pipeline.method.atoms.DetectorAtoms`): what ``predict --explain``
                            decomposes a score over; optional (older exports lack it)
@@ -51,6 +52,21 @@ class DetectorError(PipelineError):
     """A missing or mismatched detector or backbone weights; the message says what to run."""
 
 
+INTEGRITY = "integrity"
+"""detector.json key written by :func:`save`: ``vectors_sha256`` (of detector.safetensors) and
+``settings_sha256`` (of every other key, :func:`settings_digest`). check_info cannot tell a layer of 11
+from the exported 12, nor one detector's vectors from another's of the same shape; these hashes can."""
+
+
+def settings_digest(info: Mapping[str, Any]) -> str:
+    """sha256 of detector.json's keys other than ``integrity``, in a canonical JSON (sorted keys, no
+    spaces): a float read back from JSON prints the same, so a file that was not edited hashes the same."""
+    import hashlib
+
+    body = {k: v for k, v in info.items() if k != INTEGRITY}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()).hexdigest()
+
+
 def _export_hint(folder: Path) -> str:
     aux = folder.parent.name if folder.name == "detector" else "<aux>"
     return f"run `dvc repro export@{aux}` (or `dvc pull` it)"
@@ -73,8 +89,13 @@ def save(folder: str | Path, vectors: torch.Tensor, info: Mapping[str, Any]) -> 
         raise ValueError(f"{folder}: vectors {tuple(vectors.shape)}: expected ({len(info['seeds'])}, 4, d)")
     if not torch.isfinite(vectors).all():
         raise DetectorError(f"{folder}: refusing to save non-finite guide vectors; re-run fit_guides")
-    text = json.dumps(dict(info), indent=2, allow_nan=False) + "\n"
-    write_bytes(folder / "detector.safetensors", save_bytes({"vectors": vectors}))
+    import hashlib
+
+    tensors = save_bytes({"vectors": vectors})
+    info = {k: v for k, v in info.items() if k != INTEGRITY}
+    info[INTEGRITY] = {"vectors_sha256": hashlib.sha256(tensors).hexdigest(), "settings_sha256": settings_digest(info)}
+    text = json.dumps(info, indent=2, allow_nan=False) + "\n"
+    write_bytes(folder / "detector.safetensors", tensors)
     write_bytes(folder / "detector.json", text.encode())
 
 
@@ -82,7 +103,8 @@ def read(folder: str | Path) -> tuple[dict, torch.Tensor]:
     """(detector.json as a dict, vectors (n_seeds, 4, d) float32), checked against each other.
 
     Raises DetectorError for a missing folder or file (saying to run ``dvc repro export@<A>``), a JSON
-    of another format or lacking a key, or vectors that are not finite or not one set per seed.
+    of another format or lacking a key, vectors that are not finite or not one set per seed, and a
+    JSON or tensor file that is not the pair export wrote (:func:`check_integrity`).
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -113,7 +135,32 @@ def read(folder: str | Path) -> tuple[dict, torch.Tensor]:
                             f"detector.json's {len(seeds)} seed(s) (expected ({len(seeds)}, 4, d)); {hint}")
     if not torch.isfinite(vectors).all():
         raise DetectorError(f"{folder / 'detector.safetensors'}: vectors hold NaN/Inf; {hint}")
+    # last: the checks above name what is wrong; this one catches what they cannot see
+    check_integrity(info, folder)
     return info, vectors
+
+
+def check_integrity(info: Mapping[str, Any], folder: Path) -> None:
+    """Refuse a detector whose detector.json or tensor file is not the pair export wrote (:data:`INTEGRITY`).
+    A detector exported before the key existed is read unchecked."""
+    seal = info.get(INTEGRITY)
+    if seal is None:
+        return
+    hint = _export_hint(folder)
+    if not (isinstance(seal, dict) and isinstance(seal.get("vectors_sha256"), str)
+            and isinstance(seal.get("settings_sha256"), str)):
+        raise DetectorError(f"{folder / 'detector.json'}: {INTEGRITY} {seal!r} is not what export writes; {hint}")
+    if settings_digest(info) != seal["settings_sha256"]:
+        raise DetectorError(
+            f"{folder / 'detector.json'}: its settings were changed after export (sha256 "
+            f"{settings_digest(info)[:12]}..., export recorded {seal['settings_sha256'][:12]}...); a detector scores "
+            "only with the settings it was exported and thresholded with: change params.yaml and "
+            f"{hint.removeprefix('run ')} (predict --threshold overrides the threshold without an edit)")
+    digest = sha256_file(folder / "detector.safetensors")
+    if digest != seal["vectors_sha256"]:
+        raise DetectorError(
+            f"{folder / 'detector.safetensors'}: sha256 {digest[:12]}... is not the {seal['vectors_sha256'][:12]}... "
+            f"detector.json was exported with: the vectors belong to another export; {hint}")
 
 
 def _number(value: Any) -> bool:
