@@ -188,6 +188,23 @@ def test_a_snapshot_with_another_key_is_ignored_and_replaced(uninterrupted, tmp_
                                                                       "train_state.json"]
 
 
+@pytest.mark.parametrize("field, delta", [("tokens_seen", 1000), ("epoch", 1)])
+def test_a_snapshot_whose_json_was_edited_is_not_resumed(field, delta, uninterrupted, tmp_path, caplog):
+    read, n = tokens_in_memory()
+    with pytest.raises(Killed):
+        sae.train(fresh_model(), read, n, **TRAIN, checkpoint=KilledAt(tmp_path / "ckpt", {"any": "key"}, kill_at=17))
+    path = tmp_path / "ckpt" / "train_state.json"
+    meta = json.loads(path.read_text())
+    meta["state"][field] += delta
+    path.write_text(json.dumps(meta, indent=1))
+    model = fresh_model()
+    with caplog.at_level("WARNING"):
+        stats = sae.train(model, read, n, **TRAIN,
+                          checkpoint=resume.TrainCheckpoint(tmp_path / "ckpt", {"any": "key"}, every_s=1e9))
+    assert "its state is not the one saved with train_state.000000017.safetensors" in caplog.text
+    assert_same_run(model, stats, *uninterrupted)  # afresh: the tracked counters are the true ones
+
+
 def test_only_files_it_wrote_are_deleted_and_a_foreign_snapshot_name_is_refused(tmp_path):
     read, n = tokens_in_memory()
     folder = tmp_path / "ckpt"

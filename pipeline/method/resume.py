@@ -52,6 +52,13 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(partial, path)
 
 
+def _state_digest(state: Any) -> str:
+    """sha256 of the loop state as canonical JSON. The tensors file (written first) carries it, so a
+    train_state.json edited by hand (tokens_seen, epoch) is not resumed with counters that would go,
+    wrong, into the tracked sae.json."""
+    return hashlib.sha256(json.dumps(state, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     """{"a": {"b": 1}} -> {"a.b": 1}: the keys the log names when two checkpoint keys differ."""
     if isinstance(value, dict):
@@ -148,9 +155,17 @@ class TrainCheckpoint:
         tensors_path = self.folder / str(meta.get("tensors"))
         try:
             tensors = load_file(str(tensors_path))
+            from safetensors import safe_open
+
+            with safe_open(str(tensors_path), framework="pt") as fh:
+                recorded = (fh.metadata() or {}).get("state_sha256")
         except Exception as err:
             log.warning("%s: not resuming, its tensors file %s cannot be read (%s); starting afresh",
                         self.json_path, tensors_path.name, err)
+            return None
+        if recorded != _state_digest(meta.get("state")):
+            log.warning("%s: not resuming, its state is not the one saved with %s (edited by hand, or the "
+                        "pair is from two saves); starting afresh", self.json_path, tensors_path.name)
             return None
         return Snapshot(tensors, meta["state"])
 
@@ -178,8 +193,10 @@ class TrainCheckpoint:
         tensors["since_fired"] = state.since_fired
         tensors = {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
         name = f"train_state.{state.step:09d}.safetensors"
-        _write_atomic(self.folder / name, save(tensors, metadata={"format": _STATE_FORMAT, "key": self.key}))
-        meta = {"format": _STATE_FORMAT, "key": self.key, "tensors": name, "state": state.to_json(),
+        state_json = json.loads(json.dumps(state.to_json()))  # as it reads back
+        _write_atomic(self.folder / name, save(tensors, metadata={"format": _STATE_FORMAT, "key": self.key,
+                                                                  "state_sha256": _state_digest(state_json)}))
+        meta = {"format": _STATE_FORMAT, "key": self.key, "tensors": name, "state": state_json,
                 "key_fields": self.key_fields}
         _write_atomic(self.json_path, (json.dumps(meta, indent=1) + "\n").encode())
         self._remove_tensors(keep=name)
