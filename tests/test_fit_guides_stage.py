@@ -68,10 +68,15 @@ def test_non_finite_aux_store_is_refused_naming_store_image_and_chunk(setup, nam
 
 
 def test_nan_in_the_sae_dictionary_stops_fitting_before_anything_is_written(setup):
-    model, dead, config = sae.load(setup / "sae")
-    with torch.no_grad():
-        model.dictionary[5, 0] = float("nan")
-    sae.save(model, setup / "sae_nan", dead, extra={"features": config["features"]})
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    # sae.save refuses NaN weights, so the damaged checkpoint is made by hand, as a bad disk would
+    shutil.copytree(setup / "sae", setup / "sae_nan")
+    tensors = load_file(str(setup / "sae_nan" / "sae.safetensors"))
+    tensors["dictionary"][5, 0] = float("nan")
+    save_file(tensors, str(setup / "sae_nan" / "sae.safetensors"))
     with pytest.raises(NonFiniteError, match=r"fit_guides seed 0: epoch 0, step 1: loss term"):
         run(setup, sae_dir="sae_nan")
     assert not (setup / "guides").exists() and not (setup / "report").exists()
@@ -109,3 +114,47 @@ def test_aux_store_without_masks_is_refused_before_anything_is_written(setup):
                               "pixel masks on the auxiliary set: add the masks, or use the dataset as a target only "
                               "(remove it from aux_datasets in params.yaml)")
     assert not (setup / "guides").exists() and not (setup / "report").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "no config", "no folder", "config not json", "other shape"])
+def test_a_damaged_sae_checkpoint_is_one_line_naming_the_file(setup, damage, capsys):
+    from pipeline.launch import run as run_stage
+
+    folder = setup / "sae"
+    if damage == "truncated":
+        data = (folder / "sae.safetensors").read_bytes()
+        (folder / "sae.safetensors").write_bytes(data[: len(data) // 2])
+        expected = "sae.safetensors: cannot be read as the SAE of config.json"
+    elif damage == "no config":
+        (folder / "config.json").unlink()
+        expected = "config.json: no SAE checkpoint here (file missing)"
+    elif damage == "no folder":
+        folder = setup / "absent"
+        expected = f"no SAE checkpoint here (no folder {folder})"
+    elif damage == "config not json":
+        (folder / "config.json").write_text("{\"d_in\": ")
+        expected = "config.json: not an SAE config (JSONDecodeError"
+    else:
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "n_latents": config["n_latents"] * 2}))
+        expected = "sae.safetensors: cannot be read as the SAE of config.json (Error(s) in loading state_dict"
+    with pytest.raises(SystemExit) as exit_:
+        run_stage(fit_guides_stage.main, ["--features", str(setup / "aux"), "--sae", str(folder), "--out",
+                                          str(setup / "guides"), "--report", str(setup / "report"),
+                                          "--params", str(setup / "params.yaml")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and expected in err and "Traceback" not in err, err
+    assert "dvc repro train_sae@" in err
+    assert not (setup / "guides").exists()
+
+
+def test_guides_truncated_or_missing_are_one_line(setup):
+    from pipeline.method import guides
+
+    run(setup)
+    data = (setup / "guides" / "guides.safetensors").read_bytes()
+    (setup / "guides" / "guides.safetensors").write_bytes(data[:100])
+    with pytest.raises(guides.GuidesError, match=r"guides.safetensors: no readable 'codes_per_seed'.*fit_guides@guides"):
+        guides.load(setup / "guides")
+    with pytest.raises(guides.GuidesError, match=r"no guides here"):
+        guides.load(setup / "elsewhere")

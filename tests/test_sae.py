@@ -318,3 +318,15 @@ def test_evaluate_moves_the_model_to_the_device_it_is_asked_for():
         sae.evaluate(model, read, n_chunks, device=torch.device("meta"))
     assert "expected device" not in str(err.value)
     assert_on(model, "meta")
+
+
+def test_save_refuses_non_finite_weights_and_keeps_the_previous_checkpoint(tmp_path):
+    good = sae.TopKSAE(6, 8, 2, generator=torch.Generator().manual_seed(0))
+    sae.save(good, tmp_path / "s", torch.zeros(8, dtype=torch.bool))
+    before = (tmp_path / "s" / "sae.safetensors").read_bytes()
+    bad = sae.TopKSAE(6, 8, 2, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        bad.encoder[0, 0] = float("inf")
+    with pytest.raises(sae.SAEError, match="NaN/Inf weights"):
+        sae.save(bad, tmp_path / "s", torch.zeros(8, dtype=torch.bool))
+    assert (tmp_path / "s" / "sae.safetensors").read_bytes() == before

@@ -397,10 +397,24 @@ def load(folder: str | Path) -> tuple[torch.Tensor, dict]:
     """(codes_per_seed (n_seeds, 4, n_latents), config dict); non-finite codes are refused."""
     from safetensors.torch import load_file
 
+    from safetensors import SafetensorError
+
     folder = Path(folder)
-    tensors = load_file(str(folder / "guides.safetensors"))
-    check_finite_codes(tensors["codes_per_seed"], f"{folder / 'guides.safetensors'}: re-run fit_guides;")
-    return tensors["codes_per_seed"], json.loads((folder / "config.json").read_text())
+    hint = f"re-run `dvc repro fit_guides@{folder.name}` (or `dvc pull` it)"
+    tensors_path, config_path = folder / "guides.safetensors", folder / "config.json"
+    for path in (tensors_path, config_path):
+        if not path.is_file():
+            raise GuidesError(f"{path}: no guides here; {hint}")
+    try:
+        codes = load_file(str(tensors_path))["codes_per_seed"]
+    except (SafetensorError, OSError, KeyError) as err:
+        raise GuidesError(f"{tensors_path}: no readable 'codes_per_seed' ({type(err).__name__}: {err}); {hint}") from None
+    try:
+        config = json.loads(config_path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise GuidesError(f"{config_path}: not valid JSON ({err}); {hint}") from None
+    check_finite_codes(codes, f"{tensors_path}: re-run fit_guides;")
+    return codes, config
 
 
 def store_fingerprint(attrs: Mapping) -> dict:

@@ -31,7 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from pipeline.errors import PipelineError
 from pipeline.features.store import ChunkReader
+from pipeline.files import write_bytes
 from pipeline.features.stream import local_token_steps
 
 if TYPE_CHECKING:  # resume imports this module for TopKSAE and TrainState
@@ -397,34 +399,65 @@ def evaluate(sae: TopKSAE, read: Callable[[int], np.ndarray], n_chunks: int, *, 
 # Checkpoints: config.json + sae.safetensors (docs/design.md#artifacts); never pickle.
 
 
+class SAEError(PipelineError):
+    """A missing, truncated or inconsistent SAE checkpoint; the message names the file and what to run."""
+
+
 def save(sae: TopKSAE, folder: str | Path, dead_mask: torch.Tensor, extra: dict | None = None) -> None:
-    """Write ``folder/config.json`` and ``folder/sae.safetensors`` (dictionary, encoder, bias, dead_mask)."""
-    from safetensors.torch import save_file
+    """Write ``folder/sae.safetensors`` (dictionary, encoder, bias, dead_mask), then ``folder/config.json``,
+    each atomically (a killed save leaves the previous pair, or the new tensors beside the old JSON,
+    which :func:`load` refuses by shape rather than mixing)."""
+    from safetensors.torch import save as save_bytes
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     # float32 whatever the model was cast to (a bf16/fp16 model for speed): the checkpoint format is fp32
     tensors = {
         "dictionary": sae.dictionary.detach().cpu().float().contiguous(),
         "encoder": sae.encoder.detach().cpu().float().contiguous(),
         "dead_mask": dead_mask.detach().cpu().to(torch.bool).contiguous(),
     }
+    if not all(torch.isfinite(t).all() for name, t in tensors.items() if name != "dead_mask"):
+        raise SAEError(f"{folder}: refusing to save an SAE with NaN/Inf weights (the previous checkpoint, if "
+                       "any, is kept); lower sae.lr or check the store")
     if sae.shape.decoder_bias:
         tensors["bias"] = sae.bias.detach().cpu().float().contiguous()
-    save_file(tensors, str(folder / "sae.safetensors"))
-    (folder / "config.json").write_text(json.dumps({**asdict(sae.shape), **(extra or {})}, indent=2) + "\n")
+    write_bytes(folder / "sae.safetensors", save_bytes(tensors))
+    write_bytes(folder / "config.json", (json.dumps({**asdict(sae.shape), **(extra or {})}, indent=2) + "\n").encode())
+
+
+def _hint(folder: Path) -> str:
+    return f"re-run `dvc repro train_sae@{folder.name}` (or `dvc pull` it)"
 
 
 def load(folder: str | Path, device: str | torch.device = "cpu") -> tuple[TopKSAE, torch.Tensor, dict]:
-    """Rebuild a saved SAE: (model, dead_mask (n_latents,) bool, the config dict)."""
+    """Rebuild a saved SAE: (model, dead_mask (n_latents,) bool, the config dict).
+
+    A missing folder or file, a config.json that is not JSON or lacks a shape key, and a tensors file
+    that is truncated or does not fit the config raise :class:`SAEError` naming the file.
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    config = json.loads((folder / "config.json").read_text())
-    shape = SAEShape(**{k: config[k] for k in ("d_in", "n_latents", "k", "decoder_bias")})
-    sae = TopKSAE(shape.d_in, shape.n_latents, shape.k, decoder_bias=shape.decoder_bias)
-    tensors = load_file(str(folder / "sae.safetensors"), device=str(device))
-    dead = tensors.pop("dead_mask")
-    tensors.setdefault("bias", torch.zeros(shape.d_in))
-    sae.load_state_dict(tensors, strict=True)
-    return sae.to(device), dead, config
+    config_path, tensors_path = folder / "config.json", folder / "sae.safetensors"
+    for path in (config_path, tensors_path):
+        if not path.is_file():
+            raise SAEError(f"{path}: no SAE checkpoint here ({'no folder ' + str(folder) if not folder.is_dir() else 'file missing'}); "
+                           f"{_hint(folder)}")
+    try:
+        config = json.loads(config_path.read_text())
+        shape = SAEShape(**{k: config[k] for k in ("d_in", "n_latents", "k", "decoder_bias")})
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise SAEError(f"{config_path}: not an SAE config ({type(err).__name__}: {err}); {_hint(folder)}") from None
+    try:
+        tensors = load_file(str(tensors_path), device=str(device))
+        dead = tensors.pop("dead_mask")
+        tensors.setdefault("bias", torch.zeros(shape.d_in, device=device))
+        with torch.device(device):  # built where it runs: no CPU copy of a large dictionary first
+            sae = TopKSAE(shape.d_in, shape.n_latents, shape.k, decoder_bias=shape.decoder_bias)
+        sae.load_state_dict(tensors, strict=True)
+    except (SafetensorError, OSError, KeyError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SAEError(f"{tensors_path}: cannot be read as the SAE of {config_path.name} ({first}); "
+                       f"{_hint(folder)}") from None
+    return sae, dead, config
