@@ -215,6 +215,19 @@ def test_shards_must_be_a_multiple_of_the_processes():
         distributed.check_shards(4, 1, 3, "guides.batch_images")
 
 
+def test_more_shards_than_chunks_is_refused_before_training(setup):
+    # a shard with no chunk adds no rows, so the steps would silently shrink below batch_images
+    n_chunks = -(-N_IMAGES // CHUNK)
+    with pytest.raises(distributed.DistributedError, match=rf"--shards {n_chunks + 1} is more than the store's "
+                                                           rf"{n_chunks} chunks"):
+        train_sae_stage.main(sae_args(setup, "too_many", "--shards", str(n_chunks + 1)))
+    assert not (setup / "too_many").exists()
+    train_sae_stage.main(sae_args(setup, "for_guides"))
+    with pytest.raises(distributed.DistributedError, match=rf"more than the store's {n_chunks} chunks"):
+        fit_guides_stage.main(guides_args(setup, "too_many", "for_guides", "--shards", str(n_chunks + 1)))
+    assert not (setup / "too_many").exists()
+
+
 def test_one_process_with_shards_steps_through_the_union_of_the_shard_streams(setup):
     """--shards 2 in one process: every token once per epoch, in global steps of batch_tokens rows
     (the last ones smaller, once one shard has run out)."""

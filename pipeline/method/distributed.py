@@ -86,11 +86,18 @@ class Comm:
     all_reduce_grads_ = staticmethod(all_reduce_grads_)
 
 
-def check_shards(shards: int, world: int, per_step: int, what: str) -> None:
-    """Refuse a shard count the world size does not divide, or a step too small to give every shard one item."""
+def check_shards(shards: int, world: int, per_step: int, what: str, n_chunks: int | None = None) -> None:
+    """Refuse a shard count the world size does not divide, one above the store's ``n_chunks`` (a shard
+    with no chunk adds nothing to a step, so each step would hold fewer tokens than the batch says), or
+    a step too small to give every shard one item."""
     if shards < 1 or shards % world:
         raise DistributedError(f"--shards {shards} must be a positive multiple of the {world} processes "
                                f"torchrun started; pass --shards {world} (or a multiple)")
+    if n_chunks is not None and shards > n_chunks:
+        raise DistributedError(f"--shards {shards} is more than the store's {n_chunks} chunks: the shards "
+                               f"without a chunk would leave every step short of its batch; pass at most "
+                               f"--shards {n_chunks} (and as many processes or fewer), or extract with smaller "
+                               "chunks (extract.chunk_images)")
     if per_step < shards:
         raise DistributedError(f"{what} {per_step} per step cannot be split over {shards} shards; raise "
                                f"{what} or lower --shards")

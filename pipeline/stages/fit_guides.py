@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
 def _fit(args, cfg, features: store.FeatureStore, model: sae.TopKSAE, dead_mask: torch.Tensor, sae_config: dict,
          provenance: dict, device: torch.device, world: int) -> None:
     shards = args.shards or world
-    distributed.check_shards(shards, world, cfg.batch_images, "guides.batch_images")
+    distributed.check_shards(shards, world, cfg.batch_images, "guides.batch_images", n_chunks=features.n_chunks)
     comm = distributed.Comm() if world > 1 else None
     grid = tuple(features.attrs["grid"])
 

@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> None:
 def _train(args, cfg, features: store.FeatureStore, device: torch.device, world: int, checkpoint_dir: Path) -> None:
     n, tokens_per_image, d = features.tokens.shape
     shards = args.shards or world
-    distributed.check_shards(shards, world, cfg.batch_images * tokens_per_image, "sae.batch_images x tokens")
+    distributed.check_shards(shards, world, cfg.batch_images * tokens_per_image, "sae.batch_images x tokens",
+                             n_chunks=features.n_chunks)
     comm = distributed.Comm() if world > 1 else None
 
     def read(chunk: int):
