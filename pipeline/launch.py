@@ -86,11 +86,24 @@ class DistInfo:
 
 
 def resolve_device(name: str, dist_info: DistInfo = DistInfo()) -> torch.device:
-    """``auto`` -> this rank's CUDA device when there is one, else CPU; ``cuda`` without one is an error."""
+    """``auto`` -> this rank's CUDA device when there is one, else CPU; ``cuda`` -> this rank's CUDA
+    device (``LOCAL_RANK``); ``cuda:N`` -> that device, in a single process. Anything else, ``cuda``
+    without a GPU and an index torch does not see are errors naming what there is."""
+    import re
+
+    if name not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", str(name)):
+        raise DeviceError(f"device {name!r} is not one of auto, cpu, cuda, cuda:N")
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise DeviceError("device is 'cuda' but torch sees no CUDA device")
+        raise DeviceError(f"device is {name!r} but torch sees no CUDA device")
+    if name.startswith("cuda:"):
+        index, count = int(name.split(":")[1]), torch.cuda.device_count()
+        if index >= count:
+            raise DeviceError(f"device is {name!r} but torch sees {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+        if dist_info.world_size > 1:
+            raise DeviceError(f"device {name!r} under torchrun: each rank takes cuda:LOCAL_RANK; give 'cuda'")
+        return torch.device("cuda", index)
     return torch.device("cuda", dist_info.local_rank)
 
 

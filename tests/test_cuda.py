@@ -126,3 +126,24 @@ def test_cuda_without_a_gpu_is_a_pipeline_error(monkeypatch):
     assert isinstance(err.value, PipelineError) and isinstance(err.value, RuntimeError)
     assert str(err.value) == "device is 'cuda' but torch sees no CUDA device"
     assert resolve_device("auto") == torch.device("cpu")
+
+
+def test_a_device_name_torch_would_misread_is_refused_naming_the_choices(monkeypatch, tmp_path):
+    from pipeline.cli import predict
+    from pipeline.launch import DistInfo
+
+    with pytest.raises(DeviceError, match=r"device 'tpu' is not one of auto, cpu, cuda, cuda:N"):
+        resolve_device("tpu")
+    # predict names the option and the choices, before any detector is read
+    with pytest.raises(PipelineError, match=r"--device tpu: device 'tpu' is not one of auto, cpu, cuda"):
+        predict.main([str(tmp_path), "--detector", str(tmp_path / "no_detector"), "--out", str(tmp_path / "out"),
+                      "--device", "tpu"])
+    # with one GPU seen: cuda:0 is that GPU, cuda:1 is refused rather than run on cuda:0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)
+    with pytest.raises(DeviceError, match=r"'cuda:1' but torch sees 1 CUDA device\(s\), cuda:0 to cuda:0"):
+        resolve_device("cuda:1")
+    assert resolve_device("cuda", DistInfo(rank=1, world_size=2, local_rank=1)) == torch.device("cuda", 1)
+    with pytest.raises(DeviceError, match="under torchrun"):
+        resolve_device("cuda:0", DistInfo(rank=1, world_size=2, local_rank=1))

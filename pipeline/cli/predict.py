@@ -1107,7 +1107,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--writers", type=int, default=min(4, os.cpu_count() or 1),
                         help="threads writing the PNGs (default: min(4, CPU count))")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu or cuda")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N")
     parser.add_argument("--seed", type=int, default=None,
                         help="score with this guide seed's vectors (default: the mean of every seed's map)")
     parser.add_argument("--max-pixels", type=int, default=50_000_000,
@@ -1140,7 +1140,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         device = str(resolve_device(args.device))
-    except RuntimeError as e:  # "cuda" asked for on a machine without one
+    except RuntimeError as e:  # an unknown name, or a CUDA device this machine does not have
         raise PredictError(f"--device {args.device}: {e}; use --device cpu or auto") from e
     t0 = time.perf_counter()
     detector = Detector.load(args.detector, weights=args.weights, device=device, seed=args.seed)
