@@ -395,9 +395,8 @@ def save(folder: str | Path, codes_per_seed: torch.Tensor, config: Mapping) -> N
 
 def load(folder: str | Path) -> tuple[torch.Tensor, dict]:
     """(codes_per_seed (n_seeds, 4, n_latents), config dict); non-finite codes are refused."""
-    from safetensors.torch import load_file
-
     from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
     folder = Path(folder)
     hint = f"re-run `dvc repro fit_guides@{folder.name}` (or `dvc pull` it)"

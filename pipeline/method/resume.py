@@ -139,7 +139,7 @@ class TrainCheckpoint:
 
     def load(self) -> Snapshot | None:
         """The saved snapshot when its key is this one; None (saying why in the log) otherwise."""
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
         meta = self._read_json()
         if meta is None:
@@ -153,11 +153,9 @@ class TrainCheckpoint:
                         f"; {len(diff) - 3} more" if len(diff) > 3 else "")
             return None
         tensors_path = self.folder / str(meta.get("tensors"))
-        try:
-            tensors = load_file(str(tensors_path))
-            from safetensors import safe_open
-
+        try:  # one open for the tensors and the metadata that vouches for the JSON's state
             with safe_open(str(tensors_path), framework="pt") as fh:
+                tensors = {name: fh.get_tensor(name) for name in fh.keys()}
                 recorded = (fh.metadata() or {}).get("state_sha256")
         except Exception as err:
             log.warning("%s: not resuming, its tensors file %s cannot be read (%s); starting afresh",

@@ -405,8 +405,9 @@ class SAEError(PipelineError):
 
 def save(sae: TopKSAE, folder: str | Path, dead_mask: torch.Tensor, extra: dict | None = None) -> None:
     """Write ``folder/sae.safetensors`` (dictionary, encoder, bias, dead_mask), then ``folder/config.json``,
-    each atomically (a killed save leaves the previous pair, or the new tensors beside the old JSON,
-    which :func:`load` refuses by shape rather than mixing)."""
+    each atomically: a kill leaves each file whole, the old one or the new (a kill between the two leaves
+    new tensors beside the previous config.json, whose md5 then differs from dvc.lock's, so the stage
+    re-runs)."""
     from safetensors.torch import save as save_bytes
 
     folder = Path(folder)
@@ -440,10 +441,10 @@ def load(folder: str | Path, device: str | torch.device = "cpu") -> tuple[TopKSA
 
     folder = Path(folder)
     config_path, tensors_path = folder / "config.json", folder / "sae.safetensors"
+    where = "file missing" if folder.is_dir() else f"no folder {folder}"
     for path in (config_path, tensors_path):
         if not path.is_file():
-            raise SAEError(f"{path}: no SAE checkpoint here ({'no folder ' + str(folder) if not folder.is_dir() else 'file missing'}); "
-                           f"{_hint(folder)}")
+            raise SAEError(f"{path}: no SAE checkpoint here ({where}); {_hint(folder)}")
     try:
         config = json.loads(config_path.read_text())
         shape = SAEShape(**{k: config[k] for k in ("d_in", "n_latents", "k", "decoder_bias")})
