@@ -446,3 +446,83 @@ def test_exif_orientation_is_honoured_as_viewers_do(tmp_path):
     red = np.asarray(overlay.convert("RGB"), np.float64)[..., 0]
     assert red[:40].mean() > red[-100:].mean() + 50  # the band is at the top, as a viewer shows it
     assert "EXIF" in summary["orientation"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stopped runs: the images finished before a Ctrl-C or a full disk keep their rows
+
+
+class StopsAtBatch(FakeDetector):
+    """A FakeDetector whose ``predict`` raises ``error`` on its ``at``-th call (1-based)."""
+
+    def __init__(self, at: int, error: BaseException):
+        super().__init__(threshold=0.5)
+        self.at, self.error, self.calls = at, error, 0
+
+    def predict(self, images):
+        self.calls += 1
+        if self.calls == self.at:
+            raise self.error
+        return super().predict(images)
+
+
+def _five_images(tmp_path):
+    return [solid(tmp_path / "in" / f"{i}.png", red=50 * i + 10) for i in range(5)]
+
+
+def test_ctrl_c_keeps_the_rows_of_the_images_already_written(tmp_path):
+    files = _five_images(tmp_path)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        P.predict_files([tmp_path / "in"], StopsAtBatch(4, KeyboardInterrupt()), out, batch_size=1)
+    table = rows(out / "scores.csv")
+    # batches 1-3 were scored; the third's files were written while the fourth was being scored
+    assert [r["path"] for r in table] == [str(f) for f in files[:3]]
+    for r, f in zip(table, files):
+        assert float(r["score"]) == pytest.approx((50 * files.index(f) + 10) / 255)
+        assert (out / r["map"]).is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] is False and "interrupted" in summary["stopped"]
+    assert summary["n_scored"] == 3 and summary["n_inputs"] == 5
+    assert (out / "skipped.csv").is_file()
+
+
+def test_a_full_disk_is_one_error_and_the_finished_rows_stay(tmp_path, monkeypatch):
+    import errno
+
+    files = _five_images(tmp_path)
+    out = tmp_path / "out"
+    real = P._write_png
+    written = []
+
+    def fill_up(path, image):
+        if len(written) == 2:  # the third map: no space left
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        written.append(path)
+        real(path, image)
+
+    monkeypatch.setattr(P, "_write_png", fill_up)
+    with pytest.raises(P.PredictError, match=r"No space left on device.*after 2 of 5 image"):
+        P.predict_files([tmp_path / "in"], FakeDetector(threshold=2.0), out, batch_size=1, writers=1)
+    table = rows(out / "scores.csv")
+    assert [r["path"] for r in table] == [str(f) for f in files[:2]]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] is False and "No space left" in summary["stopped"] and summary["n_scored"] == 2
+
+
+def test_a_complete_run_says_so(tmp_path):
+    _five_images(tmp_path)
+    summary = P.predict_files([tmp_path / "in"], FakeDetector(threshold=0.5), tmp_path / "out", batch_size=2)
+    assert summary["complete"] is True and summary["stopped"] is None and summary["n_scored"] == 5
+
+
+def test_the_command_turns_ctrl_c_into_exit_130_and_one_line(monkeypatch, capsys):
+    def interrupted(argv=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(P, "main", interrupted)
+    monkeypatch.setattr("sys.argv", ["spg-predict"])
+    with pytest.raises(SystemExit) as stop:
+        P.console()
+    assert stop.value.code == 130
+    assert capsys.readouterr().err.strip() == "error: interrupted"

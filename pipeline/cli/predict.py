@@ -43,7 +43,12 @@ Writes into ``--out`` (each file whole or not at all, through a temp file and ``
 - ``report.html``: a self-contained page of the scored images as cards sorted by score, with a
   threshold slider that re-decides them in the browser (:mod:`pipeline.evaluation.html_report`).
 - ``summary.json`` (last): counts, the threshold and how it was chosen, timing, the map encoding and
-  the detector's provenance (its ``detector.json``).
+  the detector's provenance (its ``detector.json``); ``complete`` true.
+
+A run stopped while scoring (Ctrl-C, SIGTERM, a full disk, an error naming an image) still writes
+``scores.csv``, with a row for each image whose files were all written, and ``summary.json`` with
+``complete`` false and ``stopped`` saying why; Ctrl-C and SIGTERM exit with status 130, a full disk
+is one line (exit 1). Maps of the batch in flight may be there without a row.
 
 ``<relative path>`` is the image's path relative to the deepest folder holding every input image, with
 its own extension kept (``a/good/000.png`` -> ``maps/a/good/000.png.png``), so two images with one stem
@@ -824,7 +829,20 @@ def predict_files(inputs: Sequence[str | Path] | str | Path, detector, out: str 
     log.info("threshold %.6g (%s)", chosen["value"], chosen["source"])
     out.mkdir(parents=True, exist_ok=True)
     pixel = choose_pixel_threshold(detector, opts, fused=signals is not None)
-    tally = score_all(planned, scorer, out, chosen["value"], encoding, opts, skipper("images"), pixel["value"])
+    tally = _Tally()
+    try:
+        score_all(planned, scorer, out, chosen["value"], encoding, opts, skipper("images"), pixel["value"], tally)
+    except BaseException as e:  # whatever stopped it, the summary beside the partial scores.csv says so
+        stop = "interrupted (Ctrl-C or SIGTERM)" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
+        n_done = tally.counts[ANOMALOUS] + tally.counts[NORMAL]
+        _write_stopped(out, found, skipped, chosen, tally, opts, encoding, time.perf_counter() - t_start,
+                       {**dict(meta or {}), "detector": dict(getattr(detector, "info", {}) or {})}, stop)
+        said = (f"{stop} after {n_done} of {len(planned)} image(s): {out / 'scores.csv'} lists those, "
+                f"{out / 'summary.json'} says \"complete\": false (maps of the batch in flight may lack a row)")
+        if not isinstance(e, OSError):  # Ctrl-C, or an error that names its image (a NaN score): as it is
+            log.error("%s", said)
+            raise
+        raise PredictError(said) from e
     if pixel["value"] is not None:
         report.write_csv(out / "regions.csv", tally.regions, REGION_COLUMNS)
     if opts.explain:
@@ -834,7 +852,8 @@ def predict_files(inputs: Sequence[str | Path] | str | Path, detector, out: str 
                                  f"predict: {len(found.files)} image(s), {tally.counts[ANOMALOUS]} flagged")
     report.write_csv(out / "skipped.csv", [dict(zip(SKIPPED_COLUMNS, row)) for row in skipped], SKIPPED_COLUMNS)
     signals = signals or {"signals": ["guides"], "fusion": "none: the guide map alone"}
-    summary = summarise(found, skipped, chosen, tally, opts, encoding, time.perf_counter() - t_start,
+    summary = {"complete": True, "stopped": None}
+    summary |= summarise(found, skipped, chosen, tally, opts, encoding, time.perf_counter() - t_start,
                         {**signals, "pixel_threshold": pixel, "n_regions": len(tally.regions) if pixel["value"] is not None
                          else None, **dict(meta or {}), "detector": dict(getattr(detector, "info", {}) or {})})
     if summary["n_scored"] == 0:
@@ -843,6 +862,19 @@ def predict_files(inputs: Sequence[str | Path] | str | Path, detector, out: str 
     log.info("%d images: %d anomalous, %d normal, %d skipped -> %s", len(found.files), summary["n_anomalous"],
              summary["n_normal"], summary["n_skipped"], out)
     return summary
+
+
+def _write_stopped(out: Path, found: InputSet, skipped: Sequence[tuple], chosen: dict, tally: _Tally, opts: Options,
+                   encoding: MapEncoding, total_s: float, extra: Mapping[str, Any], stop: str) -> None:
+    """After a stop in :func:`score_all`: ``skipped.csv`` and a ``summary.json`` that says the run is not
+    complete and why (best effort: the disk that stopped the run may refuse these too)."""
+    summary = {"complete": False, "stopped": stop,
+               **summarise(found, skipped, chosen, tally, opts, encoding, total_s, extra)}
+    try:
+        report.write_csv(out / "skipped.csv", [dict(zip(SKIPPED_COLUMNS, row)) for row in skipped], SKIPPED_COLUMNS)
+        report.write_json(out / "summary.json", summary)
+    except OSError as e:
+        log.error("could not write the stopped run's summary into %s (%s)", out, e)
 
 
 def check_out(out: Path) -> None:
@@ -922,35 +954,53 @@ def plan_outputs(files: Sequence[Path], out: Path, skip) -> list[tuple[Path, tup
 
 
 def score_all(planned: Sequence[tuple[Path, tuple[str, ...]]], scorer, out: Path, threshold: float,
-              encoding: MapEncoding, opts: Options, skip, pixel_threshold: float | None = None) -> _Tally:
+              encoding: MapEncoding, opts: Options, skip, pixel_threshold: float | None = None,
+              tally: _Tally | None = None) -> _Tally:
     """Score the planned images batch by batch (``scorer(batch)`` -> maps, scores, seconds), writing
     their PNGs (in ``opts.writers`` threads), with ``pixel_threshold`` the flagged images' masks, and
-    ``scores.csv`` (whole or not at all, rows in input order)."""
-    tally = _Tally()
+    ``scores.csv`` (rows in input order). Interrupted (Ctrl-C, SIGTERM, a full disk, a failing scorer),
+    ``scores.csv`` is still written whole, with the rows of every image whose files were all written
+    before the stop, and the error goes on up; ``tally`` (given, or a new one) then counts those images."""
+    tally = _Tally() if tally is None else tally
+    lines = [_csv_line(SCORE_COLUMNS)]
+    try:
+        _score_into(planned, scorer, out, threshold, encoding, opts, skip, pixel_threshold, tally, lines)
+    finally:
+        try:
+            write_bytes(out / "scores.csv", "".join(lines).encode("utf-8"))
+        except OSError as e:  # the disk that stopped the run may refuse the table too: say so, keep the cause
+            log.error("could not write %s (%s)", out / "scores.csv", e)
+    return tally
 
-    def run_all(scores_tmp: Path) -> None:
-        with open(scores_tmp, "w", newline="", encoding="utf-8") as table, \
-                ThreadPoolExecutor(max_workers=opts.writers, thread_name_prefix="predict-writer") as pool:
-            table.write(_csv_line(SCORE_COLUMNS))
 
-            def finish(pending: list[tuple]) -> None:
-                """Wait for one batch's files and write its rows, in input order."""
-                for path, parts, score, decision, own_s, job in pending:
-                    map_file, overlay_file, mask_file, regions, write_s = job.result()
-                    if decision == ANOMALOUS:
-                        tally.flagged.append((path, parts, score))
-                        tally.regions += [{"path": str(path), **r} for r in regions]
-                    tally.timing["write_s"] += write_s
-                    tally.counts[decision] += 1
-                    tally.score_min, tally.score_max = min(tally.score_min, score), max(tally.score_max, score)
-                    # repr: the score as computed (float64), so a decision can be checked against the threshold
-                    table.write(_csv_line((str(path), repr(score), decision, f"{own_s + write_s:.4f}",
-                                           map_file.relative_to(out).as_posix(),
-                                           "" if overlay_file is None else overlay_file.relative_to(out).as_posix(),
-                                           "" if mask_file is None else mask_file.relative_to(out).as_posix())))
-                table.flush()
+def _score_into(planned, scorer, out: Path, threshold: float, encoding: MapEncoding, opts: Options, skip,
+                pixel_threshold: float | None, tally: _Tally, lines: list[str]) -> None:
+    """:func:`score_all`'s loop: appends one CSV line to ``lines`` per image once its files are written."""
 
-            pending: list[tuple] = []
+    def record(path, parts, score, decision, own_s, written) -> None:
+        map_file, overlay_file, mask_file, regions, write_s = written
+        if decision == ANOMALOUS:
+            tally.flagged.append((path, parts, score))
+            tally.regions += [{"path": str(path), **r} for r in regions]
+        tally.timing["write_s"] += write_s
+        tally.counts[decision] += 1
+        tally.score_min, tally.score_max = min(tally.score_min, score), max(tally.score_max, score)
+        # repr: the score as computed (float64), so a decision can be checked against the threshold
+        lines.append(_csv_line((str(path), repr(score), decision, f"{own_s + write_s:.4f}",
+                                map_file.relative_to(out).as_posix(),
+                                "" if overlay_file is None else overlay_file.relative_to(out).as_posix(),
+                                "" if mask_file is None else mask_file.relative_to(out).as_posix())))
+
+    def finish(pending: list[tuple]) -> None:
+        """Wait for one batch's files and record its rows, in input order; each item leaves ``pending``
+        as it is taken, so after a failure ``pending`` holds only the items not yet recorded."""
+        while pending:
+            *row, job = pending.pop(0)
+            record(*row, job.result())
+
+    pending: list[tuple] = []
+    with ThreadPoolExecutor(max_workers=opts.writers, thread_name_prefix="predict-writer") as pool:
+        try:
             for b in _batches([p for p, _ in planned], [n for _, n in planned], opts.batch_size, opts.max_pixels,
                               skip, "predict"):
                 maps, scores, score_s = scorer(b)
@@ -970,9 +1020,16 @@ def score_all(planned: Sequence[tuple[Path, tuple[str, ...]]], scorer, out: Path
                 pending = [(path, b.names[i], float(scores[i]), verdicts[i], b.decode_s[i] + score_s / len(b.images),
                             jobs[i]) for i, path in enumerate(b.paths)]
             finish(pending)
-
-    atomic_write(out / "scores.csv", run_all)
-    return tally
+        except BaseException:
+            # stopped while the previous batch's files were being written: the images whose files all
+            # made it keep their rows (a write in flight is waited for; one that failed has no row)
+            for *row, job in pending:
+                try:
+                    written = job.result()
+                except BaseException:
+                    continue
+                record(*row, written)
+            raise
 
 
 EXPLAIN_TOP = 5
@@ -1151,9 +1208,20 @@ def main(argv: list[str] | None = None) -> None:
 
 def console() -> None:
     """The ``spg-predict`` command: :func:`main` with errors as one line (:func:`pipeline.launch.run`)."""
+    import signal
+    import sys
+
     from pipeline.launch import run
 
-    run(main)
+    def terminated(signum, frame):  # a SIGTERM (a scheduler, `kill`) stops the run as Ctrl-C does
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminated)
+    try:
+        run(main)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
