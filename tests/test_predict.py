@@ -526,3 +526,110 @@ def test_the_command_turns_ctrl_c_into_exit_130_and_one_line(monkeypatch, capsys
         P.console()
     assert stop.value.code == 130
     assert capsys.readouterr().err.strip() == "error: interrupted"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The output folder: predict's own, one run at a time, nothing written outside it
+
+
+def test_a_users_own_files_of_predicts_names_are_not_replaced(tmp_path):
+    solid(tmp_path / "in" / "a.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "scores.csv").write_text("my own table\n")
+    with pytest.raises(P.PredictError, match=r"holds scores.csv, which predict did not write"):
+        P.predict_files([tmp_path / "in"], FakeDetector(), out)
+    assert (out / "scores.csv").read_text() == "my own table\n"
+    assert sorted(p.name for p in out.iterdir()) == ["scores.csv"]
+    # a folder of the user's notes beside nothing of predict's names is fine, and a second run into
+    # predict's own folder (the marker) replaces its files
+    (out / "scores.csv").unlink()
+    (out / "notes.txt").write_text("keep")
+    P.predict_files([tmp_path / "in"], FakeDetector(), out)
+    P.predict_files([tmp_path / "in"], FakeDetector(), out)
+    assert (out / P.MARKER).is_file() and (out / "notes.txt").read_text() == "keep"
+    assert len(rows(out / "scores.csv")) == 1
+
+
+def test_an_earlier_runs_folder_without_the_marker_is_still_predicts(tmp_path):
+    solid(tmp_path / "in" / "a.png")
+    out = tmp_path / "out"
+    P.predict_files([tmp_path / "in"], FakeDetector(), out)
+    (out / P.MARKER).unlink()  # as a folder written before the marker existed
+    P.predict_files([tmp_path / "in"], FakeDetector(), out)
+    assert len(rows(out / "scores.csv")) == 1
+
+
+def test_an_input_named_inside_out_is_never_overwritten(tmp_path):
+    # an earlier run's folder, then a user's image copied into its maps/ and named explicitly: the
+    # other input's map would be out/maps/x.png, that very file
+    out = tmp_path / "ov"
+    solid(tmp_path / "first" / "z.png")
+    P.predict_files([tmp_path / "first"], FakeDetector(), out)
+    mine = solid(out / "maps" / "x.png", red=7)
+    before = mine.read_bytes()
+    solid(out.parent / "x", red=200, fmt="PNG")
+    other = out.parent / "x"
+    P.predict_files([mine, other], FakeDetector(), out)
+    assert mine.read_bytes() == before
+    assert rows(out / "scores.csv") == []
+    (skip,) = rows(out / "skipped.csv")
+    assert skip["path"] == str(other) and "never written over" in skip["reason"]
+
+
+def test_a_second_predict_into_a_locked_folder_is_refused(tmp_path):
+    import fcntl
+    import os
+
+    solid(tmp_path / "in" / "a.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    fd = os.open(out / P.MARKER, os.O_RDWR | os.O_CREAT)
+    os.write(fd, b'{"pid": 4242, "started": "then"}')
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as a running predict holds it
+    try:
+        with pytest.raises(P.PredictError, match=r"another predict \(pid 4242, started then\) is writing"):
+            P.predict_files([tmp_path / "in"], FakeDetector(), out)
+        assert not (out / "scores.csv").exists()
+    finally:
+        os.close(fd)
+    P.predict_files([tmp_path / "in"], FakeDetector(), out)  # the lock went with its holder
+    assert len(rows(out / "scores.csv")) == 1
+
+
+def test_symlinked_output_folders_are_refused_or_skipped(tmp_path):
+    solid(tmp_path / "in" / "a" / "1.png")
+    solid(tmp_path / "in" / "b" / "2.png")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / P.MARKER).write_text("{}")
+    (out / "maps").symlink_to(elsewhere)
+    with pytest.raises(P.PredictError, match=r"maps is a symbolic link"):
+        P.predict_files([tmp_path / "in"], FakeDetector(), out)
+    (out / "maps").unlink()
+    (out / "maps").mkdir()
+    (out / "maps" / "a").symlink_to(elsewhere)  # deeper: that image is skipped, the other scored
+    P.predict_files([tmp_path / "in"], FakeDetector(), out)
+    assert list(elsewhere.iterdir()) == []
+    assert [Path(r["path"]).name for r in rows(out / "scores.csv")] == ["2.png"]
+    skipped = rows(out / "skipped.csv")
+    assert [Path(r["path"]).name for r in skipped] == ["1.png"] and "symbolic link" in skipped[0]["reason"]
+
+
+def test_an_output_name_that_is_another_inputs_folder_is_skipped_not_a_crash(tmp_path):
+    solid(tmp_path / "in" / "x.png")
+    solid(tmp_path / "in" / "x.png.png" / "y.png")
+    out = tmp_path / "out"
+    P.predict_files([tmp_path / "in"], FakeDetector(), out)
+    assert [Path(r["path"]).name for r in rows(out / "scores.csv")] == ["y.png"]
+    assert (out / "maps" / "x.png.png" / "y.png.png").is_file()
+    skipped = rows(out / "skipped.csv")
+    assert [Path(r["path"]).name for r in skipped] == ["x.png"] and "is the folder where" in skipped[0]["reason"]
+    # taken on disk by an earlier run: a folder where the file goes
+    solid(tmp_path / "in2" / "x.png.png" / "y.png")
+    P.predict_files([tmp_path / "in2"], FakeDetector(), out)
+    solid(tmp_path / "in3" / "x.png")
+    P.predict_files([tmp_path / "in3"], FakeDetector(), out)
+    assert rows(out / "scores.csv") == [] and "is a folder" in rows(out / "skipped.csv")[0]["reason"]

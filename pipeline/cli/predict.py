@@ -70,6 +70,7 @@ import argparse
 import csv
 import glob
 import io
+import json
 import logging
 import math
 import os
@@ -121,6 +122,8 @@ class InputSet:
     """Image paths as found (absolute when the argument was), first occurrence kept."""
     unmatched: list[str] = field(default_factory=list)
     """Patterns and folders that yielded no image file."""
+    inside_out: list[Path] = field(default_factory=list)
+    """Files named one by one that lie inside the output folder: not scored, and never written over."""
 
 
 def _has_magic(text: str) -> bool:
@@ -173,13 +176,14 @@ def collect_images(items: Sequence[str | Path], exclude: str | Path | None = Non
     An existing path is taken as such (a file is kept whatever its extension; a folder is walked);
     otherwise an argument holding ``*``, ``?`` or ``[`` is a glob pattern (``recursive=True``), whose
     matched files are kept when they have an image extension and are not litter, and whose matched
-    folders are walked. Files under ``exclude`` (the output folder) are never taken from a folder or a
-    pattern. Raises PredictError for an argument that neither exists nor is a pattern.
+    folders are walked. Files under ``exclude`` (the output folder) are never taken, not even when
+    named one by one (a warning says so). Raises PredictError for an argument that neither exists nor is a pattern.
     """
     excluded = Path(os.path.realpath(exclude)) if exclude is not None else None
     files: list[Path] = []
     seen: set[str] = set()
     unmatched: list[str] = []
+    inside_out: list[Path] = []
 
     def add(path: Path) -> None:
         key = os.path.abspath(path)
@@ -191,7 +195,11 @@ def collect_images(items: Sequence[str | Path], exclude: str | Path | None = Non
         text = str(item)
         path = Path(text)
         if path.is_file():
-            add(path)
+            if _inside(path, excluded):  # named explicitly, still never an input: a run would overwrite it
+                log.warning("%s lies inside --out %s, which holds predict's outputs: not scored", path, excluded)
+                inside_out.append(path)
+            else:
+                add(path)
             continue
         if path.is_dir():
             found = list(_walk(path, excluded))
@@ -210,7 +218,7 @@ def collect_images(items: Sequence[str | Path], exclude: str | Path | None = Non
             log.warning("%s: no image file (%s) matched", text, " ".join(IMAGE_EXTENSIONS))
         for p in found:
             add(p)
-    return InputSet(files, unmatched)
+    return InputSet(files, unmatched, inside_out)
 
 
 def relative_names(files: Sequence[Path]) -> list[tuple[str, ...]]:
@@ -799,69 +807,70 @@ def predict_files(inputs: Sequence[str | Path] | str | Path, detector, out: str 
     if not found.files:
         raise PredictError(f"no image to score in {' '.join(map(str, inputs)) or '(no input)'}: expected image files "
                            f"({' '.join(IMAGE_EXTENSIONS)}, any case), folders holding them, or glob patterns")
-    skipped: list[tuple[str, str, str]] = []
+    with OutputLock(out):  # marked as predict's and locked while this run writes into it
+        skipped: list[tuple[str, str, str]] = []
 
-    def skipper(role: str):
-        def skip(path: Path, reason: str) -> None:
-            log.warning("skipped %s: %s", path, reason)
-            skipped.append((str(path), role, reason))
-        return skip
+        def skipper(role: str):
+            def skip(path: Path, reason: str) -> None:
+                log.warning("skipped %s: %s", path, reason)
+                skipped.append((str(path), role, reason))
+            return skip
 
-    if opts.explain and getattr(detector, "atoms", None) is None:
-        raise PredictError("--explain: this detector carries no atoms (atoms.safetensors, written by the export "
-                           "stage since explanations exist); re-export it: `dvc repro export@<aux>`")
-    if opts.tile is not None and getattr(getattr(detector, "settings", None), "image_score", None) == "global":
-        raise PredictError("--tile: this detector's image score is 'global' (the CLS token's), which has no "
-                           "map to stitch; re-export it with another scoring.image_score")
-    reference = reference_of(detector, opts, out, skipper("normals"))
-    planned = plan_outputs(found.files, out, skipper("images"))
-    if reference is None and not opts.batch:
-        chosen = choose_threshold(detector, opts, out, skipper("normals"))
-        if opts.tile is None:
-            scorer, signals = (lambda b: _score(detector, b.images, b.paths)), None
+        if opts.explain and getattr(detector, "atoms", None) is None:
+            raise PredictError("--explain: this detector carries no atoms (atoms.safetensors, written by the export "
+                               "stage since explanations exist); re-export it: `dvc repro export@<aux>`")
+        if opts.tile is not None and getattr(getattr(detector, "settings", None), "image_score", None) == "global":
+            raise PredictError("--tile: this detector's image score is 'global' (the CLS token's), which has no "
+                               "map to stitch; re-export it with another scoring.image_score")
+        reference = reference_of(detector, opts, out, skipper("normals"))
+        planned = plan_outputs(found.files, out, skipper("images"), keep=found.inside_out)
+        if reference is None and not opts.batch:
+            chosen = choose_threshold(detector, opts, out, skipper("normals"))
+            if opts.tile is None:
+                scorer, signals = (lambda b: _score(detector, b.images, b.paths)), None
+            else:
+                scorer, signals = (lambda b: _score_tiled(detector, b.images, b.paths, opts.tile)), None
+            encoding = MapEncoding.of_detector(detector)
         else:
-            scorer, signals = (lambda b: _score_tiled(detector, b.images, b.paths, opts.tile)), None
-        encoding = MapEncoding.of_detector(detector)
-    else:
-        scored = score_together(planned, detector, reference, opts, skipper("images"))
-        planned, chosen, signals = scored.planned, scored.threshold, scored.describe()
-        scorer, encoding = scored.scorer, scored.encoding
-    log.info("threshold %.6g (%s)", chosen["value"], chosen["source"])
-    out.mkdir(parents=True, exist_ok=True)
-    pixel = choose_pixel_threshold(detector, opts, fused=signals is not None)
-    tally = _Tally()
-    try:
-        score_all(planned, scorer, out, chosen["value"], encoding, opts, skipper("images"), pixel["value"], tally)
-    except BaseException as e:  # whatever stopped it, the summary beside the partial scores.csv says so
-        stop = "interrupted (Ctrl-C or SIGTERM)" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
-        n_done = tally.counts[ANOMALOUS] + tally.counts[NORMAL]
-        _write_stopped(out, found, skipped, chosen, tally, opts, encoding, time.perf_counter() - t_start,
-                       {**dict(meta or {}), "detector": dict(getattr(detector, "info", {}) or {})}, stop)
-        said = (f"{stop} after {n_done} of {len(planned)} image(s): {out / 'scores.csv'} lists those, "
-                f"{out / 'summary.json'} says \"complete\": false (maps of the batch in flight may lack a row)")
-        if not isinstance(e, OSError):  # Ctrl-C, or an error that names its image (a NaN score): as it is
-            log.error("%s", said)
-            raise
-        raise PredictError(said) from e
-    if pixel["value"] is not None:
-        report.write_csv(out / "regions.csv", tally.regions, REGION_COLUMNS)
-    if opts.explain:
-        explain_flagged(tally.flagged, detector, out, opts, skipper("explain"))
-    with open(out / "scores.csv", newline="", encoding="utf-8") as f:
-        html_report.predict_page(out, list(csv.DictReader(f)), chosen["value"], chosen["source"],
-                                 f"predict: {len(found.files)} image(s), {tally.counts[ANOMALOUS]} flagged")
-    report.write_csv(out / "skipped.csv", [dict(zip(SKIPPED_COLUMNS, row)) for row in skipped], SKIPPED_COLUMNS)
-    signals = signals or {"signals": ["guides"], "fusion": "none: the guide map alone"}
-    summary = {"complete": True, "stopped": None}
-    summary |= summarise(found, skipped, chosen, tally, opts, encoding, time.perf_counter() - t_start,
-                        {**signals, "pixel_threshold": pixel, "n_regions": len(tally.regions) if pixel["value"] is not None
-                         else None, **dict(meta or {}), "detector": dict(getattr(detector, "info", {}) or {})})
-    if summary["n_scored"] == 0:
-        log.warning("no image could be scored: all %d were skipped (see %s)", len(found.files), out / "skipped.csv")
-    report.write_json(out / "summary.json", summary)
-    log.info("%d images: %d anomalous, %d normal, %d skipped -> %s", len(found.files), summary["n_anomalous"],
-             summary["n_normal"], summary["n_skipped"], out)
-    return summary
+            scored = score_together(planned, detector, reference, opts, skipper("images"))
+            planned, chosen, signals = scored.planned, scored.threshold, scored.describe()
+            scorer, encoding = scored.scorer, scored.encoding
+        log.info("threshold %.6g (%s)", chosen["value"], chosen["source"])
+        out.mkdir(parents=True, exist_ok=True)
+        pixel = choose_pixel_threshold(detector, opts, fused=signals is not None)
+        tally = _Tally()
+        try:
+            score_all(planned, scorer, out, chosen["value"], encoding, opts, skipper("images"), pixel["value"], tally)
+        except BaseException as e:  # whatever stopped it, the summary beside the partial scores.csv says so
+            stop = "interrupted (Ctrl-C or SIGTERM)" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
+            n_done = tally.counts[ANOMALOUS] + tally.counts[NORMAL]
+            _write_stopped(out, found, skipped, chosen, tally, opts, encoding, time.perf_counter() - t_start,
+                           {**dict(meta or {}), "detector": dict(getattr(detector, "info", {}) or {})}, stop)
+            said = (f"{stop} after {n_done} of {len(planned)} image(s): {out / 'scores.csv'} lists those, "
+                    f"{out / 'summary.json'} says \"complete\": false (maps of the batch in flight may lack a row)")
+            if not isinstance(e, OSError):  # Ctrl-C, or an error that names its image (a NaN score): as it is
+                log.error("%s", said)
+                raise
+            raise PredictError(said) from e
+        if pixel["value"] is not None:
+            report.write_csv(out / "regions.csv", tally.regions, REGION_COLUMNS)
+        if opts.explain:
+            explain_flagged(tally.flagged, detector, out, opts, skipper("explain"))
+        with open(out / "scores.csv", newline="", encoding="utf-8") as f:
+            html_report.predict_page(out, list(csv.DictReader(f)), chosen["value"], chosen["source"],
+                                     f"predict: {len(found.files)} image(s), {tally.counts[ANOMALOUS]} flagged")
+        report.write_csv(out / "skipped.csv", [dict(zip(SKIPPED_COLUMNS, row)) for row in skipped], SKIPPED_COLUMNS)
+        signals = signals or {"signals": ["guides"], "fusion": "none: the guide map alone"}
+        summary = {"complete": True, "stopped": None}
+        summary |= summarise(found, skipped, chosen, tally, opts, encoding, time.perf_counter() - t_start,
+                            {**signals, "pixel_threshold": pixel, "n_regions": len(tally.regions) if pixel["value"] is not None
+                             else None, **dict(meta or {}), "detector": dict(getattr(detector, "info", {}) or {})})
+        if summary["n_scored"] == 0:
+            log.warning("no image could be scored: all %d were skipped (see %s)", len(found.files), out / "skipped.csv")
+        report.write_json(out / "summary.json", summary)
+        log.info("%d images: %d anomalous, %d normal, %d skipped -> %s", len(found.files), summary["n_anomalous"],
+                 summary["n_normal"], summary["n_skipped"], out)
+        return summary
 
 
 def _write_stopped(out: Path, found: InputSet, skipped: Sequence[tuple], chosen: dict, tally: _Tally, opts: Options,
@@ -877,11 +886,83 @@ def _write_stopped(out: Path, found: InputSet, skipped: Sequence[tuple], chosen:
         log.error("could not write the stopped run's summary into %s (%s)", out, e)
 
 
+MARKER = ".spg-predict.json"
+"""The file predict writes first into ``--out``: it marks the folder as predict's and holds its lock."""
+OUTPUT_FILES = ("scores.csv", "summary.json", "skipped.csv", "regions.csv", "report.html")
+OUTPUT_FOLDERS = ("maps", "overlays", "masks", "explanations")
+
+
+def _earlier_predict(out: Path) -> bool:
+    """``out`` holds a run of predict from before the marker existed: a ``summary.json`` of its shape."""
+    try:
+        summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(summary, dict) and {"n_inputs", "threshold", "maps", "decision_rule"} <= summary.keys()
+
+
 def check_out(out: Path) -> None:
-    """Refuse an ``--out`` that is a file or lies below one (before anything is loaded or written)."""
+    """Refuse an ``--out`` predict must not write into, before anything is loaded or written: a file or
+    a folder below one; a folder holding a file or folder of predict's names (``scores.csv``, ``maps``,
+    ...) that predict did not write (no marker: a user's own table would be replaced); an output folder
+    (``maps``, ...) that is a symbolic link (its files would be written, and replaced, outside ``--out``)."""
     for folder in (out, *out.parents):
         if folder.exists() and not folder.is_dir():
             raise PredictError(f"--out {out}: {folder} is a file, not a folder; give a folder for the outputs")
+    if not out.is_dir():
+        return
+    for name in OUTPUT_FOLDERS:
+        if (out / name).is_symlink():
+            raise PredictError(f"--out {out}: {out / name} is a symbolic link (to {os.readlink(out / name)}); predict "
+                               "writes only inside --out: remove the link or choose another --out")
+    if (out / MARKER).is_file() or _earlier_predict(out):
+        return
+    foreign = [name for name in (*OUTPUT_FILES, *OUTPUT_FOLDERS) if os.path.lexists(out / name)]
+    if foreign:
+        raise PredictError(f"--out {out} holds {', '.join(foreign)}, which predict did not write (no {MARKER} there), "
+                           "and a run would replace them: choose another --out, or move them")
+
+
+class OutputLock:
+    """``--out`` made this run's: the marker file written and locked (``flock``) while predict writes, so
+    that a second predict into the same folder is refused instead of mixing the two runs' files. The
+    OS drops the lock however the process ends, so a killed run never leaves the folder locked."""
+
+    def __init__(self, out: Path):
+        self.out, self.fd = out, None
+
+    def __enter__(self) -> "OutputLock":
+        check_out(self.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / MARKER
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            import fcntl  # POSIX; on Windows the folder is marked but not locked
+        except ImportError:
+            fcntl = None
+        if fcntl is not None:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(self.fd, 4096).decode("utf-8", "replace")
+                os.close(self.fd)
+                self.fd = None
+                try:
+                    who = json.loads(holder)
+                    who = f"pid {who.get('pid')}, started {who.get('started')}"
+                except ValueError:
+                    who = "another process"
+                raise PredictError(f"--out {self.out}: another predict ({who}) is writing into it now; wait for it "
+                                   "or choose another --out") from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, json.dumps({"written_by": "pipeline.cli.predict", "pid": os.getpid(),
+                                      "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # releases the lock; the marker stays, saying the folder is predict's
+            self.fd = None
 
 
 def choose_threshold(detector, opts: Options, out: Path, skip) -> dict:
@@ -939,18 +1020,58 @@ def choose_pixel_threshold(detector, opts: Options, *, fused: bool) -> dict:
             "min_region_area": opts.min_region_area}
 
 
-def plan_outputs(files: Sequence[Path], out: Path, skip) -> list[tuple[Path, tuple[str, ...]]]:
-    """(image, its relative name parts) for every image whose outputs can be named under ``out``
-    (:func:`output_path`); the others go to ``skip``."""
-    planned = []
+def plan_outputs(files: Sequence[Path], out: Path, skip,
+                 keep: Sequence[Path] = ()) -> list[tuple[Path, tuple[str, ...]]]:
+    """(image, its relative name parts) for every image whose outputs can be written under ``out``
+    (:func:`output_path`); the others go to ``skip`` with the reason: a name that cannot be mirrored,
+    an output file that would be the folder another image's outputs need (``x.png`` beside a folder
+    ``x.png.png/``), a path under ``out`` that is taken (a file where a folder is needed, a folder
+    where the file goes) or runs through a symbolic link (it would write outside ``out``), or an
+    output file that is one of ``keep`` (files the user named that lie inside ``out``)."""
+    kept = {os.path.realpath(p) for p in keep}
+    candidates = []
     for path, parts in zip(files, relative_names(files)):
         try:
             output_path(out / "maps", parts)
         except PipelineError as e:
             skip(path, str(e))
             continue
+        candidates.append((path, parts))
+    folders = {parts[:k] for _, parts in candidates for k in range(1, len(parts))}
+    planned = []
+    for path, parts in candidates:
+        clash = next(((*parts[:-1], parts[-1] + suffix) for suffix in (".png", ".json")
+                      if (*parts[:-1], parts[-1] + suffix) in folders), None)
+        if clash is not None:
+            skip(path, f"its output name {'/'.join(clash)} is the folder where other inputs' outputs go; rename "
+                       "the file or that folder")
+            continue
+        problem = _blocked(out, parts, kept)
+        if problem is not None:
+            skip(path, problem)
+            continue
         planned.append((path, parts))
     return planned
+
+
+def _blocked(out: Path, parts: Sequence[str], kept: set[str] = frozenset()) -> str | None:
+    """Why an image's outputs cannot go under ``out`` as things stand on disk, or None; ``kept`` holds
+    the real paths of files that must not be written over."""
+    for name in OUTPUT_FOLDERS:
+        current = out / name
+        for part in parts[:-1]:
+            current = current / part
+            if current.is_symlink():
+                return f"{current} is a symbolic link: its outputs would be written outside {out}"
+            if os.path.lexists(current) and not current.is_dir():
+                return f"{current} is a file, where this image's outputs need a folder"
+        for suffix in (".png", ".json"):
+            target = current / (parts[-1] + suffix)
+            if target.is_dir() and not target.is_symlink():
+                return f"{target} is a folder, where this image's output file goes"
+            if kept and os.path.realpath(target) in kept:
+                return f"its output {target} is a file named as an input: it is never written over"
+    return None
 
 
 def score_all(planned: Sequence[tuple[Path, tuple[str, ...]]], scorer, out: Path, threshold: float,
