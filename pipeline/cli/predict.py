@@ -807,6 +807,12 @@ def predict_files(inputs: Sequence[str | Path] | str | Path, detector, out: str 
     if not found.files:
         raise PredictError(f"no image to score in {' '.join(map(str, inputs)) or '(no input)'}: expected image files "
                            f"({' '.join(IMAGE_EXTENSIONS)}, any case), folders holding them, or glob patterns")
+    if opts.explain and getattr(detector, "atoms", None) is None:
+        raise PredictError("--explain: this detector carries no atoms (atoms.safetensors, written by the export "
+                           "stage since explanations exist); re-export it: `dvc repro export@<aux>`")
+    if opts.tile is not None and getattr(getattr(detector, "settings", None), "image_score", None) == "global":
+        raise PredictError("--tile: this detector's image score is 'global' (the CLS token's), which has no "
+                           "map to stitch; re-export it with another scoring.image_score")
     with OutputLock(out):  # marked as predict's and locked while this run writes into it
         skipped: list[tuple[str, str, str]] = []
 
@@ -816,12 +822,6 @@ def predict_files(inputs: Sequence[str | Path] | str | Path, detector, out: str 
                 skipped.append((str(path), role, reason))
             return skip
 
-        if opts.explain and getattr(detector, "atoms", None) is None:
-            raise PredictError("--explain: this detector carries no atoms (atoms.safetensors, written by the export "
-                               "stage since explanations exist); re-export it: `dvc repro export@<aux>`")
-        if opts.tile is not None and getattr(getattr(detector, "settings", None), "image_score", None) == "global":
-            raise PredictError("--tile: this detector's image score is 'global' (the CLS token's), which has no "
-                               "map to stitch; re-export it with another scoring.image_score")
         reference = reference_of(detector, opts, out, skipper("normals"))
         planned = plan_outputs(found.files, out, skipper("images"), keep=found.inside_out)
         if reference is None and not opts.batch:
