@@ -123,17 +123,13 @@ def main(argv: list[str] | None = None) -> None:
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.999))
     batch_tokens = cfg["sae_batch_images"] * n_tokens
     x = torch.randn(batch_tokens, d, device=device)
-    dead = torch.ones(cfg["n_latents"], dtype=torch.bool, device=device)
+    # train_sae's own step, as sae.precision auto and the sync-free path run it on this device;
+    # dead_tokens 0 counts every latent dead at every step (the AuxK term's full cost)
+    state = sae.TrainState(since_fired=torch.zeros(cfg["n_latents"], dtype=torch.long, device=device), epoch_rng={})
 
     def sae_step():
-        with autocast():
-            recon, _, _, pre = model(x)
-            loss = sae.fvu(x, recon) + sae.auxk_loss(model, pre, (x - recon).detach(), dead, cfg["k_aux"]) / 32
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        model.remove_parallel_grad_()
-        opt.step()
-        model.unit_norm_dictionary_()
+        sae._local_step(model, opt, x, state, k_aux=cfg["k_aux"], auxk_coef=1 / 32, dead_tokens=0,
+                        dtype=sae.autocast_dtype("auto", device), sync_free=True)
 
     s = timed(sae_step, device, cfg["steps"])
     assert model.dictionary.dtype == torch.float32  # autocast leaves the weights (and checkpoints) fp32

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -204,6 +205,11 @@ def guide_loss_share(codes: torch.Tensor, dictionary: torch.Tensor, tokens: torc
 # Training
 
 
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    # as pipeline.method.sae.autocast; not imported, so that the stages reading guides need not sae.py
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
 def ema_update_(ema: torch.Tensor, value: torch.Tensor, decay: float) -> None:
     """ema ← decay · ema + (1 − decay) · value, in place."""
     ema.mul_(decay).add_(value, alpha=1 - decay)
@@ -232,13 +238,18 @@ def fit(read: Callable[[int], Mapping[str, np.ndarray]], n_chunks: int, dictiona
         temperature: float = 0.07, gamma: float = 2.0, l1_coef: float = 1e-3, lr: float = 1e-2,
         betas: tuple[float, float] = (0.5, 0.999), batch_images: int = 8, epochs: int = 15,
         ema_decay: float = 0.999, seed: int = 0, device: torch.device = torch.device("cpu"),
-        desc: str = "fit_guides", shards: int = 1, comm: Any = None) -> FitResult:
+        desc: str = "fit_guides", shards: int = 1, comm: Any = None, dtype: torch.dtype | None = None) -> FitResult:
     """Fit one guide set. ``dictionary`` (n_latents, d) is frozen; only the codes get gradients.
 
     ``shards`` and ``comm`` as in :func:`pipeline.method.sae.train`: under torchrun each rank computes its
     share of every global batch of ``batch_images`` images (:func:`guide_loss_share`), the gradient of
     the codes and the loss terms are summed over the ranks, and every rank takes the step one process
     with the same ``shards`` takes, up to float rounding.
+
+    ``dtype``: the loss's autocast dtype (:func:`pipeline.method.sae.autocast_dtype`; None: float32);
+    the codes, their EMA and Adam's moments stay float32. Each step reads its loss terms on the host
+    (one sync) to stop before a NaN reaches the codes: a step is a batch of images through the loss,
+    so the sync is small beside it, unlike the SAE's steps.
     """
     rank, world = (comm.rank, comm.world) if comm is not None else (0, 1)
     gen = torch.Generator().manual_seed(seed)
@@ -255,14 +266,16 @@ def fit(read: Callable[[int], Mapping[str, np.ndarray]], n_chunks: int, dictiona
         n = 0
         for arrays in local_image_steps(read, n_chunks, batch_images, rng, shards=shards, rank=rank, world=world):
             if world > 1:
-                terms = _distributed_step(model, opt, arrays, dictionary, grid, device, comm, kw)
+                terms = _distributed_step(model, opt, arrays, dictionary, grid, device, comm, kw, dtype)
                 if terms is None:  # no rank has images left: the epoch is over
                     break
                 _check_finite_terms(terms, f"{desc}: epoch {epoch}, step {step + 1}")
                 opt.step()
             else:
                 b = _to_batch(arrays, device)
-                loss, terms = guide_loss(model.effective(), dictionary, b.tokens, b.cls, b.masks, b.labels, grid, **kw)
+                with _autocast(device, dtype):
+                    loss, terms = guide_loss(model.effective(), dictionary, b.tokens, b.cls, b.masks, b.labels, grid,
+                                             **kw)
                 # the inputs were checked finite when read, so a NaN here comes from the dictionary or a
                 # diverging step; stop before the optimiser spreads it into every code
                 _check_finite_terms(terms, f"{desc}: epoch {epoch}, step {step + 1}")
@@ -287,7 +300,7 @@ def fit(read: Callable[[int], Mapping[str, np.ndarray]], n_chunks: int, dictiona
 
 def _distributed_step(model: GuideCodes, opt: torch.optim.Optimizer, arrays: Mapping[str, np.ndarray] | None,
                       dictionary: torch.Tensor, grid: tuple[int, int], device: torch.device, comm: Any,
-                      kw: Mapping) -> dict[str, float] | None:
+                      kw: Mapping, dtype: torch.dtype | None = None) -> dict[str, float] | None:
     """Gradients of this rank's share of a global batch, summed over the ranks (the step is the
     caller's, after the finiteness check); the global loss terms, or None when no rank has images."""
     n_local = 0 if arrays is None else len(arrays["labels"])
@@ -300,7 +313,8 @@ def _distributed_step(model: GuideCodes, opt: torch.optim.Optimizer, arrays: Map
         inputs = (b.tokens, b.cls, b.masks, b.labels)
     else:
         inputs = (None, None, None, torch.zeros(0, device=device))
-    terms = guide_loss_share(codes, dictionary, *inputs, grid, n_images=n_images, with_l1=comm.rank == 0, **kw)
+    with _autocast(device, dtype):
+        terms = guide_loss_share(codes, dictionary, *inputs, grid, n_images=n_images, with_l1=comm.rank == 0, **kw)
     opt.zero_grad(set_to_none=True)
     sum(terms.values()).backward()
     values = comm.all_reduce_grads_([model.codes], torch.stack([terms[k] for k in TERMS]).detach())

@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -167,13 +167,17 @@ class TrainCheckpoint:
             return None
         return Snapshot(tensors, meta["state"])
 
-    def offer(self, sae: TopKSAE, opt: torch.optim.Optimizer, state: TrainState) -> None:
-        """Save when due: every ``every_steps`` steps, else when ``every_s`` seconds have passed."""
+    def offer(self, sae: TopKSAE, opt: torch.optim.Optimizer, state: TrainState,
+              before_save: Callable[[], None] | None = None) -> None:
+        """Save when due: every ``every_steps`` steps, else when ``every_s`` seconds have passed.
+        ``before_save`` runs first when it is (the training loop brings its device-side sums into ``state``)."""
         if self.every_steps is not None:
             due = state.step % self.every_steps == 0
         else:
             due = time.monotonic() - self._last >= self.every_s
         if due:
+            if before_save is not None:
+                before_save()
             self.save(sae, opt, state)
             self._last = time.monotonic()
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -123,7 +124,9 @@ def decode_rows(values: torch.Tensor, indices: torch.Tensor, dictionary: torch.T
     """
     n = dictionary.shape[0]
     if indices.shape[-1] < DENSE_DECODE_DENSITY * n:
-        return F.embedding_bag(indices, dictionary, per_sample_weights=values, mode="sum")
+        # embedding_bag is not on autocast's lists: under bfloat16 autocast the values arrive in bfloat16
+        # beside a float32 dictionary, and it takes one dtype (a no-op otherwise)
+        return F.embedding_bag(indices, dictionary, per_sample_weights=values.to(dictionary.dtype), mode="sum")
     codes = torch.zeros(values.shape[0], n, dtype=values.dtype, device=values.device).scatter(1, indices, values)
     return codes @ dictionary
 
@@ -140,18 +143,52 @@ def fvu(target: torch.Tensor, recon: torch.Tensor, total: torch.Tensor | None = 
 
 
 def auxk_loss(sae: TopKSAE, pre: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor, k_aux: int,
-              total: torch.Tensor | None = None) -> torch.Tensor:
+              total: torch.Tensor | None = None, *, sync_free: bool = False) -> torch.Tensor:
     """FVU of the residual e (B, d) reconstructed by the top-``k_aux`` dead latents of ``pre`` (B, n).
 
     ``dead`` (n_latents,) bool. Zero (with a graph, so callers need no branch) when nothing is dead.
     ``total``: the FVU's denominator when it is a global-batch statistic (see :func:`fvu`).
+
+    ``sync_free``: never read the number of dead latents on the host, which would stall a GPU's queue
+    every step. The top ``k_aux`` are always taken (live latents, masked to -1, enter with value 0)
+    and the loss is multiplied by ``dead.any()``. The codes are the default path's; the loss and the
+    gradients are its bits when nothing is dead or both decode densely (min(k_aux, n_dead) / n at or
+    above :data:`DENSE_DECODE_DENSITY`), else the same sums rounded in another order. The default
+    path skips the work when nothing is dead (cheaper where a sync costs nothing: the CPU).
     """
+    masked = pre.masked_fill(~dead, -1.0)
+    if sync_free:
+        values, indices = masked.topk(min(k_aux, pre.shape[-1]), dim=-1, sorted=False)
+        return fvu(residual, decode_rows(values.clamp_min(0.0), indices, sae.dictionary), total) * dead.any()
     n_dead = int(dead.sum())
     if n_dead == 0:
         return pre.sum() * 0.0
-    values, indices = pre.masked_fill(~dead, -1.0).topk(min(k_aux, n_dead), dim=-1, sorted=False)
+    values, indices = masked.topk(min(k_aux, n_dead), dim=-1, sorted=False)
     values = values.clamp_min(0.0)  # a live latent's -1 can never be chosen over a dead one's >= 0
     return fvu(residual, decode_rows(values, indices, sae.dictionary), total)
+
+
+def fired_latents(values: torch.Tensor, indices: torch.Tensor, n_latents: int) -> torch.Tensor:
+    """(n_latents,) bool: the latents selected with a positive value by some row of (values, indices)
+    (B, k). A scatter, not boolean indexing, so no host sync (indexing by a mask reads its count)."""
+    hits = (values > 0).to(torch.uint8).flatten()
+    fired = torch.zeros(n_latents, dtype=torch.uint8, device=values.device)
+    return fired.scatter_reduce_(0, indices.flatten(), hits, reduce="amax").bool()
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``sae.precision`` / ``guides.precision`` on ``device``, or None for float32:
+    ``auto`` is bfloat16 on CUDA only."""
+    if precision == "bfloat16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    if precision in ("float32", "auto"):
+        return None
+    raise ValueError(f"precision {precision!r} is not one of auto, float32, bfloat16")
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` to ``dtype`` on ``device``'s type; a no-op context for None (float32)."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None) if dtype is not None else nullcontext()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -170,8 +207,12 @@ class TrainStats:
     """One row per logged step: step, epoch, tokens, loss, fvu, auxk, dead (running, by dead_tokens)."""
 
 
+RUNNING_TERMS = ("loss", "fvu", "auxk")
+"""The loss terms :class:`TrainState` sums between curve rows, in the order the steps return them."""
+
+
 def _zero_running() -> dict:
-    return {"loss": 0.0, "fvu": 0.0, "auxk": 0.0, "n": 0}
+    return {**dict.fromkeys(RUNNING_TERMS, 0.0), "n": 0}
 
 
 @dataclass
@@ -215,16 +256,18 @@ def _curve_row(state: TrainState, epoch: int, dead_tokens: int) -> dict:
 
 
 def _local_step(sae: TopKSAE, opt: torch.optim.Optimizer, x: torch.Tensor, state: TrainState, *, k_aux: int,
-                auxk_coef: float, dead_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One optimisation step of a single process on x (B, d); returns (loss, fvu, auxk) scalars."""
-    recon, values, indices, pre = sae(x)
-    main = fvu(x, recon)
-    fired = torch.zeros_like(state.since_fired, dtype=torch.bool)
-    fired[indices[values > 0]] = True
-    state.since_fired += len(x)
-    state.since_fired[fired] = 0
-    aux = auxk_loss(sae, pre, (x - recon).detach(), state.since_fired >= dead_tokens, k_aux)
-    loss = main + auxk_coef * aux
+                auxk_coef: float, dead_tokens: int, dtype: torch.dtype | None = None,
+                sync_free: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimisation step of a single process on x (B, d); returns (loss, fvu, auxk) scalars, on
+    x's device. ``dtype``: the forward's autocast dtype (None: float32); the backward, Adam and the
+    weights stay float32. ``sync_free``: as in :func:`auxk_loss`."""
+    with autocast(x.device, dtype):
+        recon, values, indices, pre = sae(x)
+        main = fvu(x, recon)
+        state.since_fired += len(x)
+        state.since_fired.masked_fill_(fired_latents(values, indices, sae.shape.n_latents), 0)
+        aux = auxk_loss(sae, pre, (x - recon).detach(), state.since_fired >= dead_tokens, k_aux, sync_free=sync_free)
+        loss = main + auxk_coef * aux
     opt.zero_grad(set_to_none=True)
     loss.backward()
     sae.remove_parallel_grad_()
@@ -235,32 +278,35 @@ def _local_step(sae: TopKSAE, opt: torch.optim.Optimizer, x: torch.Tensor, state
 
 def _distributed_step(sae: TopKSAE, opt: torch.optim.Optimizer, x: torch.Tensor, state: TrainState,
                       params: Sequence[nn.Parameter], *, k_aux: int, auxk_coef: float, dead_tokens: int,
-                      comm: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
+                      comm: Any, dtype: torch.dtype | None = None,
+                      sync_free: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
     """One step of the global batch whose rows x (b_r, d) are this rank's (b_r may be 0).
 
     Three all-reduces: (Σx, Σe, fired, count) for the global means, the dead latents and the end of
     the epoch; (Σ‖x − x̄‖², Σ‖e − ē‖²), the FVU denominators of the global batch; then the gradients
     with the loss terms. Each rank's loss is its share of the numerators over the global denominators,
     so the summed gradient is the global batch's. Returns (loss, fvu, auxk, global count), or None
-    when no rank has rows left.
+    when no rank has rows left. The global count is read on the host every step (a sync): it is what
+    tells every rank at once that the epoch is over.
     """
     n_latents, d = sae.shape.n_latents, sae.shape.d_in
-    recon, values, indices, pre = sae(x)
-    residual = (x - recon).detach()
-    fired = torch.zeros(n_latents, dtype=x.dtype, device=x.device)
-    fired[indices[values > 0]] = 1.0
-    count = torch.full((1,), float(len(x)), dtype=x.dtype, device=x.device)
-    sums = comm.all_reduce_sum_(torch.cat([x.sum(0), residual.sum(0), fired, count]))
-    n_global = int(sums[-1])
-    if n_global == 0:
-        return None
-    mean_x, mean_e = sums[:d] / n_global, sums[d : 2 * d] / n_global
-    totals = comm.all_reduce_sum_(torch.stack([(x - mean_x).pow(2).sum(), (residual - mean_e).pow(2).sum()]))
-    state.since_fired += n_global
-    state.since_fired[sums[2 * d : 2 * d + n_latents] > 0] = 0
-    main = fvu(x, recon, totals[0].clamp_min(1e-12))
-    aux = auxk_loss(sae, pre, residual, state.since_fired >= dead_tokens, k_aux, totals[1].clamp_min(1e-12))
-    loss = main + auxk_coef * aux
+    with autocast(x.device, dtype):
+        recon, values, indices, pre = sae(x)
+        residual = (x - recon).detach().float()
+        fired = fired_latents(values, indices, n_latents).to(torch.float32)
+        count = torch.full((1,), float(len(x)), dtype=torch.float32, device=x.device)
+        sums = comm.all_reduce_sum_(torch.cat([x.float().sum(0), residual.sum(0), fired, count]))
+        n_global = int(sums[-1])
+        if n_global == 0:
+            return None
+        mean_x, mean_e = sums[:d] / n_global, sums[d : 2 * d] / n_global
+        totals = comm.all_reduce_sum_(torch.stack([(x - mean_x).pow(2).sum(), (residual - mean_e).pow(2).sum()]))
+        state.since_fired += n_global
+        state.since_fired.masked_fill_(sums[2 * d : 2 * d + n_latents] > 0, 0)
+        main = fvu(x, recon, totals[0].clamp_min(1e-12))
+        aux = auxk_loss(sae, pre, residual, state.since_fired >= dead_tokens, k_aux, totals[1].clamp_min(1e-12),
+                        sync_free=sync_free)
+        loss = main + auxk_coef * aux
     opt.zero_grad(set_to_none=True)
     loss.backward()
     terms = comm.all_reduce_grads_(params, torch.stack([loss, main, aux]).detach())
@@ -275,7 +321,7 @@ def train(sae: TopKSAE, read: Callable[[int], np.ndarray], n_chunks: int, *, tok
           auxk_coef: float, dead_tokens: int, buffer_tokens: int, seed: int,
           device: torch.device = torch.device("cpu"), mean: torch.Tensor | None = None,
           log_every: int = 10, checkpoint: "TrainCheckpoint | None" = None, shards: int = 1,
-          comm: Any = None) -> TrainStats:
+          comm: Any = None, dtype: torch.dtype | None = None, sync_free: bool | None = None) -> TrainStats:
     """Train ``sae`` in place on tokens streamed from ``read(chunk) -> (n, L, d)`` for ``epochs`` epochs.
 
     Batches hold ``batch_images * tokens_per_image`` tokens. ``mean`` (d,) initialises the decoder bias
@@ -292,10 +338,20 @@ def train(sae: TopKSAE, read: Callable[[int], np.ndarray], n_chunks: int, *, tok
     trains on its shards' rows of every global step; the FVU and AuxK denominators, the fired latents
     and the gradients are summed over the ranks, so every rank takes the same step, the one a single
     process with the same ``shards`` takes, up to float rounding. None: one process, the plain single-stream step.
+
+    ``dtype``: the autocast dtype of the forward pass (:func:`autocast_dtype`; None: float32). The
+    weights, Adam's moments, the snapshots and the saved model stay float32.
+
+    ``sync_free`` (default: on any device but the CPU): a step reads nothing back on the host, so a
+    GPU's queue never drains between steps: the loss sums stay on the device until a curve row or a
+    snapshot needs them and the AuxK loss takes its static path (:func:`auxk_loss`: the default path's
+    bits while its decode is dense, else up to rounding). ``tokens_per_s`` then times whole epochs
+    (reading included) after a device sync, since a step's host time says nothing of the device's.
     """
     rank, world = (comm.rank, comm.world) if comm is not None else (0, 1)
     if world > 1 and shards % world:
         raise ValueError(f"shards {shards} is not a multiple of the world size {world}")
+    sync_free = device.type != "cpu" if sync_free is None else sync_free
     rng = np.random.default_rng(seed)
     sae.to(device)
     if sae.shape.decoder_bias and mean is not None:
@@ -311,6 +367,12 @@ def train(sae: TopKSAE, read: Callable[[int], np.ndarray], n_chunks: int, *, tok
         state = snapshot.restore(sae, opt, [name for name, _ in named], device)
         log.info("resuming training at epoch %d, step %d (%d batches of the epoch done) from %s",
                  state.epoch, state.step, state.batches_done, checkpoint.folder)
+    # Python floats add in float64, so float64 sums on the device add the same bits as the host's did
+    pending = torch.tensor([state.running[k] for k in RUNNING_TERMS], dtype=torch.float64, device=device)
+
+    def flush() -> None:  # the device's sums into the (JSON-serialisable) state: one host read
+        state.running.update(zip(RUNNING_TERMS, pending.tolist()))
+
     # as a context manager, the bar ends its line even when a step raises, so an error prints on its own
     with tqdm(total=epochs, initial=min(state.epoch, epochs), unit="epoch", desc="train_sae", mininterval=1.0) as bar:
         while state.epoch < epochs:
@@ -318,6 +380,7 @@ def train(sae: TopKSAE, read: Callable[[int], np.ndarray], n_chunks: int, *, tok
             # regenerates it and skips (reads, but does not train on) the batches already done.
             rng.bit_generator.state = state.epoch_rng
             skip = state.batches_done
+            t_epoch = time.perf_counter()
             for batch in local_token_steps(read, n_chunks, batch_tokens, buffer_tokens, rng, shards=shards,
                                            rank=rank, world=world, width=sae.shape.d_in):
                 if skip:
@@ -327,31 +390,39 @@ def train(sae: TopKSAE, read: Callable[[int], np.ndarray], n_chunks: int, *, tok
                 x = torch.from_numpy(batch).to(device, non_blocking=True)
                 if world > 1:
                     step = _distributed_step(sae, opt, x, state, [p for _, p in named], k_aux=k_aux,
-                                             auxk_coef=auxk_coef, dead_tokens=dead_tokens, comm=comm)
+                                             auxk_coef=auxk_coef, dead_tokens=dead_tokens, comm=comm,
+                                             dtype=dtype, sync_free=sync_free)
                     if step is None:  # every rank's shards are exhausted: the epoch is over
                         break
                     loss, main, aux, n_global = step
                 else:
                     n_global = len(x)
                     loss, main, aux = _local_step(sae, opt, x, state, k_aux=k_aux, auxk_coef=auxk_coef,
-                                                  dead_tokens=dead_tokens)
-                state.train_time += time.perf_counter() - t0
+                                                  dead_tokens=dead_tokens, dtype=dtype, sync_free=sync_free)
+                if not sync_free:
+                    state.train_time += time.perf_counter() - t0
                 state.tokens_seen += n_global
                 state.step += 1
                 state.batches_done += 1
-                for key, value in (("loss", loss), ("fvu", main), ("auxk", aux)):
-                    state.running[key] += value.item()
+                pending += torch.stack([loss, main, aux]).detach().to(torch.float64)
                 state.running["n"] += 1
                 if state.step % log_every == 0:
+                    flush()
                     state.curve.append(_curve_row(state, state.epoch, dead_tokens))
                     state.running = _zero_running()
+                    pending.zero_()
                 if checkpoint is not None and rank == 0:  # the other ranks hold the same state
-                    checkpoint.offer(sae, opt, state)
+                    checkpoint.offer(sae, opt, state, before_save=flush)
+            if sync_free:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                state.train_time += time.perf_counter() - t_epoch
             state.epoch, state.batches_done, state.epoch_rng = state.epoch + 1, 0, rng.bit_generator.state
             bar.set_postfix(fvu=f"{state.curve[-1]['fvu']:.3f}" if state.curve else "-",
                             tok_s=f"{state.tokens_seen / max(state.train_time, 1e-9):.0f}")
             bar.update(1)
     if state.running["n"]:
+        flush()
         state.curve.append(_curve_row(state, epochs - 1, dead_tokens))
     return TrainStats(tokens_per_s=state.tokens_seen / max(state.train_time, 1e-9),
                       epochs=epochs, tokens_seen=state.tokens_seen, curve=state.curve)

@@ -88,7 +88,8 @@ def _fit(args, cfg, features: store.FeatureStore, model: sae.TopKSAE, dead_mask:
                             init_std=cfg.init_std, temperature=cfg.temperature, gamma=cfg.focal_gamma,
                             l1_coef=cfg.l1_coef, lr=cfg.lr, betas=tuple(cfg.betas), batch_images=cfg.batch_images,
                             epochs=cfg.epochs, ema_decay=cfg.ema_decay, seed=seed, device=device,
-                            desc=f"fit_guides seed {seed}", shards=shards, comm=comm)
+                            desc=f"fit_guides seed {seed}", shards=shards, comm=comm,
+                            dtype=sae.autocast_dtype(cfg.precision, device))
         log.info("seed %d: final terms %s", seed, {k: round(v, 4) for k, v in result.final_terms.items()})
         results.append(result)
     if not distributed.is_main():  # every rank holds the same codes; rank 0 writes them

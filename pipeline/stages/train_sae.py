@@ -58,7 +58,8 @@ def resume_key(cfg, device: torch.device, features: store.FeatureStore, shards: 
     code = {name: hashlib.sha256(Path(path).read_bytes()).hexdigest()
             for name, path in (("sae", sae.__file__), ("train_sae", __file__))}
     return {
-        "sae": {**{k: v for k, v in asdict(cfg).items() if k != "device"}, "device": device.type},
+        "sae": {**{k: v for k, v in asdict(cfg).items() if k not in ("device", "precision")}, "device": device.type,
+                "autocast": str(sae.autocast_dtype(cfg.precision, device))},
         "store": {**{k: features.attrs.get(k) for k in STORE_FINGERPRINT},
                   "tokens": list(features.tokens.shape), "chunk_images": features.chunk_images},
         "code": code,
@@ -103,8 +104,9 @@ def _train(args, cfg, features: store.FeatureStore, device: torch.device, world:
         # finite=True: a NaN/Inf token stops the run with the store, image and chunk named
         return features.read(chunk, finite=True)["tokens"]
 
-    log.info("%s: %d images x %d tokens of width %d; n_latents %d, k %d, %d epochs on %s",
-             args.features, n, tokens_per_image, d, cfg.n_latents, cfg.k, cfg.epochs, device)
+    log.info("%s: %d images x %d tokens of width %d; n_latents %d, k %d, %d epochs on %s (%s)",
+             args.features, n, tokens_per_image, d, cfg.n_latents, cfg.k, cfg.epochs, device,
+             sae.autocast_dtype(cfg.precision, device) or torch.float32)
     torch.manual_seed(cfg.seed)
     model = sae.TopKSAE(d, cfg.n_latents, cfg.k, decoder_bias=cfg.decoder_bias,
                         generator=torch.Generator().manual_seed(cfg.seed))
@@ -123,7 +125,8 @@ def _train(args, cfg, features: store.FeatureStore, device: torch.device, world:
                       batch_images=cfg.batch_images, epochs=cfg.epochs, lr=cfg.lr, betas=tuple(cfg.betas),
                       k_aux=cfg.k_aux, auxk_coef=cfg.auxk_coef, dead_tokens=cfg.dead_tokens,
                       buffer_tokens=cfg.buffer_tokens, seed=cfg.seed, device=device, mean=mean,
-                      checkpoint=checkpoint, shards=shards, comm=comm)
+                      checkpoint=checkpoint, shards=shards, comm=comm,
+                      dtype=sae.autocast_dtype(cfg.precision, device))
     final_fvu, dead_mask = sae.evaluate(model, read, features.n_chunks, device=device, comm=comm)
     if not distributed.is_main():  # every rank holds the same model and reports; rank 0 writes them
         return
