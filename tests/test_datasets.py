@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +11,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from pipeline.data.tables import FORMATS, Sample, categories_without_masks, category_name_problem, load_table, summarize
-from pipeline.data.images import DatasetError, binarise, load_image, load_mask, mask_from_header, to_rgb
+from pipeline.data.images import DatasetError, binarise, header_size, load_image, load_mask, mask_from_header, to_rgb
 
 W, H = 8, 6  # PIL order (width, height)
 
@@ -251,15 +253,45 @@ def test_load_image_pixel_limit(tmp_path):
     assert load_image(p, max_pixels=100).size == (10, 10)
 
 
-def test_pil_decompression_bomb_becomes_dataset_error(tmp_path, monkeypatch):
+def test_max_pixels_is_the_only_pixel_cap(tmp_path, monkeypatch):
+    # PIL's own guard (here shrunk to refuse above 20 pixels) must not refuse what max_pixels allows,
+    # and must be back as it was after each file
     p = _img(tmp_path / "bomb.png", size=(10, 10))
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # PIL refuses > 2x this
-    with pytest.raises(DatasetError, match="bomb.png"):
-        load_image(p)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)
+    assert load_image(p).size == (10, 10)
+    assert header_size(p, max_pixels=100) == (10, 10)
     root = tmp_path / "m"
     _img(root / "c/test/good/bomb.png", size=(10, 10))
-    with pytest.raises(DatasetError, match="bomb.png"):
-        load_table("mvtec", root)
+    assert len(load_table("mvtec", root)) == 1
+    assert Image.MAX_IMAGE_PIXELS == 10
+    with pytest.raises(DatasetError, match=r"bomb\.png.*100 pixels.*data\.max_pixels = 99"):
+        load_image(p, max_pixels=99)
+    with pytest.raises(DatasetError, match=r"100 pixels, over the limit --max-pixels = 99; pass a larger --max-pixels"):
+        load_image(p, max_pixels=99, limit="--max-pixels")
+
+
+def _png_header_only(path, width, height):
+    """A PNG whose header says width x height (8-bit grey) with a few bytes of pixel data: PIL reads
+    its size without decoding, and decoding it fails as truncated."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    idat = zlib.compress(b"\x00" * 64)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
+
+
+def test_a_raised_max_pixels_lifts_pils_default_cap(tmp_path):
+    # 13500 x 13500 = 182 M pixels, above PIL's default refusal (2 x 89.48 M): with data.max_pixels
+    # raised above it, the file is ours to judge (here: truncated), not PIL's bomb guard
+    p = _png_header_only(tmp_path / "huge.png", 13_500, 13_500)
+    assert 13_500 ** 2 > 2 * Image.MAX_IMAGE_PIXELS
+    assert header_size(p, max_pixels=200_000_000) == (13_500, 13_500)
+    with pytest.raises(DatasetError, match=r"182,250,000 pixels, over the limit data\.max_pixels = 50,000,000"):
+        header_size(p, max_pixels=50_000_000)
+    with pytest.raises(DatasetError, match="cannot decode image .*huge.png") as err:
+        load_image(p, max_pixels=200_000_000)
+    assert "bomb" not in str(err.value).lower()
 
 
 # ------------------------------------------------------------------------------------------- errors

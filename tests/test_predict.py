@@ -261,9 +261,29 @@ def test_bad_files_are_skipped_with_a_reason_and_the_batch_goes_on(tmp_path):
     assert all(r["input"] == "images" for r in skipped.values())
     assert "cannot decode" in skipped["b_truncated.png"]["reason"]
     assert "cannot decode" in skipped["c_text.png"]["reason"]
-    assert "600 pixels, over the limit" in skipped["d_bomb.png"]["reason"]
+    assert "600 pixels, over the limit --max-pixels = 200; pass a larger --max-pixels" in skipped["d_bomb.png"]["reason"]
+    assert "params.yaml" not in skipped["d_bomb.png"]["reason"]  # predict has no params file to edit
     assert "'F'" in skipped["e_float.tif"]["reason"]
     assert (summary["n_inputs"], summary["n_scored"], summary["n_skipped"]) == (6, 2, 4)
+
+
+def test_an_animated_gif_is_scored_on_its_first_frame_and_said_so(tmp_path, caplog):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    frames = [Image.fromarray(np.full((12, 20, 3), (red, 0, 0), np.uint8)) for red in (204, 51, 102)]
+    frames[0].save(folder / "anim.gif", save_all=True, append_images=frames[1:], duration=100)
+    solid(folder / "still.png", red=51)
+    with caplog.at_level("WARNING"):
+        # named explicitly: .gif is not an extension a folder is searched for, a named file is always tried
+        summary = P.predict_files([folder / "anim.gif", folder / "still.png"], FakeDetector(), tmp_path / "out",
+                                  batch_size=2)
+    scores = {Path(r["path"]).name: float(r["score"]) for r in rows(tmp_path / "out" / "scores.csv")}
+    assert scores["anim.gif"] == pytest.approx(204 / 255, abs=2 / 255)  # the first frame, not 51 or 102
+    assert summary["first_frame_only"]["files"] == {str(folder / "anim.gif"): 3}
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["first_frame_only"]["files"] == \
+        {str(folder / "anim.gif"): 3}
+    assert any("anim.gif holds 3 frames: only the first is scored" in r.getMessage() for r in caplog.records)
+    assert not any("still.png" in r.getMessage() for r in caplog.records)
 
 
 def test_modes_are_converted_by_the_project_rules(tmp_path):

@@ -13,7 +13,9 @@ named explicitly is always tried, whatever its extension. Anything under ``--out
 
 Each image is decoded by :func:`pipeline.data.tables.load_image`, turned upright by its EXIF orientation
 tag (as image viewers show it), (any size; modes L, RGB, RGBA, 16-bit grey,
-palette, ...; 32-bit ``I``/``F`` refused; more than ``--max-pixels`` pixels refused) and scored by the
+palette, ...; 32-bit ``I``/``F`` refused; more than ``--max-pixels`` pixels refused, and PIL's own
+pixel cap does not apply; an animated GIF or multi-page TIFF on its first frame, named in the log and in
+``summary.json``'s ``first_frame_only``) and scored by the
 detector (:class:`pipeline.method.detector.Detector`: maps (B, S, S) in [0, 1] and image scores (B,)). An image
 is **anomalous** when ``score >= threshold`` (the rule under which the F1-max threshold is defined,
 :func:`pipeline.evaluation.metrics.f1_max`).
@@ -394,7 +396,7 @@ def _batches(files: Sequence[Path], names: Sequence[tuple[str, ...]] | None, bat
         try:
             # turned as the EXIF orientation says, as viewers show it: a phone photo is scored upright and
             # its map and overlay have the size it is displayed at
-            image = ImageOps.exif_transpose(load_image(path, max_pixels))
+            image = ImageOps.exif_transpose(load_image(path, max_pixels, limit="--max-pixels"))
         except DatasetError as e:
             skip(path, str(e))
             continue
@@ -595,6 +597,8 @@ class _Tally:
     """(path, name parts, score) of every image decided anomalous, in input order."""
     regions: list = field(default_factory=list)
     """regions.csv's rows (:data:`REGION_COLUMNS`) of the flagged images, in input order."""
+    first_frame_only: dict = field(default_factory=dict)
+    """path -> number of frames, for each scored file of several frames (only its first is scored)."""
 
 
 @dataclass(frozen=True)
@@ -1128,6 +1132,10 @@ def _score_into(planned, scorer, out: Path, threshold: float, encoding: MapEncod
                 verdicts = decisions(scores, threshold)
                 tally.timing["score_s"] += score_s
                 tally.timing["decode_s"] += sum(b.decode_s)
+                for path, image in zip(b.paths, b.images):
+                    if image.info.get("n_frames", 1) > 1:
+                        log.warning("%s holds %d frames: only the first is scored", path, image.info["n_frames"])
+                        tally.first_frame_only[str(path)] = image.info["n_frames"]
                 # PNG encoding (PIL releases the GIL) runs in the writers while the next batch is decoded and
                 # scored; waiting for the previous batch first keeps at most two batches in memory
                 jobs = [pool.submit(_write_outputs, out, parts, image, maps[i] - encoding.low,
@@ -1231,6 +1239,9 @@ def summarise(found: InputSet, skipped: Sequence[tuple], chosen: dict, tally: _T
                    "images_per_s": round(n_scored / total_s, 4) if n_scored and total_s > 0 else None},
         "orientation": "images are turned as their EXIF orientation tag says (as viewers show them) before "
                        "scoring; maps, overlays and masks have that displayed size",
+        "first_frame_only": {"files": dict(tally.first_frame_only),
+                             "note": "files of several frames (animated GIF, multi-page TIFF) are scored on their "
+                                     "first frame only; the number is how many frames each holds"},
         "batch_size": opts.batch_size,
         "batch": opts.batch,
         "tile": None if opts.tile is None else {"size": opts.tile, "stride": max(1, opts.tile // 2),

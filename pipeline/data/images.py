@@ -10,6 +10,7 @@ folder listing by :func:`visible`.
 
 from __future__ import annotations
 
+import threading
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +30,28 @@ LITTER = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini"})
 # What PIL raises on a file it cannot identify or decode (UnidentifiedImageError is an OSError;
 # truncated data is an OSError; some corrupt PNG chunks raise SyntaxError; bad zlib streams zlib.error).
 _PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zlib.error, Image.DecompressionBombError)
+
+# PIL's decompression-bomb guard (Image.MAX_IMAGE_PIXELS, refusing above twice its ~89 M) is a
+# module-wide setting: left on, it would refuse images that data.max_pixels / --max-pixels allow, and
+# a user raising our limit could never lift PIL's. check_pixels is the same guard (the header's size,
+# before any pixel is decoded) with the user's limit, so PIL's is switched off while a file is opened
+# and decoded here (TIFF and GIF check again when they load). The lock keeps two threads from
+# restoring each other's value; decoding is one image at a time per process anyway.
+_PIL_GUARD = threading.RLock()
+
+
+@contextmanager
+def open_image(path: Path) -> Iterator[Image.Image]:
+    """``Image.open(path)`` with PIL's own pixel cap off until the block ends; callers check the size
+    by :func:`check_pixels` before decoding."""
+    with _PIL_GUARD:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            with Image.open(path) as im:
+                yield im
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
 
 
 class DatasetError(PipelineError, ValueError):
@@ -108,23 +131,29 @@ def to_rgb(im: Image.Image, path: Path | str = "<image>") -> Image.Image:
     )
 
 
-def load_image(path: Path, max_pixels: int = 50_000_000) -> Image.Image:
+def load_image(path: Path, max_pixels: int = 50_000_000, limit: str = "data.max_pixels") -> Image.Image:
     """Open and fully decode an image as 8-bit RGB, converting its mode by :func:`to_rgb`.
 
     Truncated or corrupt files raise instead of being padded (``ImageFile.LOAD_TRUNCATED_IMAGES``
     is left alone). 16-bit grey images are scaled to 8 bit; alpha is dropped; 32-bit ``I`` and ``F``
     images are refused; EXIF orientation is *not* applied, so pixels stay aligned with their mask.
+    A file of several frames (animated GIF, multi-page TIFF) gives its first; the returned image's
+    ``info["n_frames"]`` says how many the file holds (1 for a still image).
 
     Raises:
         DatasetError: the file cannot be read or decoded, its pixel mode is refused, or it has more
-            than ``max_pixels`` pixels (``data.max_pixels``), or PIL's own decompression-bomb guard
-            refuses it.
+            than ``max_pixels`` pixels; the message names ``limit``, the setting that holds it
+            (``data.max_pixels``, or predict's ``--max-pixels``). PIL's own decompression-bomb cap
+            is not applied (:func:`open_image`): ``max_pixels`` is the one limit, in both directions.
     """
     path = Path(path)
-    with decode_errors("image", path), Image.open(path) as im:
-        check_pixels(path, im.size, max_pixels)
+    with decode_errors("image", path), open_image(path) as im:
+        check_pixels(path, im.size, max_pixels, limit)
         im.load()
-        return to_rgb(im, path)
+        rgb = to_rgb(im, path)
+        # an animated GIF / multi-page TIFF: the first frame is what is decoded; say how many there were
+        rgb.info["n_frames"] = int(getattr(im, "n_frames", 1) or 1)
+        return rgb
 
 
 def load_mask(
@@ -173,7 +202,7 @@ def load_mask(
         shape = (resize_to, resize_to) if resize_to is not None else (h, w)
         return np.zeros(shape, dtype=np.uint8)
     path = Path(path)
-    with decode_errors("mask", path), Image.open(path) as im:
+    with decode_errors("mask", path), open_image(path) as im:
         if im.size != (w, h):
             raise DatasetError(
                 f"mask {path} is {im.size[0]}x{im.size[1]} but its image is {w}x{h}; "
@@ -203,25 +232,22 @@ def mask_from_header(path: Path, max_pixels: int = 50_000_000, *, allow_empty: b
     return load_mask(path, header_size(Path(path), max_pixels, what="mask"), allow_empty=allow_empty)
 
 
-def check_pixels(path: Path, size: tuple[int, int], max_pixels: int) -> None:
+def check_pixels(path: Path, size: tuple[int, int], max_pixels: int, limit: str = "data.max_pixels") -> None:
+    """Refuse an image of more than ``max_pixels`` pixels, naming ``limit``, the setting to raise."""
     w, h = size
     if w * h > max_pixels:
+        where = "raise data.max_pixels in params.yaml" if limit == "data.max_pixels" else f"pass a larger {limit}"
         raise DatasetError(
-            f"image {path} is {w}x{h} = {w * h:,} pixels, over the limit data.max_pixels = {max_pixels:,}; "
-            "raise data.max_pixels in params.yaml if such images are expected"
+            f"image {path} is {w}x{h} = {w * h:,} pixels, over the limit {limit} = {max_pixels:,}; "
+            f"{where} if such images are expected"
         )
 
 
 def header_size(path: Path, max_pixels: int, what: str = "image") -> tuple[int, int]:
     """(width, height) from the file header, without decoding pixels."""
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             size = im.size
-    except Image.DecompressionBombError as e:
-        raise DatasetError(
-            f"{what} {path} refused by PIL's decompression-bomb guard: {e} "
-            f"(data.max_pixels = {max_pixels:,})"
-        ) from e
     except _PIL_ERRORS as e:
         raise DatasetError(
             f"cannot read the header of {what} {path}: {e} (expected a readable image file)"

@@ -188,7 +188,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """``torch.autocast`` to ``dtype`` on ``device``'s type; a no-op context for None (float32)."""
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None) if dtype is not None else nullcontext()
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -447,7 +447,7 @@ def evaluate(sae: TopKSAE, read: Callable[[int], np.ndarray], n_chunks: int, *, 
         for i in range(0, len(flat), batch_tokens):
             x = flat[i : i + batch_tokens].to(device)
             recon, values, indices, _ = sae(x)
-            fired[indices[values > 0]] = True
+            fired |= fired_latents(values, indices, fired.numel())
             err += float((x - recon).pow(2).sum(dtype=torch.float64))
             total_sq += float(x.pow(2).sum(dtype=torch.float64))
             s = x.sum(dim=0, dtype=torch.float64)
