@@ -11,7 +11,7 @@ Prints one line per measurement, ``<name> key=value ...``:
                              one TopK SAE training step (forward, FVU + AuxK loss, backward, the
                              dictionary's parallel-gradient removal, Adam, renormalisation), bf16
                              autocast on CUDA
-    guides_step images_per_s one step of the guide codes (loss on a batch, backward, Adam)
+    guides_step images_per_s one step of the guide codes (loss on a batch, backward, Adam), guides.precision auto (bf16 autocast on CUDA)
     evaluate  images_per_s   maps and image scores of a batch (pipeline.method.scoring.score_tokens, blur on CPU)
 
 Weights are random (timm ``pretrained=False``): nothing is downloaded, and speed does not depend on
@@ -152,15 +152,18 @@ def main(argv: list[str] | None = None) -> None:
     masks = (torch.rand(b, size, size, device=device) > 0.9).to(torch.uint8)
     labels = torch.arange(b, device=device) % 2
 
+    gdtype = sae.autocast_dtype("auto", device)  # guides.precision auto, as fit_guides resolves it
+
     def guides_step():
-        loss, _ = guides.guide_loss(codes.effective(), dictionary, tokens, cls, masks, labels, grid,
-                                    temperature=0.07, gamma=2.0, l1_coef=1e-3)
+        with guides._autocast(device, gdtype):
+            loss, _ = guides.guide_loss(codes.effective(), dictionary, tokens, cls, masks, labels, grid,
+                                        temperature=0.07, gamma=2.0, l1_coef=1e-3)
         gopt.zero_grad(set_to_none=True)
         loss.backward()
         gopt.step()
 
     s = timed(guides_step, device, cfg["steps"])
-    print(f"guides_step images_per_s={b / s:.1f} batch={b}", flush=True)
+    print(f"guides_step images_per_s={b / s:.1f} batch={b} autocast={gdtype}", flush=True)
 
     # evaluate: maps and image scores of a batch of stored tokens (fp16 on the host, as the store gives)
     stored = out["tokens"]
