@@ -2,6 +2,7 @@
 
     python benchmarks/kernel_paths.py                       # every path below -> docs/kernel_paths.json
     python benchmarks/kernel_paths.py --paths avx2 --out /tmp/kp.json --keep /tmp/kp
+    python benchmarks/kernel_paths.py --render              # docs/kernel_paths.md from the .json
 
 Each path is a fresh clone of HEAD (no DVC cache, so every stage runs, as on a new machine) whose
 ``dvc repro`` runs under environment variables that force one kernel path of the pinned torch:
@@ -41,7 +42,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.cli.drift import metrics_diff, tolerance_key  # noqa: E402
+from pipeline.cli.drift import compare, metrics_diff, tolerance_key  # noqa: E402
 
 PATHS = {
     "native": {},
@@ -75,14 +76,10 @@ def store_md5s(lock_text: str) -> dict[str, str]:
 
 
 def moves(where: Path) -> dict[tuple[str, str], float]:
-    """(file, key) -> |new - old| for every numeric metric of the clone against its HEAD."""
-    out = {}
-    for file, metrics in metrics_diff("HEAD", root=where).items():
-        for key, v in metrics.items():
-            old, new = v.get("old"), v.get("new")
-            if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (old, new)):
-                out[(file, key)] = abs(float(new) - float(old))
-    return out
+    """(file, key) -> |new - old| for every numeric metric of the clone against its HEAD, read as
+    ``pipeline.cli.drift`` reads them (a count on one side only is 0 on the other)."""
+    rows = compare(metrics_diff("HEAD", root=where), {})
+    return {(r["file"], r["key"]): r["abs_diff"] for r in rows if r["abs_diff"] is not None}
 
 
 def cpu_model() -> str:
@@ -95,13 +92,10 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def measure(names: list[str], keep: Path | None) -> dict:
-    import torch
-
+def run_paths(names: list[str], work: Path) -> dict:
+    """Clone and ``dvc repro`` each path in ``work/<name>``: name -> env, wall time, stores' bytes."""
     committed = store_md5s((ROOT / "dvc.lock").read_text())
-    work = keep or Path(tempfile.mkdtemp(prefix="kernel_paths_"))
-    work.mkdir(parents=True, exist_ok=True)
-    paths, pooled = {}, {}
+    paths = {}
     for name in names:
         env = {**PATHS, **HELD_OUT}[name]
         where = work / name
@@ -111,30 +105,33 @@ def measure(names: list[str], keep: Path | None) -> dict:
         rc, wall = repro(where, env, work / f"{name}.log")
         if rc != 0:
             raise SystemExit(f"{name}: dvc repro exited {rc}; see {work / f'{name}.log'}")
-        moved = moves(where)
         equal = store_md5s((where / "dvc.lock").read_text()) == committed
-        by_name: dict[str, float] = {}
+        paths[name] = {"env": env, "wall_s": round(wall, 1), "stores_equal_committed": equal}
+        print(f"{name:13s} {wall:7.1f} s  stores {'equal' if equal else 'differ'}", flush=True)
+    return paths
+
+
+def pool(paths: dict, work: Path) -> dict:
+    """Each path's moves (its clone in ``work/<name>`` against HEAD), the largest per tolerance key over
+    the paths that are not held out, and the tolerance: the JSON's ``paths``, ``observed``, ``tolerance``."""
+    pooled: dict[str, tuple[float, str, str]] = {}
+    for name, p in paths.items():
+        moved = moves(work / name)
+        by_key: dict[str, float] = {}
         for (file, key), d in moved.items():
             m = tolerance_key(file, key)
-            by_name[m] = max(by_name.get(m, 0.0), d)
+            by_key[m] = max(by_key.get(m, 0.0), d)
             if name in PATHS and d > pooled.get(m, (0.0, "", ""))[0]:
                 pooled[m] = (d, name, f"{file} {key}")
             pooled.setdefault(m, (0.0, "", ""))
-        paths[name] = {"env": env, "wall_s": round(wall, 1), "stores_equal_committed": equal,
-                       "metrics": len(moved), "metrics_moved": sum(1 for d in moved.values() if d > 0),
-                       "max_abs_diff": {m: by_name[m] for m in sorted(by_name) if by_name[m] > 0}}
-        print(f"{name:13s} {wall:7.1f} s  stores {'equal' if equal else 'differ'}  "
-              f"{paths[name]['metrics_moved']}/{len(moved)} metrics moved", flush=True)
-    base = paths.get("native", {}).get("wall_s")
-    if base:
+        p.update({"metrics": len(moved), "metrics_moved": sum(1 for d in moved.values() if d > 0),
+                  "max_abs_diff": {m: by_key[m] for m in sorted(by_key) if by_key[m] > 0}})
+        print(f"{name:13s} {p['metrics_moved']}/{len(moved)} metrics moved", flush=True)
+    base = paths.get("avx2", {}).get("wall_s")
+    if base:  # avx2 runs every stage; native may skip evaluate and atoms (its bytes are the lock's)
         for name, p in paths.items():
-            print(f"{name:13s} wall / native = {p['wall_s'] / base:.2f}")
+            print(f"{name:13s} wall / avx2 = {p['wall_s'] / base:.2f}")
     return {
-        "command": "python benchmarks/kernel_paths.py " + " ".join(f"--paths {n}" for n in names
-                                                                   if set(names) != set(PATHS)),
-        "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
-        "cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
-        "native_capability": torch.backends.cpu.get_cpu_capability(),
         "paths": paths,
         "rule": f"tolerance of a key (file:group:name) = {MARGIN:g} x the largest |difference| from HEAD measured "
                 "for a metric of that key over every path but the held-out ones (0 where none moved)",
@@ -143,16 +140,88 @@ def measure(names: list[str], keep: Path | None) -> dict:
     }
 
 
+def measure(names: list[str], keep: Path | None) -> dict:
+    import torch
+
+    work = keep or Path(tempfile.mkdtemp(prefix="kernel_paths_"))
+    work.mkdir(parents=True, exist_ok=True)
+    paths = run_paths(names, work)
+    return {
+        "command": "python benchmarks/kernel_paths.py " + " ".join(f"--paths {n}" for n in names
+                                                                   if set(names) != set(PATHS)),
+        "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
+        "cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
+        "native_capability": torch.backends.cpu.get_cpu_capability(),
+        **pool(paths, work),
+    }
+
+
+HEADLINE = ("metrics.json:top:image_auroc", "metrics.json:top:pixel_auroc", "metrics.json:top:pixel_ap",
+            "metrics.json:top:pixel_aupro", "metrics.json:top:aux_threshold", "metrics.json:fused:pixel_ap",
+            "metrics.json:few_shot:pixel_ap", "metrics.json:baselines:image_auroc", "metrics.json:baselines:pixel_ap",
+            "metrics.json:controls:image_auroc", "per_category.json:top:pixel_ap", "sae.json:top:fvu",
+            "sae.json:top:n_dead")
+
+
+def render(result: dict) -> str:
+    """docs/kernel_paths.md: the paths, their cost and bytes, and the headline keys' moves and tolerances."""
+    paths = result["paths"]
+    base = paths.get("avx2", {}).get("wall_s")
+    lines = ["# Metrics across CPU kernel paths", "",
+             f"Written by `{result['command'].strip()}` from `docs/kernel_paths.json` (commit "
+             f"{result['commit'][:10]}, {result['cpu']}, {result['cores']} cores, torch {result['torch']}, native "
+             f"{result['native_capability']}); `python benchmarks/kernel_paths.py --render` rewrites it. Each path is "
+             "a fresh clone whose `dvc repro` ran under the environment shown. Wall times are compared with "
+             "`avx2`'s: a path whose stores come out as committed (`native` on the machine that made dvc.lock) "
+             "skips evaluate and atoms, whose committed reports are then up to date, so its time is not the "
+             "whole DAG's.", "",
+             "| path | environment | wall s | / avx2 | stores as committed | metrics moved |",
+             "|---|---|---:|---:|---|---:|"]
+    for name, p in paths.items():
+        env = " ".join(f"`{k}={v}`" for k, v in p["env"].items()) or "(none)"
+        ratio = f"{p['wall_s'] / base:.2f}" if base else "–"
+        lines.append(f"| {name} | {env} | {p['wall_s']:.0f} | {ratio} | {'yes' if p['stores_equal_committed'] else 'no'} "
+                     f"| {p['metrics_moved']} of {p['metrics']} |")
+    lines += ["", f"Tolerance rule: {result['rule']}.", "",
+              "| key (file:group:metric) | largest move | on path | tolerance |", "|---|---:|---|---:|"]
+    for key in HEADLINE:
+        obs = result["observed"].get(key)
+        tol = result["tolerance"].get(key)
+        if tol is None:
+            continue
+        lines.append(f"| `{key}` | {obs['max_abs_diff']:.4g} | {obs['path']} | {tol:.4g} |" if obs
+                     else f"| `{key}` | 0 | – | 0 |")
+    lines += ["", f"{sum(1 for v in result['tolerance'].values() if v > 0)} of {len(result['tolerance'])} keys "
+              "moved on some path; the rest must match exactly. Every key is in `docs/kernel_paths.json`.", ""]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--paths", action="append", choices=sorted({**PATHS, **HELD_OUT}),
                         help="a path to run (repeatable; default: every path of the tolerance)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "kernel_paths.json")
     parser.add_argument("--keep", type=Path, default=None, help="keep the clones and logs here")
+    parser.add_argument("--render", action="store_true", help="only rewrite the .md beside --out from it")
+    parser.add_argument("--rescore", action="store_true",
+                        help="re-read the moves from the clones kept in --keep (the runs and their times as --out "
+                             "recorded them): after a change to how pipeline.cli.drift reads metrics")
     args = parser.parse_args()
-    result = measure(args.paths or list(PATHS), args.keep)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"-> {args.out}")
+    if args.rescore:
+        if args.keep is None:
+            parser.error("--rescore needs --keep, the folder holding the clones")
+        result = json.loads(args.out.read_text())
+        paths = {n: {k: p[k] for k in ("env", "wall_s", "stores_equal_committed")} for n, p in result["paths"].items()}
+        result.update(pool(paths, args.keep))
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"-> {args.out}")
+    elif not args.render:
+        result = measure(args.paths or list(PATHS), args.keep)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"-> {args.out}")
+    result = json.loads(args.out.read_text())
+    args.out.with_suffix(".md").write_text(render(result))
+    print(f"-> {args.out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ tolerance of its file, signal group and name (:func:`tolerance_key`: ``metrics.j
 ``sae.json:top:n_dead``, ...) in ``docs/kernel_paths.json``. That file is written by
 ``python benchmarks/kernel_paths.py``, which re-runs the whole DAG in fresh copies under forced kernel
 paths and records how far each metric moved; the tolerance is twice the largest move measured within
-its key (zero where none moved). A metric with no measured tolerance must match exactly, and so must
-text values (rules, names).
+its key (zero where none moved). A metric with no measured tolerance must match exactly; text values
+(rules, names, the reasons a metric is null) must match once the numbers they quote are masked.
 
 Exit 0 when every metric is within its tolerance, 1 when one is not (each named with its values), an
 ``error:`` line when a metrics file is missing on either side. ``dvc pull`` from a remote gives the
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any, Mapping
@@ -76,11 +77,26 @@ def load_tolerances(path: Path) -> dict[str, float]:
 def metrics_diff(rev: str, root: Path = Path(".")) -> dict[str, dict[str, dict[str, Any]]]:
     """DVC's ``metrics diff`` of the workspace against ``rev``, every metric (changed or not):
     ``{file: {key: {"old": ..., "new": ...}}}``."""
-    from dvc.repo import Repo  # dvc is slow to import; only this command needs it
+    from dvc.exceptions import DvcException  # dvc is slow to import; only this command needs it
+    from dvc.repo import Repo
 
-    with Repo(str(root)) as repo:
-        out = repo.metrics.diff(a_rev=rev, b_rev="workspace", all=True)
+    try:
+        with Repo(str(root)) as repo:
+            out = repo.metrics.diff(a_rev=rev, b_rev="workspace", all=True)
+    except DvcException as err:  # a revision git does not know, no DVC repository
+        raise DriftError(f"dvc metrics diff against {rev!r} in {root}: {err}") from err
     return out.get("diff", {})
+
+
+_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _masked(x: Any) -> Any:
+    return _NUMBER.sub("#", x) if isinstance(x, str) else x
 
 
 def compare(diff: Mapping[str, Mapping[str, Mapping[str, Any]]], tolerances: Mapping[str, float],
@@ -88,7 +104,8 @@ def compare(diff: Mapping[str, Mapping[str, Mapping[str, Any]]], tolerances: Map
     """One row per metric: file, key, old, new, |difference|, tolerance, and ``ok``.
 
     A metrics file that is missing on one side is a DriftError (every value of it reads None): a stage
-    that did not run is not a metric that moved.
+    that did not run is not a metric that moved. A numeric key present on one side only counts as 0 on
+    the other. Text must match, with ``exact`` literally, else once every number in it is masked.
     """
     rows = []
     for file, metrics in sorted(diff.items()):
@@ -100,14 +117,21 @@ def compare(diff: Mapping[str, Mapping[str, Mapping[str, Any]]], tolerances: Map
         for key, v in sorted(metrics.items()):
             old, new = v.get("old"), v.get("new")
             tol = 0.0 if exact else tolerances.get(tolerance_key(file, key), 0.0)
-            numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (old, new))
-            if numbers:
-                delta = abs(float(new) - float(old))
-                ok = delta <= tol or (math.isnan(float(old)) and math.isnan(float(new)))
+            if _number(old) or _number(new):
+                # a key on one side only is a count left out when it is zero (atoms.json's kinds)
+                a, b = (float(x) if _number(x) else 0.0 for x in (old, new))
+                if (old is not None and not _number(old)) or (new is not None and not _number(new)):
+                    delta, ok = None, False  # a number on one side, text on the other
+                else:
+                    delta = abs(b - a)
+                    ok = delta <= tol or (math.isnan(a) and math.isnan(b))
             else:
-                delta, ok = None, old == new
+                # text: exact with --exact; else equal once the numbers it quotes (thresholds in a
+                # null reason) are masked, since those numbers move as the metrics do
+                delta = None
+                ok = old == new if exact else _masked(old) == _masked(new)
             rows.append({"file": file, "key": key, "old": old, "new": new, "abs_diff": delta,
-                         "tolerance": tol if numbers else None, "ok": ok})
+                         "tolerance": tol if delta is not None else None, "ok": ok})
     return rows
 
 
