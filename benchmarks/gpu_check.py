@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     gdtype = sae.autocast_dtype("auto", device)  # guides.precision auto, as fit_guides resolves it
 
     def guides_step():
-        with guides._autocast(device, gdtype):
+        with sae.autocast(device, gdtype):  # the same context fit_guides enters (guides keeps a copy)
             loss, _ = guides.guide_loss(codes.effective(), dictionary, tokens, cls, masks, labels, grid,
                                         temperature=0.07, gamma=2.0, l1_coef=1e-3)
         gopt.zero_grad(set_to_none=True)
