@@ -95,6 +95,10 @@ def _number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def _text(x: Any) -> bool:
+    return x is not None and not _number(x)
+
+
 def _masked(x: Any) -> Any:
     return _NUMBER.sub("#", x) if isinstance(x, str) else x
 
@@ -117,14 +121,13 @@ def compare(diff: Mapping[str, Mapping[str, Mapping[str, Any]]], tolerances: Map
         for key, v in sorted(metrics.items()):
             old, new = v.get("old"), v.get("new")
             tol = 0.0 if exact else tolerances.get(tolerance_key(file, key), 0.0)
-            if _number(old) or _number(new):
+            if (_number(old) or _number(new)) and not (_text(old) or _text(new)):
                 # a key on one side only is a count left out when it is zero (atoms.json's kinds)
                 a, b = (float(x) if _number(x) else 0.0 for x in (old, new))
-                if (old is not None and not _number(old)) or (new is not None and not _number(new)):
-                    delta, ok = None, False  # a number on one side, text on the other
-                else:
-                    delta = abs(b - a)
-                    ok = delta <= tol or (math.isnan(a) and math.isnan(b))
+                delta = abs(b - a)
+                ok = delta <= tol or (math.isnan(a) and math.isnan(b))
+            elif _number(old) or _number(new):
+                delta, ok = None, False  # a number on one side, text on the other
             else:
                 # text: exact with --exact; else equal once the numbers it quotes (thresholds in a
                 # null reason) are masked, since those numbers move as the metrics do
