@@ -20,6 +20,10 @@ metric name, :func:`pipeline.cli.drift.tolerance_key`, pooled over runs, categor
 a group), the largest move and where, and the tolerance ``pipeline.cli.drift`` applies: twice that
 largest move, zero for a key that never moved.
 
+Decisions at a threshold (F1, precision and recall at the aux or rule threshold) also pass the drift
+check when they are one image per category apart (:func:`pipeline.cli.drift.one_image_apart`): a
+whole image changing side is the quantum they move by, which no measured largest move can bound.
+
 The path ``aten_default`` (torch's baseline kernels alone, MKL and oneDNN native) is left out of the
 tolerance on purpose, as a path the tolerance was not fitted on: ``--paths aten_default --out X.json``,
 then ``python -m pipeline.cli.drift`` in its clone (docs/reliability.md says what it found).
@@ -134,7 +138,8 @@ def pool(paths: dict, work: Path) -> dict:
     return {
         "paths": paths,
         "rule": f"tolerance of a key (file:group:name) = {MARGIN:g} x the largest |difference| from HEAD measured "
-                "for a metric of that key over every path but the held-out ones (0 where none moved)",
+                "for a metric of that key over every path but the held-out ones (0 where none moved); decisions at "
+                "a threshold also pass when one image per category apart",
         "observed": {m: {"max_abs_diff": d, "path": p, "where": w} for m, (d, p, w) in sorted(pooled.items()) if d > 0},
         "tolerance": {m: MARGIN * d for m, (d, _, _) in sorted(pooled.items())},
     }

@@ -32,7 +32,7 @@ def test_within_and_beyond_the_tolerance_and_exact():
     assert rows["pixel_ap"]["ok"] and rows["pixel_ap"]["abs_diff"] == pytest.approx(0.02)
     assert not rows["image_auroc"]["ok"] and rows["image_auroc"]["tolerance"] == 0.01
     assert rows["threshold_rule"]["ok"] and rows["threshold_rule"]["tolerance"] is None
-    assert rows["n_images"]["ok"] and rows["n_images"]["tolerance"] == 0.0  # no tolerance measured: exact
+    assert rows["n_images"]["ok"] and rows["n_images"]["tolerance"] == drift.FLOOR  # none measured: the floor
     exact = {r["key"]: r for r in drift.compare(diff, tol, exact=True)}
     assert not exact["pixel_ap"]["ok"] and exact["n_images"]["ok"]
 
@@ -116,3 +116,87 @@ def test_an_unknown_revision_or_no_repository_is_one_error_line(tmp_path, monkey
     assert drift.main(["--exact"]) == 0  # the committed metric, unchanged
     (tmp_path / "m.json").write_text('{"a": 2}')
     assert drift.main(["--exact"]) == 1
+
+
+def _values(tp, fp, p):
+    """F1, precision, recall of tp true and fp false alarms among p anomalous images, by hand."""
+    return {"f1": 2 * tp / (p + tp + fp) if p else None, "precision": tp / (tp + fp) if tp + fp else None,
+            "recall": tp / p if p else None}
+
+
+def test_one_image_apart_against_hand_counted_decisions():
+    # 15 anomalous and 10 good images; nothing flagged -> one defect flagged: one image changed side
+    assert drift.one_image_apart(_values(0, 0, 15), _values(1, 0, 15), 25, 15)
+    assert drift.one_image_apart(_values(0, 0, 15), _values(0, 1, 15), 25, 15)  # a false alarm: precision 0
+    assert drift.one_image_apart(_values(8, 0, 15), _values(8, 1, 15), 25, 15)
+    assert drift.one_image_apart(_values(8, 0, 15), _values(8, 0, 15), 25, 15)
+    # two images, or a defect swapped for a good image, is two changes of side
+    assert not drift.one_image_apart(_values(0, 0, 15), _values(2, 0, 15), 25, 15)
+    assert not drift.one_image_apart(_values(8, 0, 15), _values(7, 1, 15), 25, 15)
+    # precision 0 hides how many false alarms there were: 3 of them, then a defect flagged too
+    assert drift.one_image_apart(_values(0, 3, 15), _values(1, 3, 15), 25, 15)
+    # values no counts can give (recall 0.5 of 15 images), or a false alarm in a category of defects only
+    assert not drift.one_image_apart(_values(0, 0, 15), {"f1": 0.5, "precision": 1.0, "recall": 0.5}, 25, 15)
+    assert not drift.one_image_apart(_values(8, 0, 15), _values(8, 1, 15), 15, 15)
+    # an all-good category has no recall or F1: only its false alarms move
+    assert drift.one_image_apart(_values(0, 0, 0), _values(0, 1, 0), 10, 0)
+
+
+def _decision_diff(old_counts, new_counts, p=15, n=10, prefix="fused.guides+batch."):
+    """A run's per_category.json and metrics.json diffs whose decisions come from these counts."""
+    per, means = {}, {}
+    for category, (a, b) in {c: (old_counts[c], new_counts[c]) for c in old_counts}.items():
+        per[f"{category}.n_images"] = {"old": p + n, "new": p + n}
+        per[f"{category}.n_anomalous"] = {"old": p, "new": p}
+        va, vb = _values(*a, p), _values(*b, p)
+        for which in ("f1", "precision", "recall"):
+            per[f"{category}.{prefix}image_{which}_at_rule_threshold"] = {"old": va[which], "new": vb[which]}
+    for which in ("f1", "precision", "recall"):
+        side = {s: [v[f"{c}.{prefix}image_{which}_at_rule_threshold"][s] for c in old_counts
+                    for v in [per]] for s in ("old", "new")}
+        means[f"{prefix}image_{which}_at_rule_threshold"] = {
+            s: (sum(x for x in xs if x is not None) / len([x for x in xs if x is not None])
+                if any(x is not None for x in xs) else None) for s, xs in side.items()}
+    reason = f"{prefix}null_reasons.image_precision_at_rule_threshold"
+    means[reason] = {"old": "undefined in every category; grass: no image scores at or above the threshold 6.6",
+                     "new": None}
+    return {"reports/r/per_category.json": per, "reports/r/metrics.json": means}
+
+
+def test_decisions_one_image_per_category_apart_pass_and_two_do_not():
+    # what the held-out kernel path did: one image of one category crossed the rule threshold
+    moved = drift.compare(_decision_diff({"grass": (0, 0), "gravel": (0, 0)}, {"grass": (1, 0), "gravel": (0, 0)}), {})
+    assert all(r["ok"] for r in moved), [r for r in moved if not r["ok"]]
+    by = {r["key"]: r["by"] for r in moved if r["file"].endswith("metrics.json")}
+    assert by["fused.guides+batch.image_precision_at_rule_threshold"] == "one image per category"
+    assert by["fused.guides+batch.null_reasons.image_precision_at_rule_threshold"] == "one image per category"
+    lines = drift.summary_lines(moved, "HEAD", exact=False)
+    assert lines[0].endswith("0 beyond their tolerance") and "one image per category apart" in lines[1]
+    # two images in one category: that category and the run's mean fail; the other category passes
+    rows = drift.compare(_decision_diff({"grass": (0, 0), "gravel": (0, 0)}, {"grass": (2, 0), "gravel": (0, 0)}), {})
+    bad = {(r["file"], r["key"]) for r in rows if not r["ok"]}
+    assert ("reports/r/per_category.json", "grass.fused.guides+batch.image_recall_at_rule_threshold") in bad
+    assert ("reports/r/metrics.json", "fused.guides+batch.image_recall_at_rule_threshold") in bad
+    assert not any(k.startswith("gravel.") for _, k in bad)
+    # --exact takes no such excuse
+    assert not all(r["ok"] for r in drift.compare(
+        _decision_diff({"grass": (0, 0)}, {"grass": (1, 0)}), {}, exact=True))
+
+
+def test_decisions_need_the_category_sizes_equal_on_both_sides():
+    diff = _decision_diff({"grass": (0, 0)}, {"grass": (1, 0)})
+    diff["reports/r/per_category.json"]["grass.n_anomalous"] = {"old": 15, "new": 16}
+    rows = drift.compare(diff, {})
+    assert not all(r["ok"] for r in rows if "rule_threshold" in r["key"])
+    del diff["reports/r/per_category.json"]["grass.n_anomalous"]
+    rows = drift.compare(diff, {})
+    assert not all(r["ok"] for r in rows if "rule_threshold" in r["key"])
+
+
+def test_float_rounding_below_the_floor_passes_and_a_count_does_not():
+    # what another CPU did to a training-free baseline that no forced path had moved so far
+    rows = {r["key"]: r for r in drift.compare(_diff(**{"baselines.mutual.pixel_ap": (0.6956363, 0.6956377),
+                                                        "baselines.mutual.image_auroc": (0.9, 0.9001),
+                                                        "n_images": (75, 76)}), {})}
+    assert rows["baselines.mutual.pixel_ap"]["ok"]
+    assert not rows["baselines.mutual.image_auroc"]["ok"] and not rows["n_images"]["ok"]

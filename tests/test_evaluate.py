@@ -265,6 +265,9 @@ def test_one_class_target_exits_0_with_null_metrics_and_every_declared_output(se
         assert 0 <= result["pixel_auroc"] <= 1 and "pixel_auroc" not in result["null_reasons"]
         assert len(pixel_rows) > 2 and "pixel_curves" not in result["null_reasons"]
     assert result["n_images"] == n
+    # what a category's decisions are counted over (the drift check reads them)
+    assert (per_category["u1"]["n_images"], per_category["u2"]["n_images"]) == (5, 4)
+    assert per_category["u1"]["n_anomalous"] == (5 if absent == "normal" else 0)
     assert sorted(p.name for p in (out / "overlays").iterdir()) == ["u1.png", "u2.png"]
 
 

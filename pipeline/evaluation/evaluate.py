@@ -22,7 +22,7 @@ scores into per-category metrics with the metric code the learned result uses (:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -475,6 +475,8 @@ class Collected:
     pooled_labels: list
     pooled_scores: list
     pixel_sample: tuple[list, list]
+    counts: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """category -> (images, anomalous images): what the decisions at a threshold are counted over."""
 
     @classmethod
     def empty(cls, names: Sequence[str], ks: Sequence[int], scores_info: dict) -> Collected:
@@ -548,6 +550,8 @@ def category_summary(scored: Collected, category: str) -> dict:
     per = scored.per_category
     runs = [per[n][category] for n in _sets(scored, LEARNED)]
     entry = seed_summary(runs)
+    if category in scored.counts:
+        entry["n_images"], entry["n_anomalous"] = scored.counts[category]
     reasons = {k: v for r in runs for k, v in r.get("null_reasons", {}).items()}
     if reasons:
         entry["null_reasons"] = reasons

@@ -299,6 +299,7 @@ def score_category(run_in: Inputs, category: str, start: int, stop: int, collect
     entry = collected.per_category[ENSEMBLE][category]
     reasons = {**entry["null_reasons"], **at.pop("null_reasons"), **operator.pop("null_reasons")}
     entry.update(at, **operator, null_reasons=reasons)
+    collected.counts[category] = (int(labels.size), int(np.count_nonzero(labels)))
     collected.pooled_labels.append(labels)
     collected.pooled_scores.append(scored[overlay_set][1])
     collected.pixel_sample[0].extend(sink.sample[0])
