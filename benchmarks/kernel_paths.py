@@ -139,7 +139,8 @@ def pool(paths: dict, work: Path) -> dict:
         "paths": paths,
         "rule": f"tolerance of a key (file:group:name) = {MARGIN:g} x the largest |difference| from HEAD measured "
                 "for a metric of that key over every path but the held-out ones (0 where none moved); decisions at "
-                "a threshold also pass when one image per category apart",
+                "a threshold also pass when one image per category apart, and drift applies no tolerance below 1e-5 "
+                "(pipeline.cli.drift.FLOOR)",
         "observed": {m: {"max_abs_diff": d, "path": p, "where": w} for m, (d, p, w) in sorted(pooled.items()) if d > 0},
         "tolerance": {m: MARGIN * d for m, (d, _, _) in sorted(pooled.items())},
     }
