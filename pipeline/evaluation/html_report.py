@@ -1,4 +1,5 @@
-"""A self-contained page a person looks at: predict's images as cards, with a threshold slider.
+"""Self-contained pages a person looks at: predict's images as cards with a threshold slider, and an
+evaluate run's metrics, curves and overlays (:func:`evaluate_page`).
 
 ``predict`` writes ``report.html`` beside ``scores.csv``. No CDN, no server: the scores are embedded in
 the page as JSON, the images are linked by paths relative to the page (the run's own ``overlays/``,
@@ -104,3 +105,91 @@ def predict_page(out: Path, rows: Sequence[Mapping], threshold: float, source: s
     path = Path(out) / "report.html"
     write_bytes(path, page.encode())
     return path
+
+
+COLUMNS = {"image_auroc": "image AUROC", "image_ap": "image AP", "image_f1_max": "image F1-max",
+           "pixel_auroc": "pixel AUROC", "pixel_ap": "pixel AP", "pixel_aupro": "AUPRO"}
+"""The metric columns of the evaluate page's tables."""
+OPERATOR = {"aux_threshold": "aux threshold", "image_f1_at_aux_threshold": "F1 at it",
+            "image_precision_at_aux_threshold": "precision at it", "image_recall_at_aux_threshold": "recall at it",
+            "good_passed_at_full_recall": "good passed, every defect caught",
+            "good_passed_at_1pct_miss": "good passed, 1 % of defects missed"}
+"""The operator's view: the detector's decisions at its threshold."""
+
+
+def scorings(metrics: Mapping) -> dict[str, Mapping]:
+    """The rows of an evaluate page's table, from one metrics.json (or one category of per_category.json):
+    the detector's scoring, then the guides, baselines, fused modes and controls, each where present."""
+    rows: dict[str, Mapping] = {}
+    if isinstance(metrics.get("seed_ensemble"), Mapping):
+        rows["detector (mean of the seeds' maps)"] = {**metrics["seed_ensemble"],
+                                                      "null_reasons": metrics.get("null_reasons", {})}
+    rows["guides (mean over seeds)"] = metrics
+    for group, label in (("baselines", "baseline"), ("fused", "fused"), ("controls", "control")):
+        for name, entry in (metrics.get(group) or {}).items():
+            if isinstance(entry, Mapping):
+                rows[f"{label} {name}"] = entry
+    return rows
+
+
+def _cell(entry: Mapping, key: str) -> str:
+    value = entry.get(key)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f'<td data-key="{key}">{value:.3f}</td>'
+    why = (entry.get("null_reasons") or {}).get(key, "not reported")
+    return f'<td data-key="{key}" title="{html.escape(str(why))}">–</td>'
+
+
+def _table(rows: Mapping[str, Mapping]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS.values())
+    body = "".join(f'<tr data-scoring="{html.escape(name)}"><th>{html.escape(name)}</th>'
+                   + "".join(_cell(entry, k) for k in COLUMNS) + "</tr>" for name, entry in rows.items())
+    return f'<table><tr><th>scoring</th>{head}</tr>{body}</table>'
+
+
+EVALUATE_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>__TITLE__</title>
+<style>
+body { font: 14px system-ui, sans-serif; margin: 1em 2em; background: #fafafa; }
+table { border-collapse: collapse; margin: .5em 0 1em; background: white; }
+th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; }
+tr th:first-child { text-align: left; }
+td[title] { color: #999; cursor: help; }
+img { max-width: 100%; background: white; }
+section.category { border-top: 2px solid #ccc; margin-top: 1.5em; }
+</style></head><body>
+<h1>__TITLE__</h1>
+<p>Means over categories (a dash is undefined: hover for why). Written by the evaluate stage from
+metrics.json and per_category.json beside this page; every image is a file in this folder.</p>
+__SUMMARY__
+<h2>Decisions at the detector's threshold</h2>
+__OPERATOR__
+<h2>ROC and PR, pooled over the images and a pixel sample</h2>
+<img src="roc_pr.png" alt="ROC and PR curves">
+<h2>Per category</h2>
+<img src="per_category.png" alt="metrics per category">
+__CATEGORIES__
+</body></html>
+"""
+
+
+def evaluate_page(out: Path, result: Mapping, by_category: Mapping[str, Mapping], title: str) -> bytes:
+    """``out/report.html``'s bytes for one evaluate run: the metrics of every scoring (means and per
+    category), the detector's decisions at its threshold, and the run's own roc_pr.png, per_category.png
+    and overlays/<category>.png, linked relative to the page (no CDN, no script)."""
+    operator = "".join(f"<tr><th>{html.escape(label)}</th>{_cell(result, key)}</tr>" for key, label in OPERATOR.items())
+    sections = []
+    for category, entry in by_category.items():
+        name = html.escape(category)
+        sizes = (f" ({entry['n_images']} images, {entry['n_anomalous']} anomalous)"
+                 if "n_images" in entry and "n_anomalous" in entry else "")
+        overlay = Path(out) / "overlays" / f"{category}.png"
+        picture = (f'<img src="overlays/{html.escape(category)}.png" alt="overlays of {name}">' if overlay.exists()
+                   else "<p>no overlay for this category</p>")
+        decisions = "".join(f"<tr><th>{html.escape(label)}</th>{_cell(entry, key)}</tr>"
+                            for key, label in OPERATOR.items() if key != "aux_threshold")
+        sections.append(f'<section class="category" id="category-{name}"><h3>{name}{sizes}</h3>'
+                        f"{_table(scorings(entry))}<table>{decisions}</table>{picture}</section>")
+    page = (EVALUATE_PAGE.replace("__TITLE__", html.escape(title)).replace("__SUMMARY__", _table(scorings(result)))
+            .replace("__OPERATOR__", f"<table>{operator}</table>").replace("__CATEGORIES__", "".join(sections)))
+    return page.encode()
