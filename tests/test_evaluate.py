@@ -269,6 +269,9 @@ def test_one_class_target_exits_0_with_null_metrics_and_every_declared_output(se
     assert (per_category["u1"]["n_images"], per_category["u2"]["n_images"]) == (5, 4)
     assert per_category["u1"]["n_anomalous"] == (5 if absent == "normal" else 0)
     assert sorted(p.name for p in (out / "overlays").iterdir()) == ["u1.png", "u2.png"]
+    # a fresh report folder: the page links the overlays written beside it in the same run
+    page = (out / "report.html").read_text()
+    assert 'src="overlays/u1.png"' in page and 'src="overlays/u2.png"' in page
 
 
 def test_guides_fitted_on_another_sae_are_refused(setup):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import html
 import json
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
 from pipeline.files import write_bytes
 
@@ -173,10 +173,12 @@ __CATEGORIES__
 """
 
 
-def evaluate_page(out: Path, result: Mapping, by_category: Mapping[str, Mapping], title: str) -> bytes:
+def evaluate_page(out: Path, result: Mapping, by_category: Mapping[str, Mapping], title: str,
+                  written: Collection[Path] = ()) -> bytes:
     """``out/report.html``'s bytes for one evaluate run: the metrics of every scoring (means and per
     category), the detector's decisions at its threshold, and the run's own roc_pr.png, per_category.png
-    and overlays/<category>.png, linked relative to the page (no CDN, no script)."""
+    and overlays/<category>.png, linked relative to the page (no CDN, no script). An overlay is linked
+    when it is on disk or among ``written``, the files the run is about to write beside the page."""
     operator = "".join(f"<tr><th>{html.escape(label)}</th>{_cell(result, key)}</tr>" for key, label in OPERATOR.items())
     sections = []
     for category, entry in by_category.items():
@@ -184,7 +186,8 @@ def evaluate_page(out: Path, result: Mapping, by_category: Mapping[str, Mapping]
         sizes = (f" ({entry['n_images']} images, {entry['n_anomalous']} anomalous)"
                  if "n_images" in entry and "n_anomalous" in entry else "")
         overlay = Path(out) / "overlays" / f"{category}.png"
-        picture = (f'<img src="overlays/{html.escape(category)}.png" alt="overlays of {name}">' if overlay.exists()
+        picture = (f'<img src="overlays/{html.escape(category)}.png" alt="overlays of {name}">'
+                   if overlay in written or overlay.exists()
                    else "<p>no overlay for this category</p>")
         decisions = "".join(f"<tr><th>{html.escape(label)}</th>{_cell(entry, key)}</tr>"
                             for key, label in OPERATOR.items() if key != "aux_threshold")

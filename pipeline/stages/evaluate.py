@@ -325,7 +325,8 @@ def write_report(out: Path, files: dict[Path, bytes], result: dict, by_category:
     files[out / "roc_pr.png"] = report.png_bytes(report.roc_pr_figure(curves, title=title))
     files[out / "per_category.png"] = report.png_bytes(report.per_category_figure(by_category, title=title))
     files[out / "per_category.json"] = report.json_text(out / "per_category.json", by_category).encode()
-    files[out / "report.html"] = html_report.evaluate_page(out, result, by_category, title)
+    # the overlays are in ``files``, not yet on disk
+    files[out / "report.html"] = html_report.evaluate_page(out, result, by_category, title, written=set(files))
     # last: a metrics.json newer than the rest means the whole report is from one run
     files[out / "metrics.json"] = report.json_text(out / "metrics.json", result).encode()
     (out / "overlays").mkdir(parents=True, exist_ok=True)  # a declared output, even with no overlay
