@@ -12,9 +12,11 @@ Three timings per repeat, interleaved (bare, detector, predict, bare, ...) so th
   (``--source-size``): the project's resize and normalisation, the forward, fp16 rounding, the guide part
   (two cosines per patch), the blur and the image score. Target: detector / bare >= 0.85.
 - **predict**: ``pipeline.cli.predict.predict_files`` from the PNG files to the written outputs (decode,
-  the detector, the map resized to the original size as a 16-bit PNG, the overlay PNG of each flagged
-  image, scores.csv, report.html), the whole command minus the detector's load; and the same with
-  ``overlays="all"`` (an overlay for every image). The flagged count is printed: it sets the default's cost.
+  the detector, the map resized to the original size as a 16-bit PNG, the JPEG overlay of each flagged
+  image, scores.csv, report.html), the whole command minus the detector's load; the same with
+  ``overlays="all"`` (an overlay for every image); and with ``overlay_format="png"`` (PNG overlays, exact
+  to the pixel, the format before JPEG became the default). The flagged count is printed: it sets the
+  default's cost.
 
 Needs the real Detector (pipeline/method/detector.py) and its backbone weights. A detector is exported at one
 image size; for every other size in ``--image-sizes`` a temporary copy of its folder is written with
@@ -69,6 +71,10 @@ def detector_at(folder: Path, size: int, tmp: Path) -> Path:
     shutil.copy2(folder / "detector.safetensors", copy / "detector.safetensors")
     info.update(image_size=size, grid=[size // patch, size // patch],
                 weights_path=str(Path(info["weights_path"]).resolve()))  # the copy lives elsewhere
+    if "integrity" in info:  # the copy's settings differ on purpose: reseal them as export would
+        from pipeline.method.detector import settings_digest
+
+        info["integrity"] = {**info["integrity"], "settings_sha256": settings_digest(info)}
     (copy / "detector.json").write_text(json.dumps(info, indent=2))
     return copy
 
@@ -125,10 +131,10 @@ def main() -> None:
 
             flagged = []
 
-            def full(rep: int, overlays: str = "flagged") -> float:
+            def full(rep: int, overlays: str = "flagged", fmt: str = "jpeg") -> float:
                 t0 = time.perf_counter()
-                summary = predict_files([tmp / "images"], detector, tmp / f"out_{size}_{rep}_{overlays}",
-                                        batch_size=args.batch_size, overlays=overlays)
+                summary = predict_files([tmp / "images"], detector, tmp / f"out_{size}_{rep}_{overlays}_{fmt}",
+                                        batch_size=args.batch_size, overlays=overlays, overlay_format=fmt)
                 sync()
                 flagged.append(summary["n_anomalous"])
                 return n / (time.perf_counter() - t0)
@@ -136,22 +142,24 @@ def main() -> None:
             bare(), scored()  # warm-up: first-call allocations and kernel selection
             rows = []
             for rep in range(args.repeats):
-                rows.append((bare(), scored(), full(rep), full(rep, "all")))
-                b, d, p, a = rows[-1]
+                rows.append((bare(), scored(), full(rep), full(rep, "all"), full(rep, "flagged", "png")))
+                b, d, p, a, g = rows[-1]
                 print(f"{size}px repeat {rep}: bare {b:8.2f} img/s   detector {d:8.2f} img/s ({d / b:.3f})   "
                       f"predict {p:8.2f} img/s ({p / b:.3f})   --overlays all {a:8.2f} img/s ({a / b:.3f})   "
-                      f"flagged {flagged[-1]}/{n}", flush=True)
-            results.append((size, *(statistics.median(r[i] for r in rows) for i in range(4)),
-                            *(statistics.median(r[i] / r[0] for r in rows) for i in (1, 2, 3))))
+                      f"--overlay-format png {g:8.2f} img/s ({g / b:.3f})   flagged {flagged[-1]}/{n}", flush=True)
+            results.append((size, *(statistics.median(r[i] for r in rows) for i in range(5)),
+                            *(statistics.median(r[i] / r[0] for r in rows) for i in (1, 2, 3, 4))))
             detector = bb = batch = None  # freed before the next size is loaded
     print(f"\n{info['backbone']} layer {info['layer']}, {n} images of {args.source_size[0]}x{args.source_size[1]}, "
           f"batch {args.batch_size}, {torch.get_num_threads()} threads, device {device}; medians of {args.repeats}")
-    print(f"{'size':>5} {'bare img/s':>11} {'detector':>10} {'predict':>10} {'all ovl':>10} {'detector/bare':>14} "
-          f"{'predict/bare':>13} {'all/bare':>9}")
-    for size, b, d, p, a, rd, rp, ra in results:
-        print(f"{size:>5} {b:>11.2f} {d:>10.2f} {p:>10.2f} {a:>10.2f} {rd:>14.3f} {rp:>13.3f} {ra:>9.3f}")
+    print(f"{'size':>5} {'bare img/s':>11} {'detector':>10} {'predict':>10} {'all ovl':>10} {'png ovl':>10} "
+          f"{'detector/bare':>14} {'predict/bare':>13} {'all/bare':>9} {'png/bare':>9}")
+    for size, b, d, p, a, g, rd, rp, ra, rg in results:
+        print(f"{size:>5} {b:>11.2f} {d:>10.2f} {p:>10.2f} {a:>10.2f} {g:>10.2f} {rd:>14.3f} {rp:>13.3f} {ra:>9.3f} "
+              f"{rg:>9.3f}")
     print("targets: detector/bare and predict/bare >= 0.85; predict adds decoding the files, the 16-bit map PNG "
-          "of every image and the overlay of each flagged one (--overlays all: of every image)")
+          "of every image and the JPEG overlay of each flagged one (--overlays all: of every image; png: PNG "
+          "overlays)")
 
 
 if __name__ == "__main__":

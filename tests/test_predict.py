@@ -109,8 +109,8 @@ def test_overlays_are_written_for_flagged_images_unless_all_are_asked_for(tmp_pa
     summary = P.predict_files([tmp_path / "in"], FakeDetector(threshold=0.5), out)
     table = {r["path"]: r for r in rows(out / "scores.csv")}
     assert table[str(bad)]["decision"] == "anomalous" and table[str(good)]["decision"] == "normal"
-    assert table[str(bad)]["overlay"] == "overlays/bad.png.png" and (out / "overlays" / "bad.png.png").is_file()
-    assert table[str(good)]["overlay"] == "" and not (out / "overlays" / "good.png.png").exists()
+    assert table[str(bad)]["overlay"] == "overlays/bad.png.jpg" and (out / "overlays" / "bad.png.jpg").is_file()
+    assert table[str(good)]["overlay"] == "" and not (out / "overlays" / "good.png.jpg").exists()
     assert all((out / r["map"]).is_file() for r in table.values())
     assert summary["overlays"]["written_for"] == "flagged"
     page = (out / "report.html").read_text()
@@ -118,10 +118,42 @@ def test_overlays_are_written_for_flagged_images_unless_all_are_asked_for(tmp_pa
 
     out_all = tmp_path / "out_all"
     P.predict_files([tmp_path / "in"], FakeDetector(threshold=0.5), out_all, overlays="all")
-    assert sorted(p.name for p in (out_all / "overlays").iterdir()) == ["bad.png.png", "good.png.png"]
+    assert sorted(p.name for p in (out_all / "overlays").iterdir()) == ["bad.png.jpg", "good.png.jpg"]
     assert all(r["overlay"] for r in rows(out_all / "scores.csv"))
     with pytest.raises(P.PredictError, match="--overlays must be one of flagged, all"):
         P.Options(overlays="some")
+
+
+def test_overlays_are_jpeg_by_default_and_png_exactly_when_asked(tmp_path):
+    """The default overlay is a JPEG within a few levels of the exact overlay (what the PNG holds, pixel
+    for pixel); maps stay 16-bit PNGs either way, with the map's exact values."""
+    image = tmp_path / "in" / "a.png"
+    image.parent.mkdir()
+    yy, xx = np.mgrid[0:48, 0:64]  # smooth, as photos are (JPEG's loss on pixel noise is larger)
+    Image.fromarray(np.stack([60 + 2 * xx, 80 + 2 * yy, 150 + 0 * xx], -1).astype(np.uint8)).save(image)
+    det = FakeDetector(threshold=0.5)
+    ramp = np.linspace(0.0, 1.0, S, dtype=np.float32)
+    det.predict = lambda images: (np.tile(ramp, (len(images), S, 1)), np.full(len(images), 1.0))
+    jpeg = P.predict_files([image], det, tmp_path / "jpeg")
+    png = P.predict_files([image], det, tmp_path / "png", overlay_format="png")
+    assert jpeg["overlays"]["format"] == f"JPEG, quality {P.JPEG_QUALITY}" and png["overlays"]["format"] == "PNG"
+    with Image.open(tmp_path / "jpeg" / "overlays" / "a.png.jpg") as f:
+        assert f.format == "JPEG"
+        lossy = np.asarray(f.convert("RGB"), np.float64)
+    with Image.open(tmp_path / "png" / "overlays" / "a.png.png") as f:
+        assert f.format == "PNG"
+        exact = np.asarray(f.convert("RGB"), np.float64)
+    expected = np.asarray(P.overlay(Image.open(image), P.map_at_size(np.tile(ramp, (S, 1)), (64, 48)), 0.5),
+                          np.float64)
+    assert (exact == expected).all()
+    assert lossy.shape == exact.shape and 0 < np.abs(lossy - exact).mean() < 6
+    for out in ("jpeg", "png"):
+        with Image.open(tmp_path / out / "maps" / "a.png.png") as f:
+            assert f.format == "PNG" and np.asarray(f).dtype == np.uint16
+            np.testing.assert_array_equal(np.asarray(f), np.rint(P.map_at_size(np.tile(ramp, (S, 1)), (64, 48))
+                                                                 * P.MAP_SCALE).astype(np.uint16))
+    with pytest.raises(P.PredictError, match="--overlay-format must be one of jpeg, png"):
+        P.Options(overlay_format="gif")
 
 
 def test_fused_detector_maps_keep_values_above_one(tmp_path):
@@ -134,7 +166,7 @@ def test_fused_detector_maps_keep_values_above_one(tmp_path):
     det.info["map_range"] = [0.0, 2.0]
     ramp = 2 * np.arange(S, dtype=np.float32) / (S - 1)  # 0 .. 2 along x
     det.predict = lambda images: (np.tile(ramp, (len(images), S, 1)), np.full(len(images), 2.0))
-    summary = P.predict_files([image], det, tmp_path / "out")
+    summary = P.predict_files([image], det, tmp_path / "out", overlay_format="png")
     values = np.asarray(Image.open(tmp_path / "out" / "maps" / "a.png.png")).astype(np.float64) * 2 / P.MAP_SCALE
     np.testing.assert_allclose(values, np.tile(ramp, (S, 1)), atol=2 / P.MAP_SCALE)
     over = np.asarray(Image.open(tmp_path / "out" / "overlays" / "a.png.png"))
@@ -335,7 +367,8 @@ def test_folders_globs_and_files_with_same_stems(tmp_path, monkeypatch):
                                           "line/c/z.bmp"]
     assert [r["map"] for r in table] == ["maps/a/x.jpg.png", "maps/a/x.png.png", "maps/b/sub/y.PNG.png",
                                          "maps/b/x.png.png", "maps/c/z.bmp.png"]
-    assert [r["overlay"] for r in table] == [m.replace("maps/", "overlays/") for m in (r["map"] for r in table)]
+    assert [r["overlay"] for r in table] == [m.replace("maps/", "overlays/")[:-4] + ".jpg"
+                                             for m in (r["map"] for r in table)]
     for r in table:
         assert (tmp_path / "out" / r["map"]).is_file() and (tmp_path / "out" / r["overlay"]).is_file()
     assert summary["unmatched"] == ["line/none/*.png"]
@@ -461,7 +494,7 @@ def test_exif_orientation_is_honoured_as_viewers_do(tmp_path):
     Image.fromarray(stored).save(path, exif=exif.tobytes(), quality=95)
     out = tmp_path / "out"
     summary = P.predict_files([path], FakeDetector(), out, P.Options(overlays="all"))
-    overlay = Image.open(out / "overlays" / "phone.jpg.png")
+    overlay = Image.open(out / "overlays" / "phone.jpg.jpg")
     assert overlay.size == Image.open(out / "maps" / "phone.jpg.png").size == (150, 300)
     red = np.asarray(overlay.convert("RGB"), np.float64)[..., 0]
     assert red[:40].mean() > red[-100:].mean() + 50  # the band is at the top, as a viewer shows it

@@ -28,9 +28,11 @@ Writes into ``--out`` (each file whole or not at all, through a temp file and ``
 - ``maps/<relative path>.png``: the map at the image's **original size** (the S x S map resized
   bilinearly), a 16-bit greyscale PNG whose pixel value v means the anomaly probability v / 65535
   (a detector exported with ``fusion: self_dissimilarity`` has ``map_range`` [0, 2]: v / 65535 · 2).
-- ``overlays/<relative path>.png`` (flagged images; every image with ``--overlays all``): the image with
+- ``overlays/<relative path>.jpg`` (flagged images; every image with ``--overlays all``): the image with
   the map over it as a colour layer (``jet``, fixed scale 0 to the map range's top, half transparent)
-  and the outline, in white, of the pixels whose map value is ``>= threshold``.
+  and the outline, in white, of the pixels whose map value is ``>= threshold``. A picture for people,
+  so JPEG (quality :data:`JPEG_QUALITY`) by default: twenty times cheaper to encode than a PNG of a
+  photo; ``--overlay-format png`` writes ``.png`` files, exact to the pixel.
 - ``skipped.csv``: ``path, input, reason`` for every file that could not be scored (truncated, not an
   image, a decompression bomb, a refused mode, a name that cannot be mirrored under ``--out``); the
   batch goes on without them. Always written (the header alone when nothing was skipped).
@@ -106,6 +108,14 @@ OVERLAY_CHOICES = ("flagged", "all")
 """``--overlays``: write an overlay for the flagged images only, or for every image."""
 OVERLAY_ALPHA = 0.5
 """Weight of the colour layer in an overlay (the image keeps the rest)."""
+OVERLAY_FORMATS = {"jpeg": ".jpg", "png": ".png"}
+"""``--overlay-format`` -> the overlay files' suffix."""
+JPEG_QUALITY = 90
+"""libjpeg quality of the JPEG overlays (4:2:0 chroma, PIL's default at this quality)."""
+PNG_HUFFMAN_ONLY = 2
+"""zlib's Z_HUFFMAN_ONLY strategy: maps and masks are PNGs written with it at compress level 1. On a
+map (smooth, 16 bits) it is about 40 % faster than zlib's default strategy at the same level, for
+files within 1 % of its size (benchmarks/predict_throughput.py); still lossless, like any zlib."""
 
 
 class PredictError(PipelineError, ValueError):
@@ -321,8 +331,16 @@ def overlay(image: Image.Image, full: np.ndarray, threshold: float, top: float =
 
 
 def _write_png(path: Path, image: Image.Image) -> None:
-    # compress_level 1: several times faster than the default for a few % larger files
-    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", compress_level=1))
+    # compress_level 1: several times faster than the default for a few % larger files; Huffman only:
+    # the string matching that the default strategy adds finds little in a smooth 16-bit map
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", compress_level=1, compress_type=PNG_HUFFMAN_ONLY))
+
+
+def _write_overlay(path: Path, image: Image.Image) -> None:
+    if path.suffix == ".png":
+        _write_png(path, image)
+    else:
+        atomic_write(path, lambda tmp: image.save(tmp, format="JPEG", quality=JPEG_QUALITY))
 
 
 def regions_of(full: np.ndarray, pixel_threshold: float, min_area: int = 1) -> tuple[np.ndarray, list[dict]]:
@@ -352,9 +370,10 @@ def regions_of(full: np.ndarray, pixel_threshold: float, min_area: int = 1) -> t
 
 def _write_outputs(out: Path, parts: Sequence[str], image: Image.Image, amap: np.ndarray,
                    threshold: float, top: float = 1.0, *, pixel_threshold: float | None = None,
-                   min_area: int = 1, low: float = 0.0,
-                   with_overlay: bool = True) -> tuple[Path, Path | None, Path | None, list[dict], float]:
-    """Write one image's map (16-bit, original size), its overlay PNG when ``with_overlay`` and, given
+                   min_area: int = 1, low: float = 0.0, with_overlay: bool = True,
+                   overlay_suffix: str = ".jpg") -> tuple[Path, Path | None, Path | None, list[dict], float]:
+    """Write one image's map (16-bit, original size), its overlay (``overlay_suffix``: ``.jpg`` or
+    ``.png``) when ``with_overlay`` and, given
     a ``pixel_threshold``, its defect mask PNG (8-bit, 255 = defect); (map file, overlay file or None,
     mask file or None, regions, seconds). ``amap`` and both thresholds are relative to ``low``; the
     regions' values are not."""
@@ -363,8 +382,8 @@ def _write_outputs(out: Path, parts: Sequence[str], image: Image.Image, amap: np
     map_file, overlay_file = output_path(out / "maps", parts), None
     _write_png(map_file, map_png(full, top))
     if with_overlay:
-        overlay_file = output_path(out / "overlays", parts)
-        _write_png(overlay_file, overlay(image, full, threshold, top))
+        overlay_file = output_path(out / "overlays", parts, overlay_suffix)
+        _write_overlay(overlay_file, overlay(image, full, threshold, top))
     mask_file, regions = None, []
     if pixel_threshold is not None:
         mask, regions = regions_of(full, pixel_threshold, min_area)
@@ -535,9 +554,11 @@ class Options:
     """Score images larger than this (pixels, either side) as overlapping ``tile`` x ``tile`` crops of
     the original at stride ``tile // 2``, stitched (:func:`stitch_tiles`); None: the whole image resized."""
     overlays: str = "flagged"
-    """Which images get an overlay PNG: ``flagged`` (those decided anomalous; the default: rendering and
+    """Which images get an overlay: ``flagged`` (those decided anomalous; the default: rendering and
     compressing an RGB image the size of the photo is the largest write, and a line's images are mostly
     good) or ``all``. Every image gets its map either way."""
+    overlay_format: str = "jpeg"
+    """The overlays' file format, a key of :data:`OVERLAY_FORMATS`."""
     explain: bool = False
     """For every image flagged anomalous, the SAE atoms behind its guide score at its peak patch
     (:func:`explain_flagged`): ``explanations/<relative path>.json`` and ``.png``."""
@@ -564,6 +585,9 @@ class Options:
             raise PredictError(f"--min-region-area must be a positive integer, got {self.min_region_area!r}")
         if self.overlays not in OVERLAY_CHOICES:
             raise PredictError(f"--overlays must be one of {', '.join(OVERLAY_CHOICES)}, got {self.overlays!r}")
+        if self.overlay_format not in OVERLAY_FORMATS:
+            raise PredictError(f"--overlay-format must be one of {', '.join(OVERLAY_FORMATS)}, got "
+                               f"{self.overlay_format!r}")
         if self.tile is not None and (isinstance(self.tile, bool) or not isinstance(self.tile, int) or self.tile < 2):
             raise PredictError(f"--tile must be an integer of at least 2 pixels, got {self.tile!r}")
         if self.tile is not None and (self.reference_normals is not None or self.batch):
@@ -894,6 +918,8 @@ MARKER = ".spg-predict.json"
 """The file predict writes first into ``--out``: it marks the folder as predict's and holds its lock."""
 OUTPUT_FILES = ("scores.csv", "summary.json", "skipped.csv", "regions.csv", "report.html")
 OUTPUT_FOLDERS = ("maps", "overlays", "masks", "explanations")
+OUTPUT_SUFFIXES = (".png", ".jpg", ".json")
+"""What an output file's name adds to its image's name."""
 
 
 def _earlier_predict(out: Path) -> bool:
@@ -1044,7 +1070,7 @@ def plan_outputs(files: Sequence[Path], out: Path, skip,
     folders = {parts[:k] for _, parts in candidates for k in range(1, len(parts))}
     planned = []
     for path, parts in candidates:
-        clash = next(((*parts[:-1], parts[-1] + suffix) for suffix in (".png", ".json")
+        clash = next(((*parts[:-1], parts[-1] + suffix) for suffix in OUTPUT_SUFFIXES
                       if (*parts[:-1], parts[-1] + suffix) in folders), None)
         if clash is not None:
             skip(path, f"its output name {'/'.join(clash)} is the folder where other inputs' outputs go; rename "
@@ -1069,7 +1095,7 @@ def _blocked(out: Path, parts: Sequence[str], kept: set[str] = frozenset()) -> s
                 return f"{current} is a symbolic link: its outputs would be written outside {out}"
             if os.path.lexists(current) and not current.is_dir():
                 return f"{current} is a file, where this image's outputs need a folder"
-        for suffix in (".png", ".json"):
+        for suffix in OUTPUT_SUFFIXES:
             target = current / (parts[-1] + suffix)
             if target.is_dir() and not target.is_symlink():
                 return f"{target} is a folder, where this image's output file goes"
@@ -1143,7 +1169,8 @@ def _score_into(planned, scorer, out: Path, threshold: float, encoding: MapEncod
                                     pixel_threshold=(None if pixel_threshold is None or verdicts[i] != ANOMALOUS
                                                      else pixel_threshold - encoding.low),
                                     min_area=opts.min_region_area, low=encoding.low,
-                                    with_overlay=opts.overlays == "all" or verdicts[i] == ANOMALOUS)
+                                    with_overlay=opts.overlays == "all" or verdicts[i] == ANOMALOUS,
+                                    overlay_suffix=OVERLAY_FORMATS[opts.overlay_format])
                         for i, (parts, image) in enumerate(zip(b.names, b.images))]
                 finish(pending)
                 pending = [(path, b.names[i], float(scores[i]), verdicts[i], b.decode_s[i] + score_s / len(b.images),
@@ -1231,6 +1258,7 @@ def summarise(found: InputSet, skipped: Sequence[tuple], chosen: dict, tally: _T
         "maps": {"folder": "maps", "format": "16-bit greyscale PNG at the original image size, the S x S map "
                  "resized bilinearly", "value": encoding.value, "range": [encoding.low, encoding.low + encoding.span]},
         "overlays": {"folder": "overlays", "written_for": opts.overlays,
+                     "format": ("JPEG, quality %d" % JPEG_QUALITY if opts.overlay_format == "jpeg" else "PNG"),
                      "colours": f"matplotlib jet, {encoding.low:g} to {encoding.low + encoding.span:g}, alpha 0.5",
                      "outline": "white, pixels with map >= threshold"},
         "timing": {**{k: round(v, 4) for k, v in tally.timing.items()}, "total_s": round(total_s, 4),
@@ -1288,7 +1316,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="for each image flagged anomalous, the SAE atoms behind its score at its peak "
                              "(explanations/<image>.json and .png)")
     parser.add_argument("--overlays", choices=OVERLAY_CHOICES, default="flagged",
-                        help="write an overlay PNG for the flagged images only (default) or for all")
+                        help="write an overlay for the flagged images only (default) or for all")
+    parser.add_argument("--overlay-format", choices=tuple(OVERLAY_FORMATS), default="jpeg",
+                        help="overlays as JPEG (default: a picture for people, cheap to write) or as PNG "
+                             "(exact to the pixel); maps and masks are always PNG")
     parser.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch",
                         help="torch (default) or onnxruntime, through the graph `python -m pipeline.cli.export_onnx` "
                              "wrote (guide maps only: not with --normals, --batch or --explain)")
@@ -1310,7 +1341,8 @@ def main(argv: list[str] | None = None) -> None:
                    normals=args.threshold_from_normals, far=args.far, writers=args.writers,
                    reference_normals=args.normals, batch=args.batch, max_patches=args.max_patches,
                    explain=args.explain, pixel_threshold=args.pixel_threshold, tile=args.tile,
-                   min_region_area=args.min_region_area, overlays=args.overlays)
+                   min_region_area=args.min_region_area, overlays=args.overlays,
+                   overlay_format=args.overlay_format)
     check_out(args.out)
     if args.runtime == "onnxruntime":
         if opts.reference_normals is not None or opts.batch or opts.explain:
