@@ -40,6 +40,23 @@ def test_fusion_rule_candidates_by_hand():
     np.testing.assert_allclose(got["zmean_w0.5"], 0.5 * (guide - guide.mean()) / guide.std() + 0.5 * z, atol=1e-9)
 
 
+def test_image_rule_candidates_by_hand():
+    from analysis.image_rules import image_rules
+
+    # two images of four pixels each (maps (2, 2, 2))
+    guide = np.array([[[0.1, 0.9], [0.2, 0.3]], [[0.5, 0.4], [0.6, 0.7]]])
+    batch = np.array([[[1.0, 2.0], [5.0, 3.0]], [[4.0, 1.0], [2.0, 6.0]]])
+    fused = np.array([[[0.0, 3.0], [1.0, 2.0]], [[9.0, 1.0], [2.0, 3.0]]])
+    got = image_rules(guide, batch, fused)
+    np.testing.assert_allclose(got["fused_max"], [3, 9])
+    np.testing.assert_allclose(got["batch_max"], [5, 6])
+    np.testing.assert_allclose(got["guide_max"], [0.9, 0.7])
+    np.testing.assert_allclose(got["batch_at_fused_peak"], [2, 4])  # the batch where the fused map peaks
+    # top 10 % of 4 pixels rounds to 0, kept at 1 pixel: the same as the peak
+    np.testing.assert_allclose(got["batch_in_fused_top0.1"], [2, 4])
+    np.testing.assert_allclose(got["batch_top0.1"], [5, 6])
+
+
 def test_sparsity_table_by_hand(tmp_path, capsys):
     import json
 

@@ -30,6 +30,27 @@ def test_standardised_mean_by_hand_and_its_invariance_to_each_signals_scale():
         fusion.standardised_mean(a, b[:, :3])
 
 
+def test_the_decision_leaves_the_guide_out_and_keeps_the_sets_statistics():
+    p = torch.tensor([[0.5, 0.9, 0.1, 0.99]])
+    d1 = torch.tensor([[0.1, 0.2, 0.3, 0.6]])  # mean 0.3, std sqrt(0.035)
+    d2 = torch.tensor([[4.0, 4.0, 0.0, 0.0]])  # mean 2, std 2
+    z1 = (np.array([0.1, 0.2, 0.3, 0.6]) - 0.3) / np.sqrt(0.035)
+    np.testing.assert_allclose(fusion.decision(p, d1, d2).numpy()[0], (z1 + [1, 1, -1, -1]) / 2, atol=1e-5)
+    # another guide changes the map, never the decision
+    assert not torch.allclose(fusion.fuse(p, d1, d2), fusion.fuse(1 - p, d1, d2))
+    np.testing.assert_array_equal(fusion.decision(1 - p, d1, d2).numpy(), fusion.decision(p, d1, d2).numpy())
+    # statistics of another set: the distances' entries are used, the guide's skipped (as fuse takes them)
+    stats = [(123.0, 45.0), (0.0, 0.5), (1.0, 4.0)]
+    np.testing.assert_allclose(fusion.decision(p, d1, d2, stats=stats).numpy()[0],
+                               (d1.numpy()[0] / 0.5 + (d2.numpy()[0] - 1) / 4) / 2, atol=1e-6)
+    np.testing.assert_allclose(fusion.decision(None, d1, stats=[(0.0, 0.5)]).numpy()[0], d1.numpy()[0] / 0.5,
+                               atol=1e-6)
+    with pytest.raises(ValueError, match="2 statistics for 3 signals"):
+        fusion.decision(p, d1, d2, stats=stats[1:])
+    with pytest.raises(ValueError, match="at least one distance"):
+        fusion.decision(p)
+
+
 def test_fuse_takes_the_guide_probability_as_its_logit():
     p = torch.tensor([[0.5, 0.9, 0.1, 0.99]])
     d = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
@@ -72,10 +93,11 @@ def test_scores_of_another_store_are_refused(setup, cached, tmp_path):  # noqa: 
         target_scores.load(tmp_path / "none", store.open_store(other))
 
 
-def slow_fused_maps(setup, rows):  # noqa: F811
+def slow_fused_maps(setup, rows, decision=False):  # noqa: F811
     """guides+batch maps of one category: each seed's patch probability softmax(cos / τ) from plain numpy,
     their mean, its logit and the slow mutual scores each standardised over the category's patches and
-    averaged, bilinear upsampling and the per-image blur."""
+    averaged, bilinear upsampling and the per-image blur. ``decision``: the maps the image scores come
+    from instead, the standardised mutual scores alone."""
     target = store.open_store(setup / "target")
     det = detector.Detector.load(setup / "detector", with_backbone=False)
     tokens = target.tokens[rows].astype(np.float64)
@@ -92,7 +114,7 @@ def slow_fused_maps(setup, rows):  # noqa: F811
     batch = np.array([[np.mean(sorted(min(1 - unit[i, p] @ unit[j, q] for q in range(length))
                                       for j in range(n) if j != i)[:k]) for p in range(length)] for i in range(n)])
     z = lambda x: (x - x.mean()) / x.std()  # noqa: E731  over the category's patches
-    fused = (z(logit) + z(batch)) / 2
+    fused = z(batch) if decision else (z(logit) + z(batch)) / 2
     up = torch.nn.functional.interpolate(torch.tensor(fused, dtype=torch.float32).reshape(n, 1, GRID, GRID),
                                          size=(SIZE, SIZE), mode="bilinear", align_corners=False)[:, 0].numpy()
     return np.stack([gaussian_filter(m, sigma=det.settings.blur_sigma, mode="reflect") for m in up])
@@ -117,9 +139,10 @@ def test_guides_plus_batch_metrics_and_the_cache_changes_nothing(setup, cached):
     result, per_category = run(setup, out="report_fused")
     target = store.open_store(setup / "target")
     rows = np.flatnonzero(target.category[:] == target.attrs["categories"].index("t1"))
-    maps = slow_fused_maps(setup, rows)
+    maps, decided = slow_fused_maps(setup, rows), slow_fused_maps(setup, rows, decision=True)
     labels, masks = target.labels[rows].astype(int), target.masks[rows]
-    ref = metrics.compute_all(labels, maps.reshape(len(rows), -1).max(1), masks, maps)
+    # pixels from the fused map, the image score from the batch distances alone
+    ref = metrics.compute_all(labels, decided.reshape(len(rows), -1).max(1), masks, maps)
     got = per_category["t1"]["fused"]["guides+batch"]
     for key in metrics.METRIC_KEYS:
         assert got[key] == pytest.approx(ref[key], abs=2e-4), key

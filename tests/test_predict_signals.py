@@ -47,7 +47,7 @@ def maps_of(together, files, batch=3):
             self.paths = paths
 
     out = [together.scorer(B(files[i:i + batch])) for i in range(0, len(files), batch)]
-    return np.concatenate([m for m, _, _ in out]), np.concatenate([s for _, s, _ in out])
+    return np.concatenate([m for m, *_ in out]), np.concatenate([s for _, s, *_ in out])
 
 
 def test_batch_mode_equals_evaluates_guides_plus_batch(setup, monkeypatch):  # noqa: F811
@@ -85,7 +85,9 @@ def test_batch_mode_equals_evaluates_guides_plus_batch(setup, monkeypatch):  # n
 
 
 def by_hand(tmp, folder, normal_rows, scored_rows):
-    """Fused maps of the scored rows against the normal rows' patches, from the store's tokens."""
+    """Fused maps of the scored rows against the normal rows' patches, from the store's tokens, and
+    their image scores: the max of the reference distance's map alone, standardised (the decision
+    leaves the guide out)."""
     target = store.open_store(tmp / "target")
     det = detector.Detector.load(folder, with_backbone=False)
     tokens = target.tokens[:].astype(np.float32)
@@ -97,7 +99,9 @@ def by_hand(tmp, folder, normal_rows, scored_rows):
     p = np.clip(guide[scored_rows].astype(np.float64), 1e-6, 1 - 1e-6)
     z = lambda v: (v - v.mean()) / v.std()  # noqa: E731
     fused = (z(np.log(p) - np.log1p(-p)) + z(ref)) / 2
-    return scoring.patch_maps(torch.from_numpy(fused).float(), det.grid, det.image_size, sigma=det.settings.blur_sigma)
+    maps_of = lambda v: scoring.patch_maps(torch.from_numpy(v).float(), det.grid, det.image_size,  # noqa: E731
+                                           sigma=det.settings.blur_sigma)
+    return maps_of(fused), maps_of(z(ref)).reshape(len(scored_rows), -1).max(axis=1)
 
 
 def test_reference_mode_equals_the_slow_computation_and_sets_its_threshold_on_the_references(setup, tmp_path):  # noqa: F811
@@ -110,8 +114,9 @@ def test_reference_mode_equals_the_slow_computation_and_sets_its_threshold_on_th
     files = files_of(tmp, scored_rows)
     together = P.score_together(planned(files), det, reference, opts, lambda *a: None)
     maps, scores = maps_of(together, files)
-    want = by_hand(tmp, folder, normal_rows, scored_rows)
+    want, want_scores = by_hand(tmp, folder, normal_rows, scored_rows)
     assert np.abs(maps - want).max() <= 1e-4
+    assert np.abs(scores - want_scores).max() <= 1e-4
     # the threshold: each reference scored against the other's patches, on this run's scale; far 0
     # puts it just above the higher of the two
     th = together.threshold

@@ -30,7 +30,8 @@ Writes into ``--out`` (each file whole or not at all, through a temp file and ``
   (a detector exported with ``fusion: self_dissimilarity`` has ``map_range`` [0, 2]: v / 65535 · 2).
 - ``overlays/<relative path>.jpg`` (flagged images; every image with ``--overlays all``): the image with
   the map over it as a colour layer (``jet``, fixed scale 0 to the map range's top, half transparent)
-  and the outline, in white, of the pixels whose map value is ``>= threshold``. A picture for people,
+  and the outline, in white, of the pixels whose map value is ``>= threshold`` (a fused run, which
+  decides on its distance signals alone: whose decision map value is). A picture for people,
   so JPEG (quality :data:`JPEG_QUALITY`) by default: twenty times cheaper to encode than a PNG of a
   photo; ``--overlay-format png`` writes ``.png`` files, exact to the pixel.
 - ``skipped.csv``: ``path, input, reason`` for every file that could not be scored (truncated, not an
@@ -281,10 +282,15 @@ def map_at_size(amap: np.ndarray, size: tuple[int, int], top: float = 1.0) -> np
     the source at (j + 0.5) * S / W - 0.5), with the filter widened when shrinking (antialiasing).
     Clipped to [0, top] (the interpolation of values in that range stays there but for rounding).
     """
+    return np.clip(resized(amap, size), 0.0, top)
+
+
+def resized(amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """:func:`map_at_size` without the clipping, for values of any range (a fused decision's)."""
     image = Image.fromarray(np.ascontiguousarray(amap, dtype=np.float32))  # mode F
     if image.size != tuple(size):
         image = image.resize(tuple(size), Image.Resampling.BILINEAR)
-    return np.clip(np.asarray(image, dtype=np.float32), 0.0, top)
+    return np.asarray(image, dtype=np.float32)
 
 
 def map_png(full: np.ndarray, top: float = 1.0) -> Image.Image:
@@ -305,10 +311,12 @@ def _jet_lut() -> np.ndarray:
     return _JET
 
 
-def overlay(image: Image.Image, full: np.ndarray, threshold: float, top: float = 1.0) -> Image.Image:
+def overlay(image: Image.Image, full: np.ndarray, threshold: float, top: float = 1.0,
+            region: np.ndarray | None = None) -> Image.Image:
     """The RGB ``image`` (W, H) with ``full`` (H, W) in [0, top] as a ``jet`` layer (0 to top) and, in
     white, the outline (about 1/300 of the longer side thick, at least 1 pixel) of the region
-    ``full >= threshold`` (threshold in map units, as the detector's image scores are)."""
+    ``full >= threshold`` (threshold in map units, as the detector's image scores are), or of the
+    boolean (H, W) ``region`` given."""
     # The colour layer through PIL (a palette image, then Image.blend) rather than numpy float arrays:
     # three times faster on a photo-sized image, within one level of the float blend (PIL rounds its
     # own way), and this is the costliest write predict makes per flagged image.
@@ -316,7 +324,7 @@ def overlay(image: Image.Image, full: np.ndarray, threshold: float, top: float =
     colour = Image.frombytes("P", (index.shape[1], index.shape[0]), index.tobytes())
     colour.putpalette(_jet_lut().tobytes())
     out = np.array(Image.blend(image.convert("RGB"), colour.convert("RGB"), OVERLAY_ALPHA))
-    region = full >= threshold
+    region = full >= threshold if region is None else region
     if region.any():
         width = max(1, round(max(region.shape) / 300))
         # the region's inner band: pixels of the region within `width` of a pixel outside it, found in the
@@ -371,19 +379,24 @@ def regions_of(full: np.ndarray, pixel_threshold: float, min_area: int = 1) -> t
 def _write_outputs(out: Path, parts: Sequence[str], image: Image.Image, amap: np.ndarray,
                    threshold: float, top: float = 1.0, *, pixel_threshold: float | None = None,
                    min_area: int = 1, low: float = 0.0, with_overlay: bool = True,
-                   overlay_suffix: str = ".jpg") -> tuple[Path, Path | None, Path | None, list[dict], float]:
+                   overlay_suffix: str = ".jpg",
+                   outline: tuple[np.ndarray, float] | None = None) -> tuple[Path, Path | None, Path | None,
+                                                                              list[dict], float]:
     """Write one image's map (16-bit, original size), its overlay (``overlay_suffix``: ``.jpg`` or
     ``.png``) when ``with_overlay`` and, given
     a ``pixel_threshold``, its defect mask PNG (8-bit, 255 = defect); (map file, overlay file or None,
     mask file or None, regions, seconds). ``amap`` and both thresholds are relative to ``low``; the
-    regions' values are not."""
+    regions' values are not. ``outline``: (a decision map (S, S), the image threshold in its units)
+    when the image score is not read from ``amap`` (a fused run decides on its distances alone): the
+    overlay outlines where that map is at or above the threshold."""
     t0 = time.perf_counter()
     full = map_at_size(amap, image.size, top)
     map_file, overlay_file = output_path(out / "maps", parts), None
     _write_png(map_file, map_png(full, top))
     if with_overlay:
         overlay_file = output_path(out / "overlays", parts, overlay_suffix)
-        _write_overlay(overlay_file, overlay(image, full, threshold, top))
+        region = None if outline is None else resized(outline[0], image.size) >= outline[1]
+        _write_overlay(overlay_file, overlay(image, full, threshold, top, region))
     mask_file, regions = None, []
     if pixel_threshold is not None:
         mask, regions = regions_of(full, pixel_threshold, min_area)
@@ -680,6 +693,8 @@ class Together:
     planned: list[tuple[Path, tuple[str, ...]]]
     rows: dict[Path, int]
     patches: Any
+    decided: Any
+    """(N, L) the patch values the image scores come from (:func:`pipeline.method.fusion.decision`)."""
     scores: np.ndarray
     threshold: dict
     encoding: MapEncoding
@@ -688,20 +703,24 @@ class Together:
     image_score: str
     score_s: float
 
-    def scorer(self, b) -> tuple[np.ndarray, np.ndarray, float]:
+    def scorer(self, b) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
+        """maps, scores, seconds, and the decision maps (the image scores' maps, in the threshold's units)."""
         from pipeline.method import scoring
 
         t0 = time.perf_counter()
         rows = [self.rows[p] for p in b.paths]
-        maps = scoring.patch_maps(self.patches[rows], self.detector.grid, self.detector.image_size,
-                                  sigma=self.detector.settings.blur_sigma)
+        maps, decided = (scoring.patch_maps(v[rows], self.detector.grid, self.detector.image_size,
+                                            sigma=self.detector.settings.blur_sigma)
+                         for v in (self.patches, self.decided))
         # the first pass's time is shared out as the second pass's scoring time
-        return maps, self.scores[rows], time.perf_counter() - t0 + self.score_s * len(rows) / len(self.rows)
+        return (maps, self.scores[rows], time.perf_counter() - t0 + self.score_s * len(rows) / len(self.rows),
+                decided)
 
     def describe(self) -> dict:
         from pipeline.method import fusion
 
-        return {"signals": self.names, "fusion": fusion.RULE, "fused_image_score": self.image_score}
+        return {"signals": self.names, "fusion": fusion.RULE, "decision": fusion.IMAGE_RULE,
+                "fused_image_score": self.image_score}
 
 
 @dataclass
@@ -767,6 +786,8 @@ def score_together(planned, detector, reference, opts: Options, skip) -> Togethe
     probability = detector.settings.fusion == "none"
     stats = fusion.statistics(*fusion.parts(guide_all, *distances, probability=probability))
     patches = fusion.fuse(guide_all, *distances, probability=probability, stats=stats)
+    # the decision comes from the distances alone (fusion.IMAGE_RULE); the map from every signal
+    decided = fusion.decision(guide_all, *distances, probability=probability, stats=stats)
     image_score = detector.settings.image_score if detector.settings.image_score != "global" else "max"
     settings = detector.settings
 
@@ -779,12 +800,13 @@ def score_together(planned, detector, reference, opts: Options, skip) -> Togethe
             lo, hi = min(lo, float(maps.min())), max(hi, float(maps.max()))
         return np.concatenate(out).astype(np.float64), lo, hi
 
-    scores, lo, hi = image_scores(patches)
+    scores = image_scores(decided)[0]
+    _, lo, hi = image_scores(patches)
     if opts.threshold is not None:
         chosen = {"value": float(opts.threshold), "source": "override", "rule": "--threshold given on the command line"}
     elif reference is not None:
-        normal_scores, _, _ = image_scores(fusion.fuse(normal_guide, *normal_parts, probability=probability,
-                                                       stats=stats))
+        normal_scores, _, _ = image_scores(fusion.decision(normal_guide, *normal_parts, probability=probability,
+                                                           stats=stats))
         value, k = threshold_from_normals(normal_scores, opts.far)
         flagged = int((normal_scores >= value).sum())
         chosen = {"value": value, "source": "reference",
@@ -797,7 +819,8 @@ def score_together(planned, detector, reference, opts: Options, skip) -> Togethe
     info = dict(reference.info) if reference is not None else None
     if info is not None:
         chosen["reference"] = {k: info[k] for k in ("n_images", "n_patches", "max_patches", "subsampling") if k in info}
-    return Together(planned=kept, rows={p: i for i, (p, _) in enumerate(kept)}, patches=patches, scores=scores,
+    return Together(planned=kept, rows={p: i for i, (p, _) in enumerate(kept)}, patches=patches, decided=decided,
+                    scores=scores,
                     threshold=chosen, encoding=MapEncoding.of_range(lo, hi), detector=detector, names=names,
                     image_score=image_score, score_s=time.perf_counter() - t0)
 
@@ -1154,7 +1177,7 @@ def _score_into(planned, scorer, out: Path, threshold: float, encoding: MapEncod
         try:
             for b in _batches([p for p, _ in planned], [n for _, n in planned], opts.batch_size, opts.max_pixels,
                               skip, "predict"):
-                maps, scores, score_s = scorer(b)
+                maps, scores, score_s, *decided = scorer(b)
                 verdicts = decisions(scores, threshold)
                 tally.timing["score_s"] += score_s
                 tally.timing["decode_s"] += sum(b.decode_s)
@@ -1170,7 +1193,8 @@ def _score_into(planned, scorer, out: Path, threshold: float, encoding: MapEncod
                                                      else pixel_threshold - encoding.low),
                                     min_area=opts.min_region_area, low=encoding.low,
                                     with_overlay=opts.overlays == "all" or verdicts[i] == ANOMALOUS,
-                                    overlay_suffix=OVERLAY_FORMATS[opts.overlay_format])
+                                    overlay_suffix=OVERLAY_FORMATS[opts.overlay_format],
+                                    outline=(decided[0][i], threshold) if decided else None)
                         for i, (parts, image) in enumerate(zip(b.names, b.images))]
                 finish(pending)
                 pending = [(path, b.names[i], float(scores[i]), verdicts[i], b.decode_s[i] + score_s / len(b.images),
@@ -1260,7 +1284,8 @@ def summarise(found: InputSet, skipped: Sequence[tuple], chosen: dict, tally: _T
         "overlays": {"folder": "overlays", "written_for": opts.overlays,
                      "format": ("JPEG, quality %d" % JPEG_QUALITY if opts.overlay_format == "jpeg" else "PNG"),
                      "colours": f"matplotlib jet, {encoding.low:g} to {encoding.low + encoding.span:g}, alpha 0.5",
-                     "outline": "white, pixels with map >= threshold"},
+                     "outline": ("white, pixels whose decision map (the distance signals alone, fusion.IMAGE_RULE) "
+                                 "is >= threshold" if "decision" in extra else "white, pixels with map >= threshold")},
         "timing": {**{k: round(v, 4) for k, v in tally.timing.items()}, "total_s": round(total_s, 4),
                    "note": "write_s is summed over the writer threads, which run while batches are decoded "
                            "and scored, so the parts add up to more than total_s",

@@ -211,7 +211,7 @@ def baseline_rows(target: store.FeatureStore, start: int, stop: int, settings: s
 
 FUSED = {
     "guides+batch": "the detector's guide map (mean of the learned seeds) fused with the batch (mutual) distances: "
-                    + fusion.RULE,
+                    + fusion.RULE + "; " + fusion.IMAGE_RULE,
     "no_sae+batch": "the no-SAE control's guide map fused with the batch distances the same way (what the SAE "
                     "adds on top of the batch)",
 }
@@ -255,21 +255,26 @@ def fused_rows(target: store.FeatureStore, start: int, stop: int, vectors: Mappi
     """The :data:`FUSED` scorings of rows [start, stop) (one whole category, the set scored together):
     name -> {mode: image scores (n,) float64; ``global`` None}. mutual (n, L): the category's batch
     patch scores; the guide signals are :func:`guide_signals`'. The rule's statistics are the
-    category's (:func:`pipeline.method.fusion.fuse`); each batch's fused maps go to ``sink``."""
+    category's (:func:`pipeline.method.fusion.fuse`); the image scores come from the batch distances alone
+    (:func:`pipeline.method.fusion.decision`); each batch's fused maps go to ``sink``."""
     grid, size = tuple(target.attrs["grid"]), target.masks.shape[-1]
     signals = guide_signals(target, start, stop, vectors, settings, batch_images, device)
     batch = torch.from_numpy(mutual)
     probability = settings.fusion == "none"
     patches = {"guides+batch": fusion.fuse(torch.from_numpy(signals["guides"]), batch, probability=probability),
                "no_sae+batch": fusion.fuse(torch.from_numpy(signals["no_sae"]), batch, probability=probability)}
+    # both modes decide on the batch distances alone (the same values: the guide is not in them)
+    decided = fusion.decision(None, batch)
     modes: dict[str, list] = {name: [] for name in FUSED}
     for i in range(0, stop - start, batch_images):
         j = min(i + batch_images, stop - start)
         maps = {name: scoring.patch_maps(v[i:j], grid, size, sigma=settings.blur_sigma) for name, v in patches.items()}
         if sink is not None:
             sink(i, maps)
-        for name, m in maps.items():
-            modes[name].append(scoring.scores_by_mode(m, None, settings))
+        by_mode = scoring.scores_by_mode(scoring.patch_maps(decided[i:j], grid, size, sigma=settings.blur_sigma),
+                                         None, settings)
+        for name in maps:
+            modes[name].append(by_mode)
     return {name: {mode: None if mode == "global" else np.concatenate([b[mode] for b in modes[name]])
                    for mode in scoring.IMAGE_SCORES} for name in FUSED}
 
@@ -277,8 +282,10 @@ def fused_rows(target: store.FeatureStore, start: int, stop: int, vectors: Mappi
 FEW_SHOT = {
     "reference": "few-shot, training-free: per patch, 1 - cos to the nearest patch of k known-good images of the "
                  "category (AnomalyDINO-style); the references are not scored",
-    "guides+reference": "the detector's guide map fused with the reference distances: " + fusion.RULE,
-    "guides+reference+batch": "guides, reference and batch (mutual) distances fused: " + fusion.RULE,
+    "guides+reference": "the detector's guide map fused with the reference distances: " + fusion.RULE + "; "
+                        + fusion.IMAGE_RULE,
+    "guides+reference+batch": "guides, reference and batch (mutual) distances fused: " + fusion.RULE + "; "
+                              + fusion.IMAGE_RULE,
     "no_sae+reference": "the no-SAE control's guide map fused with the reference distances the same way",
 }
 """The few-shot scorings evaluate reports for each k of ``neighbours.reference_k``."""
@@ -309,7 +316,8 @@ def few_shot_metrics(labels: np.ndarray, masks: np.ndarray, signals: Mapping[str
     """One category's :data:`FEW_SHOT` scorings for one k: mode -> [metrics of each draw] (the form of
     :func:`baseline_metrics`, plus :data:`RULE_KEYS`). reference (draws, n, L): NaN rows are that draw's
     references and are not scored; signals: :func:`guide_signals`; mutual (n, L) or None (then no
-    ``guides+reference+batch``). The fusion's statistics are those of the draw's scored images.
+    ``guides+reference+batch``). The fusion's statistics are those of the draw's scored images; a fused
+    mode's image scores come from its distance signals alone (:func:`pipeline.method.fusion.decision`).
 
     The rule's threshold is ``predict --normals``': each reference image scored against the other
     references' patches (``tokens_of(rows)`` gives their tokens (k, L, d); the bank subsampled to
@@ -337,18 +345,20 @@ def few_shot_metrics(labels: np.ndarray, masks: np.ndarray, signals: Mapping[str
                if tokens_of is not None and len(refs) >= 2 else None)
         for name, signal in parts.items():
             if name == "reference":
-                values = signal[0]
+                values = decided = signal[0]
                 normal_values = loo
             else:
                 guide, *distances = signal
                 stats = fusion.statistics(*fusion.parts(guide, *distances, probability=probability))
                 values = fusion.fuse(guide, *distances, probability=probability, stats=stats)
+                decided = fusion.decision(guide, *distances, probability=probability, stats=stats)
                 normal_values = None
                 if loo is not None:
                     normal_parts = [loo] + ([torch.from_numpy(mutual[refs])] if len(distances) == 2 else [])
-                    normal_guide = on["no_sae" if name.startswith("no_sae") else "guides"][refs]
-                    normal_values = fusion.fuse(normal_guide, *normal_parts, probability=probability, stats=stats)
+                    normal_values = fusion.decision(guide, *normal_parts, probability=probability, stats=stats)
             maps, by_mode = maps_of(values)
+            if decided is not values:
+                by_mode = maps_of(decided)[1]
             entry = baseline_metrics(labels[keep], masks[keep], (maps, by_mode, None), settings.image_score,
                                      has_masks=has_masks)
             rule = None
