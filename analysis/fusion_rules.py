@@ -63,12 +63,19 @@ def rules(guide: np.ndarray, batch: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
-def score_run(root: Path, aux: str, target_name: str) -> dict[str, dict]:
+def load_run(root: Path, aux: str, target_name: str):
+    """A run's inputs in a checkout at ``root``: the target store, the aux detector (no backbone), the
+    target's cached batch scores and the guide vectors evaluate scores with (learned seeds, no-SAE)."""
     target = store.open_store(root / "features" / target_name)
     det = detector.Detector.load(root / "models" / aux / "detector", with_backbone=False)
     arrays, _ = target_scores.load(root / "neighbours" / target_name, target)
     vectors = {**evaluation.learned_sets(det.vectors, det.seeds),
                "no_sae/0": evaluation.no_sae_guides(store.open_store(root / "features" / aux), torch.device("cpu"))}
+    return target, det, arrays, vectors
+
+
+def score_run(root: Path, aux: str, target_name: str) -> dict[str, dict]:
+    target, det, arrays, vectors = load_run(root, aux, target_name)
     grid, size = tuple(target.attrs["grid"]), target.masks.shape[-1]
     no_masks = set(target.attrs.get("categories_without_masks", []))
     per: dict[str, dict] = {}

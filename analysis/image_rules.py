@@ -33,10 +33,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from analysis.fusion_rules import load_run
 from pipeline.evaluation import evaluate as evaluation
 from pipeline.evaluation import metrics, target_scores
-from pipeline.features import store
-from pipeline.method import detector, fusion, scoring
+from pipeline.method import fusion, scoring
 
 QUANTILES = (0.01, 0.02, 0.05, 0.1)
 
@@ -61,11 +61,7 @@ def image_rules(guide_map: np.ndarray, batch_map: np.ndarray, fused_map: np.ndar
 
 
 def score_run(root: Path, aux: str, target_name: str) -> dict[str, dict]:
-    target = store.open_store(root / "features" / target_name)
-    det = detector.Detector.load(root / "models" / aux / "detector", with_backbone=False)
-    arrays, _ = target_scores.load(root / "neighbours" / target_name, target)
-    vectors = {**evaluation.learned_sets(det.vectors, det.seeds),
-               "no_sae/0": evaluation.no_sae_guides(store.open_store(root / "features" / aux), torch.device("cpu"))}
+    target, det, arrays, vectors = load_run(root, aux, target_name)
     grid, size = tuple(target.attrs["grid"]), target.masks.shape[-1]
     probability = det.settings.fusion == "none"
     per: dict[str, dict] = {}
