@@ -137,8 +137,9 @@ class SyntheticConfig:
     """Seed of the generator; the same seed gives byte-identical images."""
     image_size: int = 256
     """Side of the generated square images, in pixels."""
-    train_good: int = 4
-    """Normal training images per category (MVTec layout completeness; the method does not use them)."""
+    train_good: int = 16
+    """Normal training images per category: the pool few-shot references are drawn from (stage normals),
+    so as many as the largest ``neighbours.reference_k`` lets every k draw its own."""
     test_good: int = 10
     """Normal test images per category."""
     test_anomalous: int = 15
@@ -429,8 +430,10 @@ class NeighboursConfig:
     is recomputed in float32; ``pipeline.method.neighbours``). ``benchmarks/neighbours.py`` prints the
     speed of each on the machine at hand: bfloat16 pays off only where bfloat16 matmuls are fast."""
     reference_k: tuple[int, ...] = (1, 4, 16)
-    """Few-shot protocol: numbers of known-good reference images per category (each capped at half the
-    category's good images, so as many normal images stay scored)."""
+    """Few-shot protocol: numbers of known-good reference images per category, drawn from its train/good
+    images (stage normals, each k capped at their number) where the dataset has them, else from its
+    test/good images (capped at half of them, which then stay unscored, so as many normal images are
+    scored as serve as references)."""
     reference_seeds: tuple[int, ...] = (0, 1, 2)
     """One seeded draw of the reference images per seed; metrics are the mean and std over draws."""
     max_patches: int | None = None

@@ -38,7 +38,7 @@ def stage_list(repo: Path) -> list[str]:
     return result.stdout.split()
 
 
-def test_a_target_only_dataset_adds_one_extract_one_neighbours_and_one_evaluate(repo):
+def test_a_target_only_dataset_adds_one_extract_one_normals_one_neighbours_and_one_evaluate(repo):
     before = stage_list(repo)
     # the repository's own DAG: every aux has its SAE and guides, and nothing else does
     params = load_params(repo / "params.yaml")
@@ -53,7 +53,7 @@ def test_a_target_only_dataset_adds_one_extract_one_neighbours_and_one_evaluate(
 
     after = stage_list(repo)
     assert len(after) == len(set(after))  # no stage twice
-    assert sorted(set(after) - set(before)) == ["evaluate@synth_a_to_line7", "extract@line7", "neighbours@line7"]
+    assert sorted(set(after) - set(before)) == ["evaluate@synth_a_to_line7", "extract@line7", "neighbours@line7", "normals@line7"]
     assert set(before) <= set(after)
 
 
@@ -66,7 +66,7 @@ def test_a_second_run_sharing_an_aux_adds_no_fitting_stage(repo):
     raw["runs"]["synth_b_to_line7"] = {"aux": "synth_b", "target": "line7"}
     (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     after = stage_list(repo)
-    assert sorted(set(after) - set(before)) == ["evaluate@synth_b_to_line7", "extract@line7", "neighbours@line7"]
+    assert sorted(set(after) - set(before)) == ["evaluate@synth_b_to_line7", "extract@line7", "neighbours@line7", "normals@line7"]
     assert [s for s in after if s.startswith("train_sae@")] == ["train_sae@synth_a", "train_sae@synth_b"]
 
 

@@ -788,3 +788,25 @@ def test_a_folder_without_images_keeps_its_old_message(tmp_path):
     with pytest.raises(DatasetError) as err:
         load_table("folder", tmp_path / "r")
     assert "predict" not in str(err.value) and str(err.value).startswith("no category folders found")
+
+
+def test_train_good_takes_each_categorys_train_images_and_names_those_without(tmp_path):
+    from pipeline.data.tables import NO_TRAIN, train_good
+
+    root = _mvtec(tmp_path / "m")
+    samples, missing = train_good("mvtec", root)
+    assert [s.relpath for s in samples] == ["bottle/train/good/000.png", "bottle/train/good/001.png",
+                                            "zipper/train/good/000.png", "zipper/train/good/001.png"]
+    assert all(s.label == 0 and s.split == "train" and s.mask is None for s in samples) and missing == {}
+    # a category without train/ is a fallback, not an error; an empty train/good/ likewise
+    import shutil
+
+    shutil.rmtree(root / "zipper/train")
+    for p in (root / "bottle/train/good").iterdir():
+        p.unlink()
+    assert train_good("mvtec", root) == ([], {"bottle": NO_TRAIN, "zipper": NO_TRAIN})
+    assert train_good("mvtec", root, categories=["bottle"]) == ([], {"bottle": NO_TRAIN})
+    # a train split holding a defect folder stays the error load_table raises
+    _img(root / "bottle/train/crack/000.png")
+    with pytest.raises(DatasetError, match="the train split holds only normal images"):
+        train_good("mvtec", root)

@@ -369,3 +369,55 @@ def test_a_category_without_masks_stays_out_of_the_pixel_metrics(setup, referenc
 def test_a_store_with_masks_everywhere_has_no_categories_without_masks_attr(reference):
     """Absent, not []: the stores extracted before the attr existed stay valid (and are not redone)."""
     assert "categories_without_masks" not in reference.attrs
+
+
+# ------------------------------------------------------------------------------------------------
+# stage normals@D: the train split's good images, the few-shot reference pool
+
+
+def test_train_good_store_holds_the_train_images_and_names_the_categories_without(setup, reference, tmp_path):
+    from pipeline.data.tables import NO_TRAIN
+    from pipeline.evaluation import target_scores
+
+    tmp, tree, _ = setup
+    root = tmp_path / "tree"
+    shutil.copytree(tree, root)
+    # alpha's train/good: its own 000.png and a copy of its test/good/001.png; beta has no train split
+    shutil.copy(root / "alpha/test/good/001.png", root / "alpha/train/good/001.png")
+    shutil.rmtree(root / "beta/train")
+    params = yaml.safe_load((tmp / "params.yaml").read_text())
+    params["datasets"]["tiny"]["root"] = str(root)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    args = stage_args(tmp, tmp_path / "normals")
+    args[args.index("--params") + 1] = str(tmp_path / "params.yaml")
+    extract_stage.main([*args, "--train-good"])
+
+    pool = store.open_store(tmp_path / "normals")
+    assert pool.attrs["paths"] == ["alpha/train/good/000.png", "alpha/train/good/001.png"]
+    assert pool.attrs["splits"] == ["train"] and pool.attrs["train_good_missing"] == {"beta": NO_TRAIN}
+    assert (pool.labels[:] == 0).all()
+    # the same image gives the same tokens as in the test store (up to the batch it was run in)
+    same = reference.attrs["paths"].index("alpha/test/good/001.png")
+    np.testing.assert_allclose(pool.tokens[1].astype(np.float32), reference.tokens[same].astype(np.float32),
+                               atol=2e-3)
+    # the pool is refused against a store of another dataset root, taken against its own target
+    target = store.open_store(_copy_with_root(reference.path, tmp_path / "target", str(root)))
+    got, missing = target_scores.open_pool(tmp_path / "normals", target)
+    assert got.n_images == 2 and missing == {"beta": NO_TRAIN}
+    with pytest.raises(target_scores.TargetScoresError, match="root"):
+        target_scores.open_pool(tmp_path / "normals", reference)
+
+    # once no category has a train split, the same out holds only the record of why
+    shutil.rmtree(root / "alpha/train")
+    extract_stage.main([*args, "--train-good"])
+    assert sorted(p.name for p in (tmp_path / "normals").iterdir()) == [store.NORMALS_ABSENT]
+    assert target_scores.open_pool(tmp_path / "normals", target) == (None, {"alpha": NO_TRAIN, "beta": NO_TRAIN})
+
+
+def _copy_with_root(src, dest, root):
+    """A copy of the store at ``src`` whose attrs name another dataset root (as if extracted from there)."""
+    shutil.copytree(src, dest)
+    meta = json.loads((dest / "zarr.json").read_text())
+    meta["attributes"]["root"] = root
+    (dest / "zarr.json").write_text(json.dumps(meta))
+    return dest

@@ -175,8 +175,10 @@ def test_few_shot_reference_scores_and_metrics_equal_a_slow_reference(setup, cac
     rows = np.flatnonzero(target.category[:] == target.attrs["categories"].index("t1"))
     tokens = unit_rows(target.tokens[:].astype(np.float64))
     labels = target.labels[:]
+    assert info["reference"]["pool"] == {"t1": "test/good", "t2": "test/good"}  # no train/good store given
     for k in (1, 4):
-        for d, refs in enumerate(info["reference"]["images"][str(k)]["t1"]):
+        for d, drawn in enumerate(info["reference"]["images"][str(k)]["t1"]):
+            refs = [target.attrs["paths"].index(p) for p in drawn]
             assert len(refs) == k and all(labels[r] == 0 for r in refs)  # k good images of t1
             bank = tokens[refs].reshape(-1, tokens.shape[-1])
             got = arrays[f"reference/{k}"][d]
@@ -199,7 +201,8 @@ def test_few_shot_reference_scores_and_metrics_equal_a_slow_reference(setup, cac
     result = json.loads((out / "metrics.json").read_text())
     # reference alone for k = 4: each draw's maps from the slow scores, metrics on the images left
     want = []
-    for d, refs in enumerate(info["reference"]["images"]["4"]["t1"]):
+    for d, drawn in enumerate(info["reference"]["images"]["4"]["t1"]):
+        refs = [target.attrs["paths"].index(p) for p in drawn]
         keep = np.array([i for i in rows if i not in refs])
         bank = tokens[refs].reshape(-1, tokens.shape[-1])
         patch = np.stack([(1 - tokens[i] @ bank.T).min(axis=1) for i in keep])
@@ -229,7 +232,7 @@ def test_a_capped_reference_bank_scores_against_the_coreset_of_each_draw(setup, 
     assert capped_info["images"] == info["images"]  # the same draws, only the bank is smaller
     tokens = target.tokens[:].astype(np.float32)
     rows = np.flatnonzero(target.category[:] == target.attrs["categories"].index("t1"))
-    refs = info["images"]["4"]["t1"][0]
+    refs = [target.attrs["paths"].index(p) for p in info["images"]["4"]["t1"][0]]
     patches = tokens[refs].reshape(-1, tokens.shape[-1])
     keep = neighbours.coreset(patches, 5)
     units, bank = unit_rows(tokens.astype(np.float64)), unit_rows(patches[keep].astype(np.float64))
@@ -239,3 +242,98 @@ def test_a_capped_reference_bank_scores_against_the_coreset_of_each_draw(setup, 
     scored = [i for i in rows if i not in refs]
     assert (capped[4][0, scored] >= full[4][0, scored] - 1e-6).all()  # fewer patches: never nearer
     assert (capped[4][0, scored] > full[4][0, scored] + 1e-4).any()
+
+
+def write_pool(path, target, category, n, seed):
+    """A train/good store of ``target``'s dataset: ``n`` normal images of ``category`` (random tokens)."""
+    g = np.random.default_rng(seed)
+    length, dim = target.tokens.shape[1:]
+    tokens = g.standard_normal((n, length, dim)).astype(np.float16)
+    size = target.masks.shape[-1]
+    attrs = {**{k: target.attrs[k] for k in ("dataset", "root", "backbone", "weights_sha256", "layer", "image_size",
+                                             "grid", "defects")},
+             "splits": ["train"], "categories": [category], "paths": [f"{category}/train/good/{i:03d}.png" for i in range(n)],
+             "train_good_missing": {"t2": "no train/good images: the reference is drawn from test/good"}}
+
+    def chunk(a, b):
+        return {"tokens": tokens[a:b], "cls": tokens[a:b].mean(1), "masks": np.zeros((b - a, size, size), np.uint8),
+                "labels": np.zeros(b - a, np.uint8), "category": np.zeros(b - a, np.int16),
+                "defect": np.zeros(b - a, np.int16)}
+
+    store.write(path, store.StoreLayout(n, length, dim, size, 8), attrs, chunk)
+    return store.open_store(path), tokens
+
+
+def test_references_from_the_train_pool_score_every_test_image(setup, tmp_path):  # noqa: F811
+    target = store.open_store(setup / "target")
+    pool, pool_tokens = write_pool(tmp_path / "normals", target, "t1", 5, seed=3)
+    got_pool, missing = target_scores.open_pool(tmp_path / "normals", target)
+    assert got_pool.n_images == 5 and missing == {"t2": "no train/good images: the reference is drawn from test/good"}
+    scores, info = target_scores.compute_reference(target, [1, 4, 16], [0, 1, 2], pool=got_pool)
+    assert info["pool"] == {"t1": "train/good", "t2": "test/good"}
+    # t1: k capped at the pool's 5 images; t2 (6 good images, no pool): at half of them, as before
+    assert {k: info["k_used"][k]["t1"] for k in ("1", "4", "16")} == {"1": 1, "4": 4, "16": 5}
+    assert {k: info["k_used"][k]["t2"] for k in ("1", "4", "16")} == {"1": 1, "4": 3, "16": 3}
+    rows = np.flatnonzero(target.category[:] == target.attrs["categories"].index("t1"))
+    units = unit_rows(target.tokens[:].astype(np.float64))
+    bank_units = unit_rows(pool_tokens.astype(np.float64))
+    for d, drawn in enumerate(info["images"]["4"]["t1"]):
+        assert len(set(drawn)) == 4 and all(p.startswith("t1/train/good/") for p in drawn)
+        picked = [int(p.split("/")[-1][:3]) for p in drawn]
+        bank = bank_units[picked].reshape(-1, units.shape[-1])
+        for i in rows:  # every test image is scored: none of them is a reference
+            np.testing.assert_allclose(scores[4][d, i], (1 - units[i] @ bank.T).min(axis=1), atol=1e-5)
+    # t2 still draws from its test/good images, which stay unscored in their draw
+    t2 = np.flatnonzero(target.category[:] == target.attrs["categories"].index("t2"))
+    for d, drawn in enumerate(info["images"]["4"]["t2"]):
+        refs = [target.attrs["paths"].index(p) for p in drawn]
+        assert set(refs) <= set(t2) and np.isnan(scores[4][d, refs]).all()
+        assert not np.isnan(scores[4][d, [i for i in t2 if i not in refs]]).any()
+
+    # the stage with --normals writes exactly these scores
+    neighbours_stage.main(["--target", str(setup / "target"), "--normals", str(tmp_path / "normals"),
+                           "--out", str(tmp_path / "neighbours"), "--params", str(setup / "params.yaml")])
+    arrays, written = target_scores.load(tmp_path / "neighbours", target)
+    assert written["reference"]["pool"] == info["pool"] and written["reference"]["images"] == info["images"]
+    np.testing.assert_array_equal(arrays["reference/4"], scores[4])
+    # the references' own signals, for the rule threshold: each against the others, and against t1's images
+    assert "normals/4/t2/reference" not in arrays  # t2's references are rows of the target
+    n_t1 = len(rows)
+    keep = int(0.3 * n_t1)  # the mutual rule's ⌊0.3 · n⌋ smallest of the n distances
+    for d, drawn in enumerate(info["images"]["4"]["t1"]):
+        picked = [int(p.split("/")[-1][:3]) for p in drawn]
+        for a, i in enumerate(picked):
+            others = bank_units[[j for j in picked if j != i]].reshape(-1, units.shape[-1])
+            np.testing.assert_allclose(arrays["normals/4/t1/reference"][d, a], (1 - bank_units[i] @ others.T).min(axis=1),
+                                       atol=1e-5)
+            per_image = np.stack([(1 - bank_units[i] @ units[j].T).min(axis=1) for j in rows], axis=1)
+            np.testing.assert_allclose(arrays["normals/4/t1/batch"][d, a], np.sort(per_image, axis=1)[:, :keep].mean(1),
+                                       atol=1e-5)
+    assert np.isnan(arrays["normals/1/t1/reference"]).all()  # one reference: no other to score against
+
+    # evaluate takes them: the rule threshold of a train/good draw is set, and every t1 image is scored
+    from pipeline.stages import evaluate as evaluate_stage
+    out = tmp_path / "report"
+    evaluate_stage.main(["--target", str(setup / "target"), "--aux", str(setup / "aux"), "--sae", str(setup / "sae"),
+                         "--guides", str(setup / "guides"), "--detector", str(setup / "detector"),
+                         "--neighbours", str(tmp_path / "neighbours"), "--out", str(out),
+                         "--params", str(setup / "params.yaml")])
+    t1 = json.loads((out / "per_category.json").read_text())["t1"]["few_shot"]
+    for mode in ("reference", "guides+reference+batch"):
+        assert t1["k=4"][mode]["image_f1_at_rule_threshold"] is not None, mode
+    assert t1["k=1"]["reference"]["image_f1_at_rule_threshold"] is None
+    assert t1["k=16"]["k_used"] == 5
+
+
+def test_a_pool_or_an_absent_record_of_another_dataset_is_refused(setup, tmp_path):  # noqa: F811
+    target = store.open_store(setup / "target")
+    write_pool(tmp_path / "normals", target, "t1", 2, seed=0)
+    other = store.open_store(setup / "aux")
+    with pytest.raises(target_scores.TargetScoresError, match="dataset"):
+        target_scores.open_pool(tmp_path / "normals", other)
+    (tmp_path / "absent").mkdir()
+    (tmp_path / "absent" / store.NORMALS_ABSENT).write_text(json.dumps(
+        {"format": store.NORMALS_ABSENT_FORMAT, "dataset": "aux", "categories": {"a1": "none"}}))
+    assert target_scores.open_pool(tmp_path / "absent", other) == (None, {"a1": "none"})
+    with pytest.raises(target_scores.TargetScoresError, match="normals record of dataset 'target'"):
+        target_scores.open_pool(tmp_path / "absent", target)

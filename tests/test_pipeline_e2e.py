@@ -103,7 +103,7 @@ def test_repro_then_sae_experiment_never_reextracts(tmp_path):
     run(["git", "commit", "-qm", "base"], repo, env)
 
     first = run([*dvc, "repro"], repo, env)
-    assert {"extract@synth_a", "extract@synth_b", "evaluate@synth_a_to_synth_b"} <= ran_stages(first)
+    assert {"extract@synth_a", "extract@synth_b", "normals@synth_a", "evaluate@synth_a_to_synth_b"} <= ran_stages(first)
     for run_name in ("synth_a_to_synth_b", "synth_b_to_synth_a"):
         metrics = json.loads((repo / "reports" / run_name / "metrics.json").read_text())
         for key in ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_aupro"):
@@ -118,7 +118,7 @@ def test_repro_then_sae_experiment_never_reextracts(tmp_path):
 
     experiment = run([*dvc, "exp", "run", "-S", "sae.k=4"], repo, env)
     stages = ran_stages(experiment)
-    assert not any(s.startswith(("extract@", "data@", "weights")) for s in stages), stages
+    assert not any(s.startswith(("extract@", "normals@", "data@", "weights")) for s in stages), stages
     assert {"train_sae@synth_a", "fit_guides@synth_a", "evaluate@synth_a_to_synth_b"} <= stages
 
     # switching back restores every output from DVC's run cache: nothing is recomputed

@@ -207,6 +207,34 @@ def load_table(
 
 
 
+NO_TRAIN = "no train/good images: the reference is drawn from test/good"
+"""The reason :func:`train_good` gives for a category without a train split."""
+
+
+def train_good(fmt: str, root: Path, *, categories: Sequence[str] | None = None,
+               max_pixels: int = 50_000_000) -> tuple[list[Sample], dict[str, str]]:
+    """The known-good images of the train split, where the dataset has one: (samples sorted as
+    :func:`load_table` sorts them, {category: reason} for each category without any). A category
+    whose format has a train split but whose folder lacks it is not an error here, unlike
+    :func:`load_table`: few-shot draws fall back to its test/good images."""
+    root = Path(os.path.abspath(Path(root).expanduser()))
+    tested = {s.category for s in load_table(fmt, root, splits=("test",), categories=categories,
+                                              max_pixels=max_pixels)}
+    samples: list[Sample] = []
+    for category in sorted(tested):
+        has_split = fmt == "visa" or (root / category / "train").is_dir()
+        found: list[Sample] = []
+        if has_split:
+            try:
+                found = load_table(fmt, root, splits=("train",), categories=(category,), max_pixels=max_pixels)
+            except DatasetError as err:
+                if "no images found" not in str(err):
+                    raise  # a malformed train split (a defect folder, an unreadable image) stays an error
+        samples += found
+    missing = {c: NO_TRAIN for c in sorted(tested) if not any(s.category == c for s in samples)}
+    return samples, missing
+
+
 def summarize(samples: Iterable[Sample]) -> dict:
     """Count samples for a ``check`` command.
 

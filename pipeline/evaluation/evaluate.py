@@ -312,7 +312,8 @@ def guide_signals(target: store.FeatureStore, start: int, stop: int, vectors: Ma
 def few_shot_metrics(labels: np.ndarray, masks: np.ndarray, signals: Mapping[str, np.ndarray], reference: np.ndarray,
                      mutual: np.ndarray | None, grid: tuple[int, int], settings: scoring.ScoreSettings, *,
                      has_masks: bool = True, tokens_of: Callable[[np.ndarray], np.ndarray] | None = None,
-                     max_patches: int | None = None) -> dict[str, list[dict[str, Any]]]:
+                     max_patches: int | None = None, normals: tuple[np.ndarray, np.ndarray] | None = None,
+                     ) -> dict[str, list[dict[str, Any]]]:
     """One category's :data:`FEW_SHOT` scorings for one k: mode -> [metrics of each draw] (the form of
     :func:`baseline_metrics`, plus :data:`RULE_KEYS`). reference (draws, n, L): NaN rows are that draw's
     references and are not scored; signals: :func:`guide_signals`; mutual (n, L) or None (then no
@@ -322,7 +323,10 @@ def few_shot_metrics(labels: np.ndarray, masks: np.ndarray, signals: Mapping[str
     The rule's threshold is ``predict --normals``': each reference image scored against the other
     references' patches (``tokens_of(rows)`` gives their tokens (k, L, d); the bank subsampled to
     ``max_patches`` as the neighbours stage's was), put on the scored images' scale, then
-    :func:`thresholds.threshold_from_normals` at :data:`RULE_FAR`; null for one reference."""
+    :func:`thresholds.threshold_from_normals` at :data:`RULE_FAR`; null for one reference. References
+    drawn from a train/good pool are no rows here (``reference`` has no NaN row): ``normals`` then gives
+    their own signals, (draws, k, L) each against the others and against the batch
+    (:func:`pipeline.evaluation.target_scores.compute_normals`)."""
     size = masks.shape[-1]
     probability = settings.fusion == "none"
     mode = decision_score(settings.image_score)
@@ -332,7 +336,7 @@ def few_shot_metrics(labels: np.ndarray, masks: np.ndarray, signals: Mapping[str
         maps = scoring.patch_maps(values, grid, size, sigma=settings.blur_sigma)
         return maps, scoring.scores_by_mode(maps, None, settings)
 
-    for draw in reference:
+    for d, draw in enumerate(reference):
         keep = ~np.isnan(draw).any(axis=1)
         refs = np.flatnonzero(~keep)
         ref = torch.from_numpy(draw[keep])
@@ -341,8 +345,13 @@ def few_shot_metrics(labels: np.ndarray, masks: np.ndarray, signals: Mapping[str
                  "no_sae+reference": [on["no_sae"][keep], ref]}
         if mutual is not None:
             parts["guides+reference+batch"] = [on["guides"][keep], ref, torch.from_numpy(mutual[keep])]
-        loo = (Reference.build(tokens_of(refs), max_patches=max_patches).leave_one_out()
-               if tokens_of is not None and len(refs) >= 2 else None)
+        if normals is not None:
+            loo = None if np.isnan(normals[0][d]).any() else torch.from_numpy(normals[0][d])
+            ref_batch = torch.from_numpy(normals[1][d])
+        else:
+            loo = (Reference.build(tokens_of(refs), max_patches=max_patches).leave_one_out()
+                   if tokens_of is not None and len(refs) >= 2 else None)
+            ref_batch = torch.from_numpy(mutual[refs]) if mutual is not None else None
         for name, signal in parts.items():
             if name == "reference":
                 values = decided = signal[0]
@@ -354,7 +363,7 @@ def few_shot_metrics(labels: np.ndarray, masks: np.ndarray, signals: Mapping[str
                 decided = fusion.decision(guide, *distances, probability=probability, stats=stats)
                 normal_values = None
                 if loo is not None:
-                    normal_parts = [loo] + ([torch.from_numpy(mutual[refs])] if len(distances) == 2 else [])
+                    normal_parts = [loo] + ([ref_batch] if len(distances) == 2 else [])
                     normal_values = fusion.decision(guide, *normal_parts, probability=probability, stats=stats)
             maps, by_mode = maps_of(values)
             if decided is not values:

@@ -9,14 +9,19 @@ The ``neighbours@<T>`` stage computes it once into ``neighbours/<T>/patch_scores
 - ``reference/<k>`` (draws, N, L) float32, the few-shot signal: for each seeded draw, k normal images
   of each category are its reference, and every other image of the category gets, per patch, the
   distance to the nearest patch of those k images (:func:`pipeline.method.neighbours.reference`). The
-  reference images themselves are NaN: a draw's references are never scored. The images are drawn
-  from the category's good images in the store (its ``test/good``: the stores hold the test split) and
-  k is capped at half of them (:func:`reference_k`), so as many normal images stay scored as serve as
-  references; a category with fewer than 2 good images has NaN rows and its reason in the info.
+  images are drawn from the category's ``train/good`` (the store of stage normals@<T>, :func:`open_pool`)
+  where the dataset has one, k capped at their number, and every test image is scored. A category
+  without train/good images draws from its own test/good images: those references are NaN (a draw's
+  references are never scored) and k is capped at half of them (:func:`reference_k`), so as many
+  normal images stay scored as serve as references; such a category with fewer than 2 good images has
+  NaN rows and its reason in the info.
+
+- ``normals/<k>/<category>/{reference,batch}`` (draws, k, L): for the categories drawn from train/good,
+  the references' own signals the rule threshold needs (:func:`compute_normals`);
 
 with the metadata ``{"format", "store", "precision", "fraction", "one_image_categories", "reference":
-{"ks", "seeds", "k_used": {k: {category: k used}}, "images": {k: {category: [[rows] per draw]}},
-"skipped": {category: reason}}}`` as JSON under
+{"ks", "seeds", "k_used": {k: {category: k used}}, "pool": {category: "train/good" | "test/good"},
+"images": {k: {category: [[paths] per draw]}}, "skipped": {category: reason}}}`` as JSON under
 the safetensors metadata key ``info``. ``store`` is the target's fingerprint
 (:func:`pipeline.method.guides.store_fingerprint`): :func:`load` refuses scores of another store.
 """
@@ -107,46 +112,135 @@ def reference_k(k: int, n_good: int) -> int:
     return min(k, n_good // 2)
 
 
+TRAIN_POOL, TEST_POOL = "train/good", "test/good"
+"""The two places a category's reference images are drawn from (info ``pool``)."""
+
+
+def open_pool(folder: str | Path, target: store.FeatureStore) -> tuple[store.FeatureStore | None, dict[str, str]]:
+    """The train/good store of ``target`` written by stage normals@<T> at ``folder`` (None where its
+    dataset has none) and {category: reason} for the categories it lacks. Refused when it was extracted
+    from another dataset or into another token space than ``target``."""
+    folder = Path(folder)
+    absent = folder / store.NORMALS_ABSENT
+    if absent.is_file():
+        record = json.loads(absent.read_text())
+        if record.get("format") != store.NORMALS_ABSENT_FORMAT or record.get("dataset") != target.attrs.get("dataset"):
+            raise TargetScoresError(f"{absent}: not the normals record of dataset {target.attrs.get('dataset')!r} "
+                                    f"(format {record.get('format')!r}, dataset {record.get('dataset')!r})")
+        return None, dict(record.get("categories", {}))
+    pool = store.open_store(folder, expect={k: target.attrs.get(k) for k in store.TOKEN_SPACE})
+    for key in ("dataset", "root"):
+        if pool.attrs.get(key) != target.attrs.get(key):
+            raise TargetScoresError(f"{folder}: the train/good store of {key} {pool.attrs.get(key)!r}, but the "
+                                    f"target {target.path} has {target.attrs.get(key)!r}; re-run stage normals")
+    if pool.attrs.get("splits") != ["train"] or (pool.labels[:] != 0).any():
+        raise TargetScoresError(f"{folder}: not a train/good store (splits {pool.attrs.get('splits')}); "
+                                "write it with python -m pipeline.stages.extract --train-good")
+    return pool, dict(pool.attrs.get("train_good_missing", {}))
+
+
 def compute_reference(target: store.FeatureStore, ks: Sequence[int], seeds: Sequence[int], *,
-                      precision: str = "float32", device: torch.device | str = "cpu", max_patches: int | None = None,
+                      pool: store.FeatureStore | None = None, precision: str = "float32",
+                      device: torch.device | str = "cpu", max_patches: int | None = None,
                       ) -> tuple[dict[int, np.ndarray], dict[str, Any]]:
     """{k: (draws, N, L) float32} few-shot reference scores (module docstring) and their info. Each
     draw's bank is a :class:`pipeline.method.reference.Reference` of its images, as predict builds one:
-    all their patches, or a greedy coreset of ``max_patches``."""
+    all their patches, or a greedy coreset of ``max_patches``.
+
+    A category with images in ``pool`` (the target's train/good store) draws its references there: k
+    is capped at the pool's size and every test image is scored. Any other category draws from its
+    own test/good images, which are then left unscored (NaN) in that draw, with k capped by
+    :func:`reference_k`. info ``pool`` says which, per category; ``images`` lists the drawn images'
+    paths (relative to the dataset root)."""
     n, length = target.tokens.shape[:2]
     out = {k: np.full((len(seeds), n, length), np.nan, dtype=np.float32) for k in ks}
     info: dict[str, Any] = {"ks": list(ks), "seeds": list(seeds), "max_patches": max_patches,
-                            "k_used": {str(k): {} for k in ks},
+                            "k_used": {str(k): {} for k in ks}, "pool": {},
                             "images": {str(k): {} for k in ks}, "skipped": {}}
     labels = target.labels[:]
+    paths = target.attrs["paths"]
+    pools = category_ranges(pool) if pool is not None else {}
     for name, (start, stop) in category_ranges(target).items():
-        good = np.flatnonzero(labels[start:stop] == 0)
-        if len(good) < 2:
-            info["skipped"][name] = FEW_GOOD
-            continue
         tokens = _Rows(target, start)(0, stop - start)  # one category, float16 as stored
+        if name in pools:
+            p_start, p_stop = pools[name]
+            bank_tokens, bank_paths = _Rows(pool, p_start)(0, p_stop - p_start), pool.attrs["paths"][p_start:p_stop]
+            good, cap, drawn_in_target = np.arange(p_stop - p_start), p_stop - p_start, False
+        else:
+            good = np.flatnonzero(labels[start:stop] == 0)
+            if len(good) < 2:
+                info["skipped"][name] = FEW_GOOD
+                continue
+            bank_tokens, bank_paths = tokens, paths[start:stop]
+            cap, drawn_in_target = None, True
+        info["pool"][name] = TEST_POOL if drawn_in_target else TRAIN_POOL
         for k in ks:
-            used = reference_k(k, len(good))
+            used = reference_k(k, len(good)) if drawn_in_target else min(k, cap)
             info["k_used"][str(k)][name] = used
             info["images"][str(k)][name] = []
             for d, pick in enumerate(neighbours.draws(len(good), used, seeds)):
                 refs = good[pick]
-                bank = Reference.build(tokens[refs], max_patches=max_patches, device=device)
+                bank = Reference.build(bank_tokens[refs], max_patches=max_patches, device=device)
                 scores = bank.distances(torch.from_numpy(tokens), device=device, precision=precision).numpy()
-                scores[refs] = np.nan
+                if drawn_in_target:
+                    scores[refs] = np.nan
                 out[k][d, start:stop] = scores
-                info["images"][str(k)][name].append([int(start + r) for r in refs])
+                info["images"][str(k)][name].append([bank_paths[r] for r in refs])
     return out, info
+
+
+NORMALS = "normals"
+"""Key prefix of the references' own signals of the draws from a train/good pool (:func:`compute_normals`)."""
+
+
+def compute_normals(target: store.FeatureStore, pool: store.FeatureStore, info: Mapping[str, Any], *,
+                    max_patches: int | None = None, device: torch.device | str = "cpu",
+                    fraction: float = neighbours.MUTUAL_FRACTION) -> dict[str, np.ndarray]:
+    """What the rule threshold of a draw from the train/good pool needs, since its references are not
+    rows of the target: per k and category of pool ``info["pool"]``, ``normals/<k>/<category>/reference``
+    (draws, k, L), each reference against the bank of the others (:meth:`Reference.leave_one_out`, the
+    draw's ``max_patches``; NaN for k = 1), and ``normals/<k>/<category>/batch`` (draws, k, L), each
+    reference scored by the mutual rule against the category's test images (:func:`neighbours.against`;
+    in predict the references join the batch, here the batch is the test images alone)."""
+    out: dict[str, np.ndarray] = {}
+    ranges, pool_rows = category_ranges(target), {p: i for i, p in enumerate(pool.attrs["paths"])}
+    for k in info["ks"]:
+        for name, drawn in info["images"][str(k)].items():
+            if info["pool"].get(name) != TRAIN_POOL:
+                continue
+            start, stop = ranges[name]
+            loo, batch = [], []
+            for paths in drawn:
+                rows = [pool_rows[p] for p in paths]
+                for r in rows:
+                    pool.check_finite("tokens", pool.tokens[r:r + 1], r)
+                tokens = np.stack([pool.tokens[r] for r in rows])
+                loo.append(Reference.build(tokens, max_patches=max_patches, device=device).leave_one_out(
+                    device=device).numpy() if len(rows) >= 2 else np.full(tokens.shape[:2], np.nan, np.float32))
+                batch.append(neighbours.against(tokens, _Rows(target, start), stop - start, fraction, device=device))
+            out[f"{NORMALS}/{k}/{name}/reference"] = np.stack(loo).astype(np.float32)
+            out[f"{NORMALS}/{k}/{name}/batch"] = np.stack(batch).astype(np.float32)
+    return out
+
+
+def category_normals(arrays: Mapping[str, np.ndarray], k: int, category: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(reference, batch) (draws, k, L) of :func:`compute_normals` for one category, None where its
+    draws came from its own test/good images."""
+    key = f"{NORMALS}/{k}/{category}"
+    if f"{key}/reference" not in arrays:
+        return None
+    return arrays[f"{key}/reference"], arrays[f"{key}/batch"]
 
 
 def write(folder: str | Path, target: store.FeatureStore, mutual: np.ndarray, *, precision: str, fraction: float,
           one_image: list[str], reference: Mapping[int, np.ndarray] | None = None,
-          reference_info: Mapping[str, Any] | None = None) -> Path:
+          reference_info: Mapping[str, Any] | None = None, normals: Mapping[str, np.ndarray] | None = None) -> Path:
     """Write ``folder/patch_scores.safetensors`` (whole or not at all) and return its path."""
     info = {"format": FORMAT, "store": guides.store_fingerprint(target.attrs), "precision": precision,
             "fraction": fraction, "one_image_categories": one_image, "reference": dict(reference_info or {})}
     tensors = {MUTUAL: np.ascontiguousarray(mutual, dtype=np.float32)}
     tensors.update({f"reference/{k}": np.ascontiguousarray(v, dtype=np.float32) for k, v in (reference or {}).items()})
+    tensors.update({key: np.ascontiguousarray(v, dtype=np.float32) for key, v in (normals or {}).items()})
     path = Path(folder) / FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     write_bytes(path, save(tensors, metadata={"info": json.dumps(info, sort_keys=True)}))
@@ -174,7 +268,7 @@ def load(folder: str | Path, target: store.FeatureStore) -> tuple[dict[str, np.n
     arrays = load_file(str(path))
     expect = tuple(target.tokens.shape[:2])
     for name, values in arrays.items():
-        if tuple(values.shape[-2:]) != expect:
+        if not name.startswith(f"{NORMALS}/") and tuple(values.shape[-2:]) != expect:
             raise TargetScoresError(f"{path}: {name} scores {values.shape}, the store has {expect} (images, patches)")
     return arrays, info
 

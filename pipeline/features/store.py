@@ -46,6 +46,10 @@ TOKEN_SPACE = ("backbone", "weights_sha256", "layer", "image_size")
 """The attrs that fix which space the tokens live in: two stores (or a store and a checkpoint fitted on
 one) whose values differ here cannot be scored against each other (``open_store(..., expect=)``)."""
 
+NORMALS_ABSENT = "absent.json"
+"""The one file of a ``normals/<D>`` folder whose dataset has no train/good image (stage normals@D)."""
+NORMALS_ABSENT_FORMAT = "pipeline.normals_absent/1"
+
 _DONE = "_done"
 
 CHUNK_FILES = "chunk_files"

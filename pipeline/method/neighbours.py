@@ -242,6 +242,25 @@ def reference(tokens: np.ndarray | torch.Tensor, bank: np.ndarray | torch.Tensor
     return best.reshape(bsz, length)
 
 
+def against(query: np.ndarray | torch.Tensor, read: TokenReader, n_images: int, fraction: float = MUTUAL_FRACTION, *,
+            device: torch.device | str = "cpu") -> np.ndarray:
+    """query (q, L, d) tokens of images outside a batch -> (q, L) float32: each patch scored as :func:`mutual`
+    scores a batch image, against the ``n_images`` batch images ``read(i, j)`` gives: per batch image the
+    distance (1 − cos) to its nearest patch, then the mean of the ⌊fraction · n⌋ smallest. Float32; the
+    batch is read one image at a time (q is a handful of references)."""
+    if n_images < 1:
+        raise ValueError("scoring against a batch needs at least one batch image")
+    q = torch.as_tensor(query)
+    count, length = q.shape[:2]
+    units = unit_rows(q, device, torch.float32)
+    nearest = torch.empty((count * length, n_images), dtype=torch.float32, device=device)
+    for j in range(n_images):
+        other = unit_rows(torch.as_tensor(read(j, j + 1))[0], device, torch.float32)
+        nearest[:, j] = 1 - (units @ other.T).amax(dim=1)
+    k = mutual_k(n_images, fraction)
+    return nearest.topk(k, dim=1, largest=False).values.mean(dim=1).reshape(count, length).cpu().numpy()
+
+
 def draws(n_candidates: int, k: int, seeds: Sequence[int]) -> list[np.ndarray]:
     """For each seed, ``k`` distinct indices of ``n_candidates`` drawn without replacement, sorted
     (numpy's PCG64 generator seeded with the seed, so a draw is the same on every machine)."""

@@ -365,7 +365,7 @@ def few_shot(per_few_shot: dict, target: store.FeatureStore, start: int, stop: i
             labels, target.masks[start:stop], signals, reference, mutual, tuple(target.attrs["grid"]), settings,
             has_masks=has_masks,
             tokens_of=lambda rows: np.stack([target.tokens[start + int(r)] for r in rows]).astype(np.float32),
-            max_patches=max_patches)
+            max_patches=max_patches, normals=target_scores.category_normals(batch_scores, k, category))
         for name, draws in scored.items():
             modes[name][category] = draws
 

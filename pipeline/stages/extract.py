@@ -13,6 +13,12 @@ masks): readers must not take those zeros for "no defect".
 
 A killed run re-run with the same config resumes from the last complete chunk (the DVC output is
 ``persist: true`` so that ``dvc repro`` does not delete the partial store first).
+
+Stage normals@D runs the same command with ``--train-good --out normals/<D>``: the known-good images
+of D's train split (:func:`pipeline.data.tables.train_good`), the pool the few-shot protocol draws its
+reference images from. The categories without a train split are named in the attr
+``train_good_missing``; a dataset with none at all (e.g. a ``folder`` set of test images only) gets
+the folder with :data:`ABSENT` alone, saying why, so the neighbours stage draws from test/good.
 """
 
 from __future__ import annotations
@@ -24,13 +30,16 @@ from pathlib import Path
 
 import torch
 
-from pipeline.features import backbones
+from pipeline.features import backbones, store
 from pipeline.data import tables
 from pipeline.config import ConfigError, load_params
 from pipeline.features.extract import WeightsError, extract, fingerprint
+from pipeline.files import atomic_write
 from pipeline.launch import process_group, run, setup_logging
 
 log = logging.getLogger("pipeline.stages.extract")
+
+ABSENT, ABSENT_FORMAT = store.NORMALS_ABSENT, store.NORMALS_ABSENT_FORMAT
 
 
 def read_weights_record(path: Path) -> dict:
@@ -54,6 +63,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--weights", required=True, type=Path, help="<name>.safetensors written by the weights stage")
     parser.add_argument("--out", required=True, type=Path, help="the store to write, features/<dataset>")
     parser.add_argument("--params", default="params.yaml", type=Path)
+    parser.add_argument("--train-good", action="store_true",
+                        help="extract the train split's good images (the few-shot reference pool) instead "
+                             "of data.splits")
     args = parser.parse_args(argv)
     setup_logging()
     params = load_params(args.params, ["datasets", "data", "backbone", "extract"])
@@ -64,8 +76,18 @@ def main(argv: list[str] | None = None) -> None:
 
     digest, record = checked_weights(args.weights, bcfg.name)
 
-    samples = tables.load_table(ds.format, Path(ds.root), splits=data.splits, categories=ds.categories,
-                                  max_pixels=data.max_pixels)
+    missing: dict[str, str] = {}
+    if args.train_good:
+        samples, missing = tables.train_good(ds.format, Path(ds.root), categories=ds.categories,
+                                             max_pixels=data.max_pixels)
+        if not samples:
+            write_absent(args.out, args.dataset, missing)
+            log.info("%s: no train/good image in any category; wrote %s", args.dataset, args.out / ABSENT)
+            return
+        (args.out / ABSENT).unlink(missing_ok=True)  # the dataset has gained a train split since
+    else:
+        samples = tables.load_table(ds.format, Path(ds.root), splits=data.splits, categories=ds.categories,
+                                    max_pixels=data.max_pixels)
     categories = sorted({s.category for s in samples})
     defects = sorted({s.defect for s in samples})
     no_masks = tables.categories_without_masks(samples)
@@ -84,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
             "dataset": args.dataset,
             "format": ds.format,
             "root": ds.root,
-            "splits": list(data.splits),
+            "splits": ["train"] if args.train_good else list(data.splits),
             "backbone": bcfg.name,
             "weights_sha256": digest,
             "weights_source": record["source"],
@@ -97,6 +119,8 @@ def main(argv: list[str] | None = None) -> None:
             "defects": defects,
             "inputs_sha256": fingerprint(samples),
         }
+        if missing:
+            attrs["train_good_missing"] = missing
         if no_masks:
             # Only when there are some: a store without the attr has masks in every category, so the
             # stores extracted before this attr existed stay valid (store.prepare compares attrs).
@@ -106,6 +130,17 @@ def main(argv: list[str] | None = None) -> None:
                 chunk_images=ecfg.chunk_images, num_workers=ecfg.num_workers, max_pixels=data.max_pixels,
                 allow_empty_masks=data.allow_empty_masks, device=device, dist_info=dist_info)
     log.info("%s: store complete at %s", args.dataset, args.out)
+
+
+def write_absent(out: Path, dataset: str, missing: dict[str, str]) -> None:
+    """Make ``out`` a normals folder that holds only :data:`ABSENT`: no store, and the reason per category."""
+    import shutil
+
+    if out.exists():
+        shutil.rmtree(out)  # this stage's own output (a store of an earlier run of the same dataset)
+    out.mkdir(parents=True)
+    atomic_write(out / ABSENT, lambda tmp: tmp.write_text(json.dumps(
+        {"format": ABSENT_FORMAT, "dataset": dataset, "categories": missing}, indent=1, sort_keys=True) + "\n"))
 
 
 def checked_weights(weights: Path, backbone: str) -> tuple[str, dict]:
