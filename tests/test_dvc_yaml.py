@@ -78,7 +78,15 @@ def test_stage_lists_its_modules_and_params(name):
     missing = sorted(str(p) for p in closure(module) - deps)
     assert not missing, f"stage {name}: imports {missing} but does not list them in deps"
     listed = stage_params(do)
-    for section, fields in params_read(module_file(module)).items():
+    reads = params_read(module_file(module))
+    # a stage that runs another stage's code (normals runs extract's write_store) reads what that code reads
+    for other in closure(module):
+        if other.parts[:2] == ("pipeline", "stages") and other != module_file(module).relative_to(ROOT) \
+                and other.name != "__init__.py":
+            for section, fields in params_read(ROOT / other).items():
+                if section in reads and fields:
+                    reads[section] = (reads[section] or set()) | fields
+    for section, fields in reads.items():
         if section in listed or (section == "datasets" and "datasets.${key}" in listed):
             continue
         assert fields, f"stage {name}: reads params section {section!r} but lists none of it"

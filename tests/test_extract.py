@@ -25,6 +25,7 @@ from pipeline.data.images import DatasetError, load_image, load_mask
 from pipeline.data.tables import load_table
 from pipeline.features.extract import WeightsError
 from pipeline.stages import extract as extract_stage
+from pipeline.stages import normals as normals_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 ARRAYS = ("tokens", "cls", "masks", "labels", "category", "defect")
@@ -390,11 +391,12 @@ def test_train_good_store_holds_the_train_images_and_names_the_categories_withou
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     args = stage_args(tmp, tmp_path / "normals")
     args[args.index("--params") + 1] = str(tmp_path / "params.yaml")
-    extract_stage.main([*args, "--train-good"])
+    normals_stage.main(args)
 
     pool = store.open_store(tmp_path / "normals")
     assert pool.attrs["paths"] == ["alpha/train/good/000.png", "alpha/train/good/001.png"]
     assert pool.attrs["splits"] == ["train"] and pool.attrs["train_good_missing"] == {"beta": NO_TRAIN}
+    assert pool.attrs["train_good_counts"] == {"alpha": 2} and pool.attrs["train_good_drawn"] == {"alpha": [0, 1]}
     assert (pool.labels[:] == 0).all()
     # the same image gives the same tokens as in the test store (up to the batch it was run in)
     same = reference.attrs["paths"].index("alpha/test/good/001.png")
@@ -407,9 +409,23 @@ def test_train_good_store_holds_the_train_images_and_names_the_categories_withou
     with pytest.raises(target_scores.TargetScoresError, match="root"):
         target_scores.open_pool(tmp_path / "normals", reference)
 
+    # only the images some draw can pick are extracted: one k of 1 and one seed draw one of alpha's two
+    from pipeline.method.neighbours import draws
+
+    params["neighbours"] = {"reference_k": [1], "reference_seeds": [0]}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    one = stage_args(tmp, tmp_path / "one")
+    one[one.index("--params") + 1] = str(tmp_path / "params.yaml")
+    normals_stage.main(one)
+    subset = store.open_store(tmp_path / "one")
+    picked = int(draws(2, 1, [0])[0][0])
+    assert subset.attrs["paths"] == [f"alpha/train/good/{picked:03d}.png"]
+    assert subset.attrs["train_good_counts"] == {"alpha": 2} and subset.attrs["train_good_drawn"] == {"alpha": [picked]}
+    np.testing.assert_array_equal(subset.tokens[0], pool.tokens[picked])
+
     # once no category has a train split, the same out holds only the record of why
     shutil.rmtree(root / "alpha/train")
-    extract_stage.main([*args, "--train-good"])
+    normals_stage.main(args)
     assert sorted(p.name for p in (tmp_path / "normals").iterdir()) == [store.NORMALS_ABSENT]
     assert target_scores.open_pool(tmp_path / "normals", target) == (None, {"alpha": NO_TRAIN, "beta": NO_TRAIN})
 

@@ -244,15 +244,18 @@ def test_a_capped_reference_bank_scores_against_the_coreset_of_each_draw(setup, 
     assert (capped[4][0, scored] > full[4][0, scored] + 1e-4).any()
 
 
-def write_pool(path, target, category, n, seed):
-    """A train/good store of ``target``'s dataset: ``n`` normal images of ``category`` (random tokens)."""
+def write_pool(path, target, category, n, seed, held=None):
+    """A train/good store of ``target``'s dataset: ``n`` normal images of ``category`` (random tokens),
+    of which it holds those of ``held`` (default all), as stage normals keeps only the drawable ones."""
     g = np.random.default_rng(seed)
+    held = list(range(n)) if held is None else held
     length, dim = target.tokens.shape[1:]
-    tokens = g.standard_normal((n, length, dim)).astype(np.float16)
+    tokens = g.standard_normal((n, length, dim)).astype(np.float16)[held]
     size = target.masks.shape[-1]
     attrs = {**{k: target.attrs[k] for k in ("dataset", "root", "backbone", "weights_sha256", "layer", "image_size",
                                              "grid", "defects")},
-             "splits": ["train"], "categories": [category], "paths": [f"{category}/train/good/{i:03d}.png" for i in range(n)],
+             "splits": ["train"], "categories": [category], "paths": [f"{category}/train/good/{i:03d}.png" for i in held],
+             "train_good_counts": {category: n}, "train_good_drawn": {category: held},
              "train_good_missing": {"t2": "no train/good images: the reference is drawn from test/good"}}
 
     def chunk(a, b):
@@ -260,7 +263,7 @@ def write_pool(path, target, category, n, seed):
                 "labels": np.zeros(b - a, np.uint8), "category": np.zeros(b - a, np.int16),
                 "defect": np.zeros(b - a, np.int16)}
 
-    store.write(path, store.StoreLayout(n, length, dim, size, 8), attrs, chunk)
+    store.write(path, store.StoreLayout(len(held), length, dim, size, 8), attrs, chunk)
     return store.open_store(path), tokens
 
 
@@ -337,3 +340,19 @@ def test_a_pool_or_an_absent_record_of_another_dataset_is_refused(setup, tmp_pat
     assert target_scores.open_pool(tmp_path / "absent", other) == (None, {"a1": "none"})
     with pytest.raises(target_scores.TargetScoresError, match="normals record of dataset 'target'"):
         target_scores.open_pool(tmp_path / "absent", target)
+
+
+def test_a_pool_holding_the_drawable_images_draws_over_the_whole_train_list(setup, tmp_path):  # noqa: F811
+    from pipeline.method import neighbours
+
+    target = store.open_store(setup / "target")
+    full, _ = write_pool(tmp_path / "full", target, "t1", 9, seed=5)
+    picked = sorted({int(i) for pick in neighbours.draws(9, 2, [0, 1]) for i in pick})
+    assert len(picked) < 9  # the seeds leave some of the 9 undrawn
+    subset, _ = write_pool(tmp_path / "subset", target, "t1", 9, seed=5, held=picked)
+    want, want_info = target_scores.compute_reference(target, [2], [0, 1], pool=full)
+    got, got_info = target_scores.compute_reference(target, [2], [0, 1], pool=subset)
+    assert got_info["images"] == want_info["images"]  # the same paths drawn from the same list of 9
+    np.testing.assert_array_equal(got[2], want[2])
+    with pytest.raises(target_scores.TargetScoresError, match="re-run stage normals@target"):
+        target_scores.compute_reference(target, [2, 4], [0, 1], pool=subset)  # k=4 picks images it lacks

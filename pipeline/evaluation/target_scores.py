@@ -135,7 +135,7 @@ def open_pool(folder: str | Path, target: store.FeatureStore) -> tuple[store.Fea
                                     f"target {target.path} has {target.attrs.get(key)!r}; re-run stage normals")
     if pool.attrs.get("splits") != ["train"] or (pool.labels[:] != 0).any():
         raise TargetScoresError(f"{folder}: not a train/good store (splits {pool.attrs.get('splits')}); "
-                                "write it with python -m pipeline.stages.extract --train-good")
+                                "write it with python -m pipeline.stages.normals")
     return pool, dict(pool.attrs.get("train_good_missing", {}))
 
 
@@ -163,9 +163,14 @@ def compute_reference(target: store.FeatureStore, ks: Sequence[int], seeds: Sequ
     for name, (start, stop) in category_ranges(target).items():
         tokens = _Rows(target, start)(0, stop - start)  # one category, float16 as stored
         if name in pools:
+            # the draws run over the category's whole train/good list; the store holds the drawable ones
             p_start, p_stop = pools[name]
+            held = pool.attrs.get("train_good_drawn", {}).get(name, list(range(p_stop - p_start)))
+            n_train = pool.attrs.get("train_good_counts", {}).get(name, p_stop - p_start)
+            rows = np.full(n_train, -1)
+            rows[held] = np.arange(p_stop - p_start)
             bank_tokens, bank_paths = _Rows(pool, p_start)(0, p_stop - p_start), pool.attrs["paths"][p_start:p_stop]
-            good, cap, drawn_in_target = np.arange(p_stop - p_start), p_stop - p_start, False
+            good, cap, drawn_in_target = np.arange(n_train), n_train, False
         else:
             good = np.flatnonzero(labels[start:stop] == 0)
             if len(good) < 2:
@@ -180,6 +185,13 @@ def compute_reference(target: store.FeatureStore, ks: Sequence[int], seeds: Sequ
             info["images"][str(k)][name] = []
             for d, pick in enumerate(neighbours.draws(len(good), used, seeds)):
                 refs = good[pick]
+                if not drawn_in_target:
+                    if (rows[refs] < 0).any():
+                        raise TargetScoresError(
+                            f"{pool.path}: the draw of seed {seeds[d]} for k={used} in category {name!r} picks "
+                            f"train/good images the store does not hold (it was extracted for other "
+                            f"neighbours.reference_k or reference_seeds); re-run stage normals@{target.attrs.get('dataset')}")
+                    refs = rows[refs]
                 bank = Reference.build(bank_tokens[refs], max_patches=max_patches, device=device)
                 scores = bank.distances(torch.from_numpy(tokens), device=device, precision=precision).numpy()
                 if drawn_in_target:

@@ -37,6 +37,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.data.draws import draws  # noqa: F401  (the few-shot draws, used beside the distances)
+
 PRECISIONS = ("float32", "bfloat16")
 MUTUAL_FRACTION = 0.3
 """Fraction of the other images whose nearest-patch distances are averaged (MuSc's 30 %)."""
@@ -259,11 +261,3 @@ def against(query: np.ndarray | torch.Tensor, read: TokenReader, n_images: int, 
         nearest[:, j] = 1 - (units @ other.T).amax(dim=1)
     k = mutual_k(n_images, fraction)
     return nearest.topk(k, dim=1, largest=False).values.mean(dim=1).reshape(count, length).cpu().numpy()
-
-
-def draws(n_candidates: int, k: int, seeds: Sequence[int]) -> list[np.ndarray]:
-    """For each seed, ``k`` distinct indices of ``n_candidates`` drawn without replacement, sorted
-    (numpy's PCG64 generator seeded with the seed, so a draw is the same on every machine)."""
-    if k > n_candidates:
-        raise ValueError(f"{k} reference images asked for, {n_candidates} to draw from")
-    return [np.sort(np.random.default_rng(s).choice(n_candidates, size=k, replace=False)) for s in seeds]

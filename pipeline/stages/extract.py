@@ -14,11 +14,8 @@ masks): readers must not take those zeros for "no defect".
 A killed run re-run with the same config resumes from the last complete chunk (the DVC output is
 ``persist: true`` so that ``dvc repro`` does not delete the partial store first).
 
-Stage normals@D runs the same command with ``--train-good --out normals/<D>``: the known-good images
-of D's train split (:func:`pipeline.data.tables.train_good`), the pool the few-shot protocol draws its
-reference images from. The categories without a train split are named in the attr
-``train_good_missing``; a dataset with none at all (e.g. a ``folder`` set of test images only) gets
-the folder with :data:`ABSENT` alone, saying why, so the neighbours stage draws from test/good.
+Stage normals@D (:mod:`pipeline.stages.normals`) writes the known-good images of D's train split
+through the same code.
 """
 
 from __future__ import annotations
@@ -30,16 +27,14 @@ from pathlib import Path
 
 import torch
 
-from pipeline.features import backbones, store
+from pipeline.features import backbones
 from pipeline.data import tables
 from pipeline.config import ConfigError, load_params
 from pipeline.features.extract import WeightsError, extract, fingerprint
-from pipeline.files import atomic_write
 from pipeline.launch import process_group, run, setup_logging
 
 log = logging.getLogger("pipeline.stages.extract")
 
-ABSENT, ABSENT_FORMAT = store.NORMALS_ABSENT, store.NORMALS_ABSENT_FORMAT
 
 
 def read_weights_record(path: Path) -> dict:
@@ -57,56 +52,59 @@ def read_weights_record(path: Path) -> dict:
     return record
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def stage_parser(description: str, out: str) -> argparse.ArgumentParser:
+    """The arguments of a stage that extracts a dataset (extract, normals); ``out`` names its folder."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, help="a key of the datasets section of params.yaml")
     parser.add_argument("--weights", required=True, type=Path, help="<name>.safetensors written by the weights stage")
-    parser.add_argument("--out", required=True, type=Path, help="the store to write, features/<dataset>")
+    parser.add_argument("--out", required=True, type=Path, help=f"the store to write, {out}")
     parser.add_argument("--params", default="params.yaml", type=Path)
-    parser.add_argument("--train-good", action="store_true",
-                        help="extract the train split's good images (the few-shot reference pool) instead "
-                             "of data.splits")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = stage_parser(__doc__, "features/<dataset>").parse_args(argv)
     setup_logging()
     params = load_params(args.params, ["datasets", "data", "backbone", "extract"])
-    if args.dataset not in params.datasets:
-        raise ConfigError(f"--dataset {args.dataset!r} is not a key of {args.params}'s datasets section "
+    ds = dataset_of(params, args.dataset, args.params)
+    samples = tables.load_table(ds.format, Path(ds.root), splits=params.data.splits, categories=ds.categories,
+                                max_pixels=params.data.max_pixels)
+    write_store(args.dataset, args.weights, args.out, params, samples, splits=list(params.data.splits))
+
+
+def dataset_of(params, name: str, params_path: Path):
+    """The datasets entry ``name`` of ``params``; a ConfigError naming the known ones if absent."""
+    if name not in params.datasets:
+        raise ConfigError(f"--dataset {name!r} is not a key of {params_path}'s datasets section "
                           f"(known: {', '.join(params.datasets) or 'none'})")
-    ds, data, bcfg, ecfg = params.datasets[args.dataset], params.data, params.backbone, params.extract
+    return params.datasets[name]
 
-    digest, record = checked_weights(args.weights, bcfg.name)
 
-    missing: dict[str, str] = {}
-    if args.train_good:
-        samples, missing = tables.train_good(ds.format, Path(ds.root), categories=ds.categories,
-                                             max_pixels=data.max_pixels)
-        if not samples:
-            write_absent(args.out, args.dataset, missing)
-            log.info("%s: no train/good image in any category; wrote %s", args.dataset, args.out / ABSENT)
-            return
-        (args.out / ABSENT).unlink(missing_ok=True)  # the dataset has gained a train split since
-    else:
-        samples = tables.load_table(ds.format, Path(ds.root), splits=data.splits, categories=ds.categories,
-                                    max_pixels=data.max_pixels)
+def write_store(dataset: str, weights: Path, out: Path, params, samples: list, *, splits: list[str],
+                extra_attrs: dict | None = None) -> None:
+    """Extract ``samples`` of ``dataset`` through the backbone into the store ``out`` (resuming a partial
+    one), with the attrs of the module docstring plus ``extra_attrs``."""
+    ds, data, bcfg, ecfg = params.datasets[dataset], params.data, params.backbone, params.extract
+    digest, record = checked_weights(weights, bcfg.name)
     categories = sorted({s.category for s in samples})
     defects = sorted({s.defect for s in samples})
     no_masks = tables.categories_without_masks(samples)
     if no_masks:
         log.warning("%s: categor%s %s ha%s labels but no masks (no ground_truth/ folder): their anomalous "
                     "images are stored with all-zero masks, recorded in attrs categories_without_masks; pixel "
-                    "metrics will be null there", args.dataset, "y" if len(no_masks) == 1 else "ies",
+                    "metrics will be null there", dataset, "y" if len(no_masks) == 1 else "ies",
                     ", ".join(no_masks), "s" if len(no_masks) == 1 else "ve")
     log.info("%s: %d images, %d categories, backbone %s (weights from %s)",
-             args.dataset, len(samples), len(categories), bcfg.name, record["source"])
+             dataset, len(samples), len(categories), bcfg.name, record["source"])
 
     with process_group(ecfg.device) as (dist_info, device):
         backbone = backbones.create_backbone(bcfg.name, layer=bcfg.layer, image_size=bcfg.image_size,
-                                             weights=args.weights)
+                                             weights=weights)
         attrs = {
-            "dataset": args.dataset,
+            "dataset": dataset,
             "format": ds.format,
             "root": ds.root,
-            "splits": ["train"] if args.train_good else list(data.splits),
+            "splits": splits,
             "backbone": bcfg.name,
             "weights_sha256": digest,
             "weights_source": record["source"],
@@ -118,29 +116,17 @@ def main(argv: list[str] | None = None) -> None:
             "categories": categories,
             "defects": defects,
             "inputs_sha256": fingerprint(samples),
+            **(extra_attrs or {}),
         }
-        if missing:
-            attrs["train_good_missing"] = missing
         if no_masks:
             # Only when there are some: a store without the attr has masks in every category, so the
             # stores extracted before this attr existed stay valid (store.prepare compares attrs).
             attrs["categories_without_masks"] = no_masks
-        extract(samples, backbone, backbones.image_transform(backbone), args.out, attrs,
+        extract(samples, backbone, backbones.image_transform(backbone), out, attrs,
                 categories=categories, defects=defects, batch_size=ecfg.batch_size,
                 chunk_images=ecfg.chunk_images, num_workers=ecfg.num_workers, max_pixels=data.max_pixels,
                 allow_empty_masks=data.allow_empty_masks, device=device, dist_info=dist_info)
-    log.info("%s: store complete at %s", args.dataset, args.out)
-
-
-def write_absent(out: Path, dataset: str, missing: dict[str, str]) -> None:
-    """Make ``out`` a normals folder that holds only :data:`ABSENT`: no store, and the reason per category."""
-    import shutil
-
-    if out.exists():
-        shutil.rmtree(out)  # this stage's own output (a store of an earlier run of the same dataset)
-    out.mkdir(parents=True)
-    atomic_write(out / ABSENT, lambda tmp: tmp.write_text(json.dumps(
-        {"format": ABSENT_FORMAT, "dataset": dataset, "categories": missing}, indent=1, sort_keys=True) + "\n"))
+    log.info("%s: store complete at %s", dataset, out)
 
 
 def checked_weights(weights: Path, backbone: str) -> tuple[str, dict]:
