@@ -67,9 +67,10 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     params = load_params(args.params, ["datasets", "data", "backbone", "extract"])
     ds = dataset_of(params, args.dataset, args.params)
+    weights = checked_weights(args.weights, params.backbone.name)  # before the dataset is read: fails fast
     samples = tables.load_table(ds.format, Path(ds.root), splits=params.data.splits, categories=ds.categories,
                                 max_pixels=params.data.max_pixels)
-    write_store(args.dataset, args.weights, args.out, params, samples, splits=list(params.data.splits))
+    write_store(args.dataset, args.weights, weights, args.out, params, samples, splits=list(params.data.splits))
 
 
 def dataset_of(params, name: str, params_path: Path):
@@ -80,12 +81,13 @@ def dataset_of(params, name: str, params_path: Path):
     return params.datasets[name]
 
 
-def write_store(dataset: str, weights: Path, out: Path, params, samples: list, *, splits: list[str],
-                extra_attrs: dict | None = None) -> None:
-    """Extract ``samples`` of ``dataset`` through the backbone into the store ``out`` (resuming a partial
-    one), with the attrs of the module docstring plus ``extra_attrs``."""
+def write_store(dataset: str, weights: Path, checked: tuple[str, dict], out: Path, params, samples: list, *,
+                splits: list[str], extra_attrs: dict | None = None) -> None:
+    """Extract ``samples`` of ``dataset`` through the backbone ``weights`` (``checked``: what
+    :func:`checked_weights` gave for them) into the store ``out`` (resuming a partial one), with the
+    attrs of the module docstring plus ``extra_attrs``."""
     ds, data, bcfg, ecfg = params.datasets[dataset], params.data, params.backbone, params.extract
-    digest, record = checked_weights(weights, bcfg.name)
+    digest, record = checked
     categories = sorted({s.category for s in samples})
     defects = sorted({s.defect for s in samples})
     no_masks = tables.categories_without_masks(samples)

@@ -26,7 +26,7 @@ from pipeline.data.draws import draws
 from pipeline.features import store
 from pipeline.files import atomic_write
 from pipeline.launch import run, setup_logging
-from pipeline.stages.extract import dataset_of, stage_parser, write_store
+from pipeline.stages.extract import checked_weights, dataset_of, stage_parser, write_store
 
 log = logging.getLogger("pipeline.stages.normals")
 
@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params, ["datasets", "data", "backbone", "extract", "neighbours"])
     ds = dataset_of(params, args.dataset, args.params)
     nb = params.neighbours
+    weights = checked_weights(args.weights, params.backbone.name)  # before the dataset is read: fails fast
     samples, missing = tables.train_good(ds.format, Path(ds.root), categories=ds.categories,
                                          max_pixels=params.data.max_pixels)
     if not samples:
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     extra = {"train_good_counts": counts, "train_good_drawn": drawn}
     if missing:
         extra["train_good_missing"] = missing
-    write_store(args.dataset, args.weights, args.out, params, samples, splits=["train"], extra_attrs=extra)
+    write_store(args.dataset, args.weights, weights, args.out, params, samples, splits=["train"], extra_attrs=extra)
 
 
 def drawable(samples: list, ks, seeds) -> tuple[list, dict[str, int], dict[str, list[int]]]:
