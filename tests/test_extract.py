@@ -428,6 +428,19 @@ def test_train_good_store_holds_the_train_images_and_names_the_categories_withou
     normals_stage.main(args)
     assert sorted(p.name for p in (tmp_path / "normals").iterdir()) == [store.NORMALS_ABSENT]
     assert target_scores.open_pool(tmp_path / "normals", target) == (None, {"alpha": NO_TRAIN, "beta": NO_TRAIN})
+    normals_stage.main(args)  # a second run replaces its own record
+    assert sorted(p.name for p in (tmp_path / "normals").iterdir()) == [store.NORMALS_ABSENT]
+
+    # a folder of the user's given as --out is refused and left as it was, record or store of ours or not
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    (mine / store.NORMALS_ABSENT).write_text("{}")
+    theirs = stage_args(tmp, mine)
+    theirs[theirs.index("--params") + 1] = str(tmp_path / "params.yaml")
+    with pytest.raises(store.StoreError, match="refusing to overwrite"):
+        normals_stage.main(theirs)
+    assert sorted(p.name for p in mine.iterdir()) == [store.NORMALS_ABSENT, "notes.txt"]
 
 
 def _copy_with_root(src, dest, root):

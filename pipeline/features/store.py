@@ -174,7 +174,7 @@ def _why_not_ours(path: Path) -> str | None:
     return f"{what}; {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}{label}: {names}"
 
 
-def _check_ours(path: Path) -> None:
+def check_ours(path: Path) -> None:
     """Raise :class:`StoreError` unless ``path`` is absent or ours to delete (:func:`_why_not_ours`)."""
     if not path.exists() and not path.is_symlink():
         return
@@ -187,8 +187,8 @@ def _check_ours(path: Path) -> None:
 
 
 def _create(path: Path, layout: StoreLayout, attrs: Mapping[str, Any]) -> zarr.Group:
-    """Create an empty store at ``path``, deleting what is there only if it is ours (:func:`_check_ours`)."""
-    _check_ours(path)
+    """Create an empty store at ``path``, deleting what is there only if it is ours (:func:`check_ours`)."""
+    check_ours(path)
     if path.exists():
         shutil.rmtree(path)
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
@@ -218,7 +218,7 @@ def prepare(path: str | Path, layout: StoreLayout, attrs: Mapping[str, Any]) -> 
     :class:`StoreError` naming what is there, and is left untouched.
     """
     path = Path(path)
-    _check_ours(path)
+    check_ours(path)
     wanted = {**_jsonable(dict(attrs)), "schema": SCHEMA}
     if path.exists():
         reason = None

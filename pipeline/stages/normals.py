@@ -74,14 +74,28 @@ def drawable(samples: list, ks, seeds) -> tuple[list, dict[str, int], dict[str, 
 
 
 def write_absent(out: Path, dataset: str, missing: dict[str, str]) -> None:
-    """Make ``out`` a normals folder that holds only :data:`ABSENT`: no store, and the reason per category."""
+    """Make ``out`` a normals folder that holds only :data:`ABSENT`: no store, and the reason per category.
+    What ``out`` held is replaced only when it is this stage's own output (a store of ours, or an
+    earlier record); a folder of anything else raises :class:`pipeline.features.store.StoreError`, untouched."""
     import shutil
 
-    if out.exists():
-        shutil.rmtree(out)  # this stage's own output (a store of an earlier run of the same dataset)
+    if out.exists() or out.is_symlink():
+        if not _absent_record_only(out):
+            store.check_ours(out)
+        shutil.rmtree(out)
     out.mkdir(parents=True)
     atomic_write(out / ABSENT, lambda tmp: tmp.write_text(json.dumps(
         {"format": ABSENT_FORMAT, "dataset": dataset, "categories": missing}, indent=1, sort_keys=True) + "\n"))
+
+
+def _absent_record_only(folder: Path) -> bool:
+    """True when ``folder`` is a folder holding only an :data:`ABSENT` record of this stage's format."""
+    if folder.is_symlink() or not folder.is_dir() or [p.name for p in folder.iterdir()] != [ABSENT]:
+        return False
+    try:
+        return json.loads((folder / ABSENT).read_text()).get("format") == ABSENT_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 if __name__ == "__main__":
