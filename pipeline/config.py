@@ -111,8 +111,14 @@ class DatasetConfig:
     """Root folder of the dataset, relative to the repository root or absolute."""
     categories: tuple[str, ...] | None = None
     """Restrict to these categories; ``null`` means every category found under the root."""
+    tile: int | None = None
+    """Evaluate also scores this target's image files with the detector alone, whole and as overlapping
+    tiles of this many pixels (``predict --tile``), side by side: metrics.json ``tiled``
+    (:mod:`pipeline.evaluation.tiled`). ``null``: off. Costs a backbone forward per tile."""
 
     def __post_init__(self) -> None:
+        if self.tile is not None and (isinstance(self.tile, bool) or not isinstance(self.tile, int) or self.tile < 2):
+            _fail("tile", f"must be an integer of at least 2 pixels, or null, got {self.tile!r}")
         if self.format not in ("mvtec", "visa", "folder"):
             _fail("format", f"{self.format!r} is not one of mvtec, visa, folder")
         if not self.root:
@@ -409,8 +415,14 @@ class EvaluateConfig:
     """Images per category in the overlay PNGs (half anomalous where possible)."""
     device: str = "auto"
     """``auto`` (CUDA when present), ``cpu`` or ``cuda``."""
+    tiled_grid: int = 512
+    """The tiled path's measurement (a target with ``datasets.<name>.tile``): every map and mask is
+    brought to this many pixels a side, so images of one category share a grid; a mask cell is a
+    defect where any of its pixels is."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.tiled_grid, bool) or not isinstance(self.tiled_grid, int) or self.tiled_grid < 2:
+            _fail("tiled_grid", f"must be an integer of at least 2 pixels, got {self.tiled_grid!r}")
         if self.batch_images < 1:
             _fail("batch_images", f"must be >= 1, got {self.batch_images}")
         if self.curve_points < 2:

@@ -74,3 +74,130 @@ def test_tile_refuses_what_it_cannot_do(tmp_path):
         P.Options(tile=16, batch=True)
     with pytest.raises(P.PredictError, match="--explain"):
         P.Options(tile=16, explain=True)
+
+
+# --- the evaluate stage's dataset option tile: both paths measured on the same masks -------------------
+
+def _write_line(root, n_good=3, n_bad=3):
+    """An mvtec-layout category of 320 x 256 images: good ones carry a broad faint red haze (40 of 255
+    over 48 x 48 px), anomalous ones a 4 x 4 full-red spot and its mask. Resized to the fake detector's
+    16 x 16 cells the haze outweighs the spot (0.157 against 0.05), so the resized path ranks every
+    anomalous image below every good one; in 32 px tiles the spot fills whole cells (1.0)."""
+    from pipeline.data.tables import load_table
+
+    for i in range(n_good):
+        rgb = np.zeros((256, 320, 3), np.uint8)
+        rgb[40 + 30 * i:88 + 30 * i, 60:108, 0] = 40
+        (root / "plate/test/good").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rgb).save(root / f"plate/test/good/{i:03d}.png")
+    for i in range(n_bad):
+        rgb = np.zeros((256, 320, 3), np.uint8)
+        mask = np.zeros((256, 320), np.uint8)
+        y, x = 50 + 60 * i, 100 + 50 * i
+        rgb[y:y + 4, x:x + 4, 0] = 255
+        mask[y:y + 4, x:x + 4] = 255
+        (root / "plate/test/spot").mkdir(parents=True, exist_ok=True)
+        (root / "plate/ground_truth/spot").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rgb).save(root / f"plate/test/spot/{i:03d}.png")
+        Image.fromarray(mask).save(root / f"plate/ground_truth/spot/{i:03d}_mask.png")
+    return load_table("mvtec", root)
+
+
+def test_tiled_metrics_find_what_the_resized_path_misses_and_equal_the_in_memory_metrics(tmp_path):
+    from pipeline.data.images import load_image, load_mask
+    from pipeline.evaluation import metrics, tiled
+    from pipeline.method import tiles
+
+    samples = _write_line(tmp_path / "line")
+    det = RednessDetector()
+    block = tiled.tiled_metrics(det, samples, 32, grid=64, scratch=tmp_path, max_pixels=10**8)
+    assert block["resized"]["image_auroc"] == 0.0 and block["tiled"]["image_auroc"] == 1.0
+    assert block["tiled"]["pixel_aupro"] > block["resized"]["pixel_aupro"]
+    assert block["n_images"] == 6 and block["n_tiled"] == 6
+    assert block["tiles_per_tiled_image"] == len(P.tile_origins(320, 32)) * len(P.tile_origins(256, 32)) == 19 * 15
+    # the streamed per-image adds equal metrics.compute_all on the whole category's arrays, made here
+    # with PIL directly: the map's bilinear resize and "any defect pixel under the cell"
+    for path in tiled.PATHS:
+        masks, maps, scores = [], [], []
+        for s in samples:
+            image = load_image(s.image)
+            if path == "resized":
+                m, sc = det.predict([image])
+                m, sc = m[0], sc[0]
+            else:
+                m, _ = tiles.tiled_map(lambda crops: det.predict(crops)[0], image, 32)
+                sc = m.max()
+            maps.append(np.asarray(Image.fromarray(m.astype(np.float32)).resize((64, 64), Image.Resampling.BILINEAR)))
+            mask = load_mask(s.mask, image.size)
+            cells = mask.reshape(64, 4, 64, 5).max(axis=(1, 3))  # 256 / 64 = 4 rows, 320 / 64 = 5 columns a cell
+            masks.append(cells)
+            scores.append(sc)
+        want = metrics.compute_all(np.array([s.label for s in samples]), np.array(scores), np.stack(masks),
+                                   np.stack(maps))
+        got = block["per_category"]["plate"][path]
+        for key in metrics.METRIC_KEYS:
+            assert got[key] == pytest.approx(want[key], abs=1e-9), (path, key)
+
+
+def test_tiled_metrics_refuse_a_global_score_and_images_that_are_not_the_stores(tmp_path):
+    from dataclasses import replace
+
+    from pipeline.evaluation import tiled
+
+    samples = _write_line(tmp_path / "line", 1, 1)
+    det = RednessDetector()
+    det.settings = replace(det.settings, image_score="global")
+    with pytest.raises(tiled.TiledError, match="global"):
+        tiled.tiled_metrics(det, samples, 32, grid=64, scratch=tmp_path, max_pixels=10**8)
+    with pytest.raises(ValueError, match="tile"):
+        tiled.tiled_metrics(RednessDetector(), samples, 1, grid=64, scratch=tmp_path, max_pixels=10**8)
+    tiled.check_samples(samples, [s.relpath for s in samples], "store")
+    with pytest.raises(tiled.TiledError, match="first difference at image 1"):
+        tiled.check_samples(samples, [samples[0].relpath, "plate/test/good/999.png"], "store")
+
+
+@pytest.mark.parametrize("bad", [True, 1, 2.5, "448"])
+def test_a_dataset_tile_that_is_not_an_integer_of_two_pixels_is_refused(bad):
+    from pipeline.config import ConfigError, DatasetConfig
+
+    assert DatasetConfig(format="mvtec", root="x", tile=448).tile == 448
+    with pytest.raises(ConfigError, match="tile"):
+        DatasetConfig(format="mvtec", root="x", tile=bad)
+
+
+def test_the_evaluate_stage_measures_a_target_with_the_option_and_refuses_another_root(tmp_path, monkeypatch):
+    """The stage's glue: the target's files listed from its params entry, checked against the store's
+    paths, scored by the detector it loads with the weights given (here the fake one)."""
+    from types import SimpleNamespace
+
+    from pipeline.config import load_params
+    from pipeline.evaluation import tiled
+    from pipeline.method import detector
+    from pipeline.stages import evaluate as stage
+
+    samples = _write_line(tmp_path / "line", 2, 2)
+    (tmp_path / "params.yaml").write_text(
+        f"datasets:\n  line: {{format: mvtec, root: {tmp_path / 'line'}, tile: 32}}\n  other: {{format: mvtec, root: x}}\n"
+        "evaluate: {tiled_grid: 64}\n")
+    params = load_params(tmp_path / "params.yaml", ["datasets", "evaluate", "data"])
+    target = SimpleNamespace(path=tmp_path / "features/line", attrs={
+        "dataset": "line", "format": "mvtec", "root": str(tmp_path / "line"), "splits": ["test"],
+        "paths": [s.relpath for s in samples]})
+    loaded = []
+    monkeypatch.setattr(detector.Detector, "load",
+                        classmethod(lambda cls, folder, **kw: loaded.append((folder, kw["weights"])) or RednessDetector()))
+    args = SimpleNamespace(detector=tmp_path / "det", weights=tmp_path / "w.safetensors", out=tmp_path / "report")
+    assert stage.tiled_option(params, target, tmp_path / "params.yaml") == 32
+    block = stage.score_tiled(params, target, args, 32, "cpu")
+    assert loaded == [(tmp_path / "det", tmp_path / "w.safetensors")]
+    assert block["tiled"]["image_auroc"] == 1.0 and block["resized"]["image_auroc"] == 0.0 and block["grid"] == 64
+    assert [p.name for p in args.out.iterdir()] == []  # the run files went with their scratch folder
+
+    other = SimpleNamespace(path=target.path, attrs={**target.attrs, "dataset": "other"})
+    assert stage.tiled_option(params, other, tmp_path / "params.yaml") is None  # no tile: not measured
+    moved = SimpleNamespace(path=target.path, attrs={**target.attrs, "root": str(tmp_path / "elsewhere")})
+    with pytest.raises(tiled.TiledError, match="re-run the extract stage"):
+        stage.tiled_option(params, moved, tmp_path / "params.yaml")
+    fewer = SimpleNamespace(path=target.path, attrs={**target.attrs, "paths": target.attrs["paths"][:-1]})
+    with pytest.raises(tiled.TiledError, match="not the feature store's"):
+        stage.score_tiled(params, fewer, args, 32, "cpu")

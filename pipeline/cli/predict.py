@@ -95,6 +95,8 @@ from pipeline.data.images import IMAGE_EXTENSIONS, DatasetError, load_image
 from pipeline.data.images import visible
 from pipeline.errors import NonFiniteError, PipelineError
 from pipeline.files import atomic_write, write_bytes
+from pipeline.method import tiles
+from pipeline.method.tiles import map_at_size, resized, stitch_tiles, tile_origins  # noqa: F401 (predict's API)
 from pipeline.method.thresholds import ThresholdError, batch_threshold, check_rate, threshold_from_normals
 
 log = logging.getLogger("pipeline.cli.predict")
@@ -275,24 +277,6 @@ def map_top(detector: Any) -> float:
     return float(detector.info.get("map_range", (0.0, 1.0))[1])
 
 
-def map_at_size(amap: np.ndarray, size: tuple[int, int], top: float = 1.0) -> np.ndarray:
-    """amap (S, S) float in [0, top] -> (H, W) float32 for ``size`` = (W, H), PIL order.
-
-    PIL's bilinear resize of a float (mode ``F``) image: pixel centres aligned (output pixel j samples
-    the source at (j + 0.5) * S / W - 0.5), with the filter widened when shrinking (antialiasing).
-    Clipped to [0, top] (the interpolation of values in that range stays there but for rounding).
-    """
-    return np.clip(resized(amap, size), 0.0, top)
-
-
-def resized(amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """:func:`map_at_size` without the clipping, for values of any range (a fused decision's)."""
-    image = Image.fromarray(np.ascontiguousarray(amap, dtype=np.float32))  # mode F
-    if image.size != tuple(size):
-        image = image.resize(tuple(size), Image.Resampling.BILINEAR)
-    return np.asarray(image, dtype=np.float32)
-
-
 def map_png(full: np.ndarray, top: float = 1.0) -> Image.Image:
     """full (H, W) float in [0, top] -> a 16-bit greyscale image, value round(v / top * 65535)."""
     return Image.fromarray(np.rint(full * (MAP_SCALE / top)).astype(np.uint16))
@@ -457,40 +441,6 @@ def _score(detector, images: list[Image.Image], paths: Sequence[Path]) -> tuple[
     return maps, scores, time.perf_counter() - t0
 
 
-def tile_origins(length: int, tile: int) -> list[int]:
-    """Start offsets of tiles of ``tile`` pixels covering ``length`` at stride ``tile // 2``, the last
-    flush with the end (so every pixel is covered; the last two may overlap by more than half)."""
-    if length <= tile:
-        return [0]
-    stride = max(1, tile // 2)
-    starts = list(range(0, length - tile, stride))
-    return starts + [length - tile]
-
-
-def tile_window(tile: int) -> np.ndarray:
-    """(tile, tile) stitching weights: a separable tent, 1 at the centre and 0.1 at the edges, so a
-    pixel takes most of its value from the tiles it sits deep inside (a tile's edge patches see the
-    least context) and an image edge, covered by one tile, still has a weight."""
-    ramp = 1.0 - 0.9 * np.abs(np.linspace(-1.0, 1.0, tile))
-    return np.outer(ramp, ramp).astype(np.float64)
-
-
-def stitch_tiles(size: tuple[int, int], tile: int, origins: Sequence[tuple[int, int]], maps: Sequence[np.ndarray],
-                 top: float) -> np.ndarray:
-    """The tiles' maps (each S x S, resized to ``tile`` px) -> one (H, W) float32 map for ``size`` = (W, H):
-    per pixel the :func:`tile_window`-weighted mean of every tile covering it."""
-    w, h = size
-    total = np.zeros((h, w), np.float64)
-    weight = np.zeros((h, w), np.float64)
-    window = tile_window(tile)
-    for (x, y), m in zip(origins, maps):
-        th, tw = min(tile, h - y), min(tile, w - x)
-        full = map_at_size(m, (tw, th), top).astype(np.float64)
-        total[y:y + th, x:x + tw] += full * window[:th, :tw]
-        weight[y:y + th, x:x + tw] += window[:th, :tw]
-    return (total / weight).astype(np.float32)
-
-
 def _score_tiled(detector, images: list[Image.Image], paths: Sequence[Path], tile: int):
     """As :func:`_score`, but every image larger than ``tile`` is scored as its overlapping tiles, their
     maps stitched at the image's own size and the image score taken on that map (``settings.image_score``).
@@ -507,11 +457,7 @@ def _score_tiled(detector, images: list[Image.Image], paths: Sequence[Path], til
             maps.append(m[0])
             scores[i] = sc[0]
             continue
-        origins = [(x, y) for y in tile_origins(image.height, tile) for x in tile_origins(image.width, tile)]
-        crops = [image.crop((x, y, min(x + tile, image.width), min(y + tile, image.height))) for x, y in origins]
-        tile_maps = np.concatenate([_score(detector, crops[j:j + 8], [path] * len(crops[j:j + 8]))[0]
-                                    for j in range(0, len(crops), 8)])
-        stitched = stitch_tiles(image.size, tile, origins, tile_maps, top)
+        stitched, _ = tiles.tiled_map(lambda crops: _score(detector, crops, [path] * len(crops))[0], image, tile, top)
         maps.append(stitched)
         scores[i] = float(scoring.score_images(stitched[None], None, detector.settings)[0])
     return maps, scores, time.perf_counter() - t0
@@ -565,7 +511,7 @@ class Options:
     """Defect regions of fewer pixels (at the image's own size) are dropped from masks and regions.csv."""
     tile: int | None = None
     """Score images larger than this (pixels, either side) as overlapping ``tile`` x ``tile`` crops of
-    the original at stride ``tile // 2``, stitched (:func:`stitch_tiles`); None: the whole image resized."""
+    the original at stride ``tile // 2``, stitched (:func:`pipeline.method.tiles.stitch_tiles`); None: the whole image resized."""
     overlays: str = "flagged"
     """Which images get an overlay: ``flagged`` (those decided anomalous; the default: rendering and
     compressing an RGB image the size of the photo is the largest write, and a line's images are mostly

@@ -78,6 +78,7 @@ from pipeline.evaluation import metrics
 from pipeline.evaluation import metrics_stream
 from pipeline.evaluation import report
 from pipeline.evaluation import target_scores
+from pipeline.evaluation import tiled
 from pipeline.method import sae
 from pipeline.features import store
 from pipeline.method import scoring
@@ -190,6 +191,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--neighbours", type=Path,
                         help="the target's patch scores from the neighbours stage, neighbours/<T> "
                              "(without it the batch scores are computed here)")
+    parser.add_argument("--weights", type=Path,
+                        help="the backbone weights, models/backbones/<name>.safetensors: read only when the target's "
+                             "datasets entry sets tile (default: the detector's weights_path)")
     parser.add_argument("--params", default="params.yaml", type=Path)
     return parser.parse_args(argv)
 
@@ -221,7 +225,7 @@ def load_inputs(args: argparse.Namespace, scoring_params: dict, device: torch.de
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging()
-    params = load_params(args.params, ["scoring", "evaluate"])
+    params = load_params(args.params, ["scoring", "evaluate", "datasets", "data"])
     cfg = params.evaluate
     device = resolve_device(cfg.device)
     run_in = load_inputs(args, {k: getattr(params.scoring, k) for k in detector.SETTINGS}, device)
@@ -252,8 +256,47 @@ def main(argv: list[str] | None = None) -> None:
         collected, list(ranges), threshold_info={"aux_threshold": det.threshold,
                                                  "threshold_rule": det.info["threshold_rule"]},
         run_info=run_info, curve_points=cfg.curve_points)
+    tile = tiled_option(params, target, args.params)
+    if tile is not None:
+        result["tiled"] = score_tiled(params, target, args, tile, device)
     write_report(args.out, files, result, by_category, curves)
     log_summary(result, det)
+
+
+def tiled_option(params, target: store.FeatureStore, params_path: Path) -> int | None:
+    """``datasets.<target>.tile`` of params (None: off), checked to name the store's own data."""
+    name = target.attrs["dataset"]
+    ds = params.datasets.get(name)
+    if ds is None or ds.tile is None:
+        return None
+    if (ds.format, Path(ds.root)) != (target.attrs["format"], Path(target.attrs["root"])):
+        raise tiled.TiledError(f"{params_path}: datasets.{name} is format {ds.format} at {ds.root}, but the target store "
+                               f"was extracted from format {target.attrs['format']} at {target.attrs['root']}: re-run "
+                               "the extract stage (dvc repro)")
+    return ds.tile
+
+
+def score_tiled(params, target: store.FeatureStore, args: argparse.Namespace, tile: int, device: torch.device) -> dict:
+    """metrics.json's ``tiled`` block (:func:`pipeline.evaluation.tiled.tiled_metrics`): the target's image
+    files scored whole and as tiles by the detector with its backbone."""
+    from pipeline.data import tables
+
+    ds = params.datasets[target.attrs["dataset"]]
+    samples = tables.load_table(ds.format, Path(ds.root), splits=target.attrs["splits"], categories=ds.categories,
+                                max_pixels=params.data.max_pixels)
+    tiled.check_samples(samples, target.attrs["paths"], str(target.path))
+    det = detector.Detector.load(args.detector, weights=args.weights, device=device)
+    log.info("tiled: %d images of %s scored whole and as %d px tiles", len(samples), target.attrs["dataset"], tile)
+    scratch = metrics_stream.scratch_folder(args.out)
+    try:
+        block = tiled.tiled_metrics(det, samples, tile, grid=params.evaluate.tiled_grid, scratch=scratch,
+                                    max_pixels=params.data.max_pixels, allow_empty_masks=params.data.allow_empty_masks,
+                                    without_masks=target.attrs.get("categories_without_masks", []))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    log.info("tiled: image AUROC %s resized, %s tiled; AUPRO %s resized, %s tiled", block["resized"]["image_auroc"],
+             block["tiled"]["image_auroc"], block["resized"]["pixel_aupro"], block["tiled"]["pixel_aupro"])
+    return block
 
 
 def score_category(run_in: Inputs, category: str, start: int, stop: int, collected: evaluation.Collected,
