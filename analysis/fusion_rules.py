@@ -103,30 +103,38 @@ def score_run(root: Path, aux: str, target_name: str) -> dict[str, dict]:
     return {name: evaluation.mean_over_categories(cats) for name, cats in per.items()}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def run_all(argv: list[str] | None, score, keys: tuple[str, ...], description: str, runs_help: str,
+            width: int) -> int:
+    """The command line of an analysis over runs: ``score(root, aux, target)`` -> {rule: metrics} for each
+    ``--runs`` name, a line per run, then the mean of ``keys`` over the runs where defined, and the
+    whole as JSON to ``--out``."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--root", type=Path, default=Path("."))
-    ap.add_argument("--runs", nargs="+", required=True, help="<aux>_to_<target> names")
+    ap.add_argument("--runs", nargs="+", required=True, help=runs_help)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
     out = {}
     for run in args.runs:
         aux, target = run.split("_to_")
-        out[run] = score_run(args.root, aux, target)
-        print(run, {r: {k: None if v is None else round(v, 3) for k, v in m.items() if k in
-                        ("image_auroc", "pixel_auroc", "pixel_aupro")} for r, m in out[run].items()}, flush=True)
-    names = next(iter(out.values())).keys()
+        out[run] = score(args.root, aux, target)
+        print(run, {r: {k: None if m[k] is None else round(m[k], 3) for k in keys} for r, m in out[run].items()},
+              flush=True)
     print("mean over runs (where defined):")
-    for name in names:
+    for name in next(iter(out.values())):
         row = {}
-        for key in ("image_auroc", "pixel_auroc", "pixel_aupro"):
+        for key in keys:
             values = [out[r][name][key] for r in out if out[r][name][key] is not None]
             row[key] = round(float(np.mean(values)), 4) if values else None
-        print(f"  {name:10s} {row}")
+        print(f"  {name:{width}s} {row}")
     if args.out:
         args.out.write_text(json.dumps(out, indent=1))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_all(argv, score_run, ("image_auroc", "pixel_auroc", "pixel_aupro"), __doc__.split("\n\n")[0],
+                   "<aux>_to_<target> names", 10)
 
 
 if __name__ == "__main__":

@@ -26,13 +26,12 @@ image (bsdata) have no image metric and are skipped.
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from analysis import fusion_rules
 from analysis.fusion_rules import load_run
 from pipeline.evaluation import evaluate as evaluation
 from pipeline.evaluation import metrics, target_scores
@@ -85,24 +84,8 @@ def score_run(root: Path, aux: str, target_name: str) -> dict[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--root", type=Path, default=Path("."))
-    ap.add_argument("--runs", nargs="+", required=True, help="<aux>_to_<target> names (targets with good images)")
-    ap.add_argument("--out", type=Path)
-    args = ap.parse_args(argv)
-    torch.set_grad_enabled(False)
-    out = {}
-    for run in args.runs:
-        aux, target = run.split("_to_")
-        out[run] = score_run(args.root, aux, target)
-        print(run, {r: round(m["image_auroc"], 3) for r, m in out[run].items()}, flush=True)
-    print("mean over runs:")
-    for name in next(iter(out.values())):
-        row = {k: round(float(np.mean([out[r][name][k] for r in out])), 4) for k in ("image_auroc", "image_ap")}
-        print(f"  {name:26s} {row}")
-    if args.out:
-        args.out.write_text(json.dumps(out, indent=1))
-    return 0
+    return fusion_rules.run_all(argv, score_run, ("image_auroc", "image_ap"), __doc__.split("\n\n")[0],
+                                "<aux>_to_<target> names (targets with good images)", 26)
 
 
 if __name__ == "__main__":

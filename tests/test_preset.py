@@ -117,6 +117,22 @@ def test_real_preset_fits_only_on_embedded_sets_and_reads_shared_data(tmp_path):
         assert p.datasets[name].root == f"../shared/data/{name}" and p.datasets[name].format == "folder"
 
 
+def test_tiled_preset_tiles_only_the_real_targets_and_fits_only_on_embedded_sets(tmp_path):
+    """configs/real_tiled.yaml: kolektorsdd and bsdata get tile 224 (the backbone's input size), are no
+    run's aux, and the embedded sets keep scoring each other untiled."""
+    params = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params)
+    assert preset.main([str(ROOT / "configs" / "real_tiled.yaml"), "--params", str(params)]) == 0
+    p = load_params(params)
+    real = {"kolektorsdd", "bsdata"}
+    assert {n: d.tile for n, d in p.datasets.items()} == {"synth_a": None, "synth_b": None, "kolektorsdd": 224,
+                                                          "bsdata": 224}
+    assert all(d.tile in (None, p.backbone.image_size) for d in p.datasets.values())
+    assert all(run.aux not in real for run in p.runs.values()) and set(p.aux_datasets) == {"synth_a", "synth_b"}
+    assert {(r.aux, r.target) for r in p.runs.values()} == {
+        (a, t) for a in ("synth_a", "synth_b") for t in real | {"synth_a", "synth_b"} if a != t}
+
+
 def test_real_preset_datasets_pass_check_where_shared_data_is_present(tmp_path, capsys):
     """Where ../shared/data exists (the project's machines and CI), `check` reads both real sets with the
     counts their SOURCE.md gives; elsewhere the test says why it cannot run."""
