@@ -29,6 +29,23 @@ def test_the_headline_table_of_two_hand_written_runs(tmp_path):
                       "| 0.970 | 0.920 | 0.700 |")
 
 
+def test_the_tiled_section_lists_only_the_runs_that_measured_it(tmp_path):
+    reports = tmp_path / "reports"
+    write_run(reports, "a_to_b", aux="a", target="b", image_auroc=0.9, pixel_auroc=0.8, pixel_aupro=0.5)
+    write_run(reports, "a_to_c", aux="a", target="c", image_auroc=0.7, pixel_auroc=0.6, pixel_aupro=0.3, tiled={
+        "tile": 224, "n_images": 10, "n_tiled": 8, "tiles_per_tiled_image": 10.0,
+        "seconds_per_image": {"resized": 0.1, "tiled": 0.85},
+        "resized": {"image_auroc": 0.7, "pixel_auroc": 0.6, "pixel_aupro": 0.3},
+        "tiled": {"image_auroc": 0.65, "pixel_auroc": 0.8, "pixel_aupro": None}})
+    page = results.render(results.load_runs(reports))
+    section = page.split("## Large images: whole and tiled\n")[1].split("\n## ")[0]
+    assert "a_to_c: 224 px tiles, 8 of 10 images tiled (10.0 tiles each), 0.10 s an image resized and 0.85 s tiled." \
+        in section
+    rows = [line for line in section.splitlines() if line.startswith("| a_")]
+    assert rows == ["| a_to_c (a → c) | 0.700 | 0.600 | 0.300 | 0.650 | 0.800 | – |"]
+    assert "whole and tiled" not in results.render({"a_to_b": results.load_runs(reports)["a_to_b"]})
+
+
 def test_readme_block_is_replaced_and_check_reports_stale_files(tmp_path, capsys):
     reports = tmp_path / "reports"
     write_run(reports, "a_to_b", aux="a", target="b", image_auroc=0.5, pixel_auroc=0.5, pixel_aupro=0.5)

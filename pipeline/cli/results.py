@@ -129,6 +129,20 @@ def atoms_table(atoms: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def tiled_costs(tiled: Mapping[str, Mapping[str, Any]]) -> str:
+    """One sentence per run of what its tiled path cost: tile, tiles per tiled image, seconds per image."""
+    parts = []
+    for run, m in tiled.items():
+        t = m["tiled"]
+        per = t.get("tiles_per_tiled_image")
+        seconds = t.get("seconds_per_image") or {}
+        parts.append(f"{run}: {t['tile']} px tiles, {t['n_tiled']} of {t['n_images']} images tiled"
+                     + (f" ({per:.1f} tiles each)" if per is not None else "")
+                     + (f", {seconds['resized']:.2f} s an image resized and {seconds['tiled']:.2f} s tiled"
+                        if {"resized", "tiled"} <= set(seconds) else ""))
+    return "; ".join(parts) + "."
+
+
 def render(runs: Mapping[str, Mapping[str, Any]], atoms: Mapping[str, Mapping[str, Any]] | None = None) -> str:
     """The whole of docs/results.md."""
     out = ["# Results\n",
@@ -139,6 +153,14 @@ def render(runs: Mapping[str, Mapping[str, Any]], atoms: Mapping[str, Mapping[st
            "`guides`: the detector alone (single image, zero-shot). `mutual`: the batch baseline alone. "
            "`guides+batch`: the two fused (docs/design.md#the-method).\n",
            table(runs, HEADLINE)]
+    tiled = {run: m for run, m in runs.items() if isinstance(m.get("tiled"), Mapping)}
+    if tiled:
+        out += ["## Large images: whole and tiled\n",
+                "The runs whose target sets `tile` in its datasets entry (metrics.json `tiled`, "
+                "pipeline/evaluation/tiled.py): the detector alone on the image files, resized whole "
+                "(`resized`) and as overlapping tiles stitched (`tiled`), on one grid of masks. "
+                + tiled_costs(tiled) + "\n",
+                table(tiled, [(path, lambda m, path=path: pick(m, "tiled", path)) for path in ("resized", "tiled")])]
     for k in few_shot_ks(runs):
         out += [f"## Few-shot, {k} reference images per category\n",
                 "Mean over the seeded draws; the reference images are not scored. `reference`: the "
