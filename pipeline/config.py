@@ -117,6 +117,7 @@ class DatasetConfig:
     (:mod:`pipeline.evaluation.tiled`). ``null``: off. Costs a backbone forward per tile."""
 
     def __post_init__(self) -> None:
+        # the rule of pipeline.method.tiles.check_tile, written out: config sits below method in the layers
         if self.tile is not None and (isinstance(self.tile, bool) or not isinstance(self.tile, int) or self.tile < 2):
             _fail("tile", f"must be an integer of at least 2 pixels, or null, got {self.tile!r}")
         if self.format not in ("mvtec", "visa", "folder"):

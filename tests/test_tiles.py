@@ -156,6 +156,25 @@ def test_tiled_metrics_refuse_a_global_score_and_images_that_are_not_the_stores(
         tiled.check_samples(samples, [samples[0].relpath, "plate/test/good/999.png"], "store")
 
 
+@pytest.mark.parametrize("where", ["whole", "tile"])
+def test_tiled_metrics_refuse_a_map_that_is_not_finite(tmp_path, where):
+    from pipeline.errors import NonFiniteError
+    from pipeline.evaluation import tiled
+
+    samples = _write_line(tmp_path / "line", 1, 1)
+
+    class Broken(RednessDetector):
+        def predict(self, images):
+            maps, scores = super().predict(images)
+            # a whole image is 320 x 256, a tile 32 x 32: break one path only
+            if (where == "whole") == (images[0].size == (320, 256)):
+                maps[0, 3, 3] = np.nan
+            return maps, scores
+
+    with pytest.raises(NonFiniteError, match=f"{'resized' if where == 'whole' else 'tiled'} map"):
+        tiled.tiled_metrics(Broken(), samples, 32, grid=64, scratch=tmp_path, max_pixels=10**8)
+
+
 @pytest.mark.parametrize("bad", [True, 1, 2.5, "448"])
 def test_a_dataset_tile_that_is_not_an_integer_of_two_pixels_is_refused(bad):
     from pipeline.config import ConfigError, DatasetConfig

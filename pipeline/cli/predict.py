@@ -92,11 +92,12 @@ from tqdm import tqdm
 
 from pipeline.evaluation import html_report, report
 from pipeline.data.images import IMAGE_EXTENSIONS, DatasetError, load_image
+from pipeline.data.png import encode_png
 from pipeline.data.images import visible
 from pipeline.errors import NonFiniteError, PipelineError
 from pipeline.files import atomic_write, write_bytes
 from pipeline.method import tiles
-from pipeline.method.tiles import map_at_size, resized, stitch_tiles, tile_origins  # noqa: F401 (predict's API)
+from pipeline.method.tiles import map_at_size, map_top, resized, stitch_tiles, tile_origins  # noqa: F401 (predict's API)
 from pipeline.method.thresholds import ThresholdError, batch_threshold, check_rate, threshold_from_normals
 
 log = logging.getLogger("pipeline.cli.predict")
@@ -115,11 +116,6 @@ OVERLAY_FORMATS = {"jpeg": ".jpg", "png": ".png"}
 """``--overlay-format`` -> the overlay files' suffix."""
 JPEG_QUALITY = 90
 """libjpeg quality of the JPEG overlays (4:2:0 chroma, PIL's default at this quality)."""
-PNG_HUFFMAN_ONLY = 2
-"""zlib's Z_HUFFMAN_ONLY strategy: maps and masks are PNGs written with it at compress level 1. On a
-map (smooth, 16 bits) it is about 40 % faster than zlib's default strategy at the same level, for
-files within 1 % of its size (benchmarks/predict_throughput.py); still lossless, like any zlib."""
-
 
 class PredictError(PipelineError, ValueError):
     """The inputs of ``predict`` cannot be used (no image, a missing path, a bad threshold or rate)."""
@@ -271,15 +267,9 @@ def decisions(scores: np.ndarray, threshold: float) -> list[str]:
 # Maps and overlays
 
 
-def map_top(detector: Any) -> float:
-    """The upper end of a detector's map values: ``map_range`` of its detector.json (1 for the guide
-    probability, 2 with ``fusion: self_dissimilarity``); 1 where the info does not say."""
-    return float(detector.info.get("map_range", (0.0, 1.0))[1])
-
-
-def map_png(full: np.ndarray, top: float = 1.0) -> Image.Image:
-    """full (H, W) float in [0, top] -> a 16-bit greyscale image, value round(v / top * 65535)."""
-    return Image.fromarray(np.rint(full * (MAP_SCALE / top)).astype(np.uint16))
+def map_pixels(full: np.ndarray, top: float = 1.0) -> np.ndarray:
+    """full (H, W) float in [0, top] -> (H, W) uint16, value round(v / top * 65535): a map PNG's pixels."""
+    return np.rint(full * (MAP_SCALE / top)).astype(np.uint16)
 
 
 _JET = None
@@ -322,15 +312,13 @@ def overlay(image: Image.Image, full: np.ndarray, threshold: float, top: float =
     return Image.fromarray(out)
 
 
-def _write_png(path: Path, image: Image.Image) -> None:
-    # compress_level 1: several times faster than the default for a few % larger files; Huffman only:
-    # the string matching that the default strategy adds finds little in a smooth 16-bit map
-    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", compress_level=1, compress_type=PNG_HUFFMAN_ONLY))
+def _write_png(path: Path, pixels: np.ndarray) -> None:
+    write_bytes(path, encode_png(pixels))
 
 
 def _write_overlay(path: Path, image: Image.Image) -> None:
     if path.suffix == ".png":
-        _write_png(path, image)
+        _write_png(path, np.asarray(image))
     else:
         atomic_write(path, lambda tmp: image.save(tmp, format="JPEG", quality=JPEG_QUALITY))
 
@@ -376,7 +364,7 @@ def _write_outputs(out: Path, parts: Sequence[str], image: Image.Image, amap: np
     t0 = time.perf_counter()
     full = map_at_size(amap, image.size, top)
     map_file, overlay_file = output_path(out / "maps", parts), None
-    _write_png(map_file, map_png(full, top))
+    _write_png(map_file, map_pixels(full, top))
     if with_overlay:
         overlay_file = output_path(out / "overlays", parts, overlay_suffix)
         region = None if outline is None else resized(outline[0], image.size) >= outline[1]
@@ -387,7 +375,7 @@ def _write_outputs(out: Path, parts: Sequence[str], image: Image.Image, amap: np
         for r in regions:
             r["peak"], r["mean"] = r["peak"] + low, r["mean"] + low
         mask_file = output_path(out / "masks", parts)
-        _write_png(mask_file, Image.fromarray(mask.astype(np.uint8) * 255, mode="L"))
+        _write_png(mask_file, mask.astype(np.uint8) * 255)
     return map_file, overlay_file, mask_file, regions, time.perf_counter() - t0
 
 
@@ -547,8 +535,11 @@ class Options:
         if self.overlay_format not in OVERLAY_FORMATS:
             raise PredictError(f"--overlay-format must be one of {', '.join(OVERLAY_FORMATS)}, got "
                                f"{self.overlay_format!r}")
-        if self.tile is not None and (isinstance(self.tile, bool) or not isinstance(self.tile, int) or self.tile < 2):
-            raise PredictError(f"--tile must be an integer of at least 2 pixels, got {self.tile!r}")
+        if self.tile is not None:
+            try:
+                tiles.check_tile(self.tile)
+            except ValueError:
+                raise PredictError(f"--tile must be an integer of at least 2 pixels, got {self.tile!r}") from None
         if self.tile is not None and (self.reference_normals is not None or self.batch):
             raise PredictError("--tile scores the guide map alone: it does not combine with --normals or --batch")
         if self.tile is not None and self.explain:

@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.data.images import load_image, load_mask
+from pipeline.errors import NonFiniteError
 from pipeline.evaluation import metrics_stream
 from pipeline.evaluation.evaluate import mean_over_categories
 from pipeline.method import scoring, tiles
@@ -51,6 +52,13 @@ def grid_mask(mask: np.ndarray, grid: int) -> np.ndarray:
 def grid_map(amap: np.ndarray, grid: int) -> np.ndarray:
     """map (h, w) float -> (grid, grid) float32 (bilinear, antialiased when shrinking)."""
     return tiles.resized(np.asarray(amap, np.float32), (grid, grid))
+
+
+def check_finite(amap: np.ndarray, score: float, image: Path | str, path: str) -> None:
+    """Refuse a NaN or infinite map or score: the metrics would rank it silently (as predict refuses it)."""
+    if not (np.isfinite(score) and np.isfinite(amap).all()):
+        raise NonFiniteError(f"{image}: the detector's {path} map or image score is not finite (NaN or Inf); "
+                             "check the detector's vectors and the backbone weights")
 
 
 def check_samples(samples: Sequence, paths: Sequence[str], where: str) -> None:
@@ -74,7 +82,7 @@ def tiled_metrics(det, samples: Sequence, tile: int, *, grid: int, scratch: Path
     if det.settings.image_score == "global":
         raise TiledError("the detector's image score is 'global' (the CLS token's), which has no map to stitch: "
                          "the tiled path needs a map-based scoring.image_score")
-    top = float(det.info.get("map_range", (0.0, 1.0))[1])
+    top = tiles.map_top(det)
     by_category: dict[str, list] = defaultdict(list)
     for s in samples:
         by_category[s.category].append(s)
@@ -103,6 +111,8 @@ def tiled_metrics(det, samples: Sequence, tile: int, *, grid: int, scratch: Path
                 else:
                     stitched, scores["tiled"][i] = whole, scores["resized"][i]
                     seconds["tiled"] += time.perf_counter() - t0
+                check_finite(whole, scores["resized"][i], s.image, "resized")
+                check_finite(stitched, scores["tiled"][i], s.image, "tiled")
                 cell = grid_mask(mask, grid)[None]
                 regions = metrics_stream.label_regions(cell != 0) if has_masks else None
                 for path, amap in (("resized", whole), ("tiled", stitched)):

@@ -12,13 +12,19 @@ blended with :func:`tile_window` weights into one map at the image's size (:func
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
 
 TILE_BATCH = 8
 """Tiles of one image scored in one call of the scorer: bounds the memory of a very large image."""
+
+
+def map_top(detector: Any) -> float:
+    """The upper end of a detector's map values: ``map_range`` of its detector.json (1 for the guide
+    probability, 2 with ``fusion: self_dissimilarity``); 1 where the info does not say."""
+    return float(detector.info.get("map_range", (0.0, 1.0))[1])
 
 
 def map_at_size(amap: np.ndarray, size: tuple[int, int], top: float = 1.0) -> np.ndarray:
@@ -37,7 +43,6 @@ def resized(amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if image.size != tuple(size):
         image = image.resize(tuple(size), Image.Resampling.BILINEAR)
     return np.asarray(image, dtype=np.float32)
-
 
 
 def tile_origins(length: int, tile: int) -> list[int]:
@@ -72,8 +77,6 @@ def stitch_tiles(size: tuple[int, int], tile: int, origins: Sequence[tuple[int, 
         total[y:y + th, x:x + tw] += full * window[:th, :tw]
         weight[y:y + th, x:x + tw] += window[:th, :tw]
     return (total / weight).astype(np.float32)
-
-
 
 
 def check_tile(tile) -> int:
