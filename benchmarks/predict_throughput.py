@@ -19,6 +19,12 @@ Three timings per repeat, interleaved (bare, detector, predict, bare, ...) so th
   default's cost. ``none flagged``: the default with a threshold above every score (maps alone, no
   overlay), the cost on a line whose parts are good.
 
+With ``--onnx``, two more timings per repeat, printed in a second table: the exported graph
+(:mod:`pipeline.method.onnx_graph`: the forward, the guide scoring, upsampling, blur and image score)
+run by onnxruntime on the same normalised tensors as ``bare``, and predict through it
+(``predict --runtime onnxruntime``: :class:`pipeline.method.onnx_graph.OnnxDetector`), so the whole
+command's speed on each runtime is side by side.
+
 First, the map PNG encoders side by side (:func:`png_encoders`): PIL's writer at compress level 1 with
 the Huffman-only strategy (what predict used before) and :func:`pipeline.data.png.encode_png`, on
 16-bit maps of ``--source-size``: ms per map and bytes.
@@ -128,6 +134,8 @@ def main() -> None:
                         help="size of the image files")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--onnx", action="store_true", help="also time the exported graph and predict through "
+                        "onnxruntime (CPU provider)")
     args = parser.parse_args()
 
     device = resolve_device(args.device)
@@ -135,7 +143,7 @@ def main() -> None:
     weights = Path(info["weights_path"])
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())
     png_encoders(tuple(args.source_size), args.repeats)
-    results = []
+    results, ort_rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         files = write_images(tmp / "images", args.images, tuple(args.source_size))
@@ -170,6 +178,23 @@ def main() -> None:
                 return n / (time.perf_counter() - t0)
 
             flagged = []
+            ort = None
+            if args.onnx:
+                from pipeline.method import onnx_graph
+
+                onnx_graph.export(folder, tmp / f"detector_{size}.onnx")
+                ort = onnx_graph.OnnxDetector(tmp / f"detector_{size}.onnx", providers=["CPUExecutionProvider"])
+
+            def ort_graph() -> float:
+                t0 = time.perf_counter()
+                for i in range(0, n, args.batch_size):
+                    ort.session.run(["maps", "scores"], {"images": batch[i : i + args.batch_size].numpy()})
+                return n / (time.perf_counter() - t0)
+
+            def ort_full(rep: int) -> float:
+                t0 = time.perf_counter()
+                predict_files([tmp / "images"], ort, tmp / f"ort_{size}_{rep}", batch_size=args.batch_size)
+                return n / (time.perf_counter() - t0)
 
             def full(rep: int, overlays: str = "flagged", fmt: str = "jpeg", threshold: float | None = None) -> float:
                 t0 = time.perf_counter()
@@ -191,6 +216,10 @@ def main() -> None:
                 above = map_top(detector) + 1.0
                 rows.append((bare(), scored(), full(rep), full(rep, "all"), full(rep, "flagged", "png"),
                              full(rep, threshold=above)))
+                if ort is not None:
+                    ort_rows.append((size, rows[-1][0], rows[-1][2], ort_graph(), ort_full(rep)))
+                    print(f"{size}px repeat {rep}: onnxruntime graph {ort_rows[-1][3]:8.2f} img/s   predict through it "
+                          f"{ort_rows[-1][4]:8.2f} img/s", flush=True)
                 b, d, p, a, g, q = rows[-1]
                 print(f"{size}px repeat {rep}: bare {b:8.2f} img/s   detector {d:8.2f} img/s ({d / b:.3f})   "
                       f"predict {p:8.2f} img/s ({p / b:.3f})   --overlays all {a:8.2f} img/s ({a / b:.3f})   "
@@ -207,6 +236,15 @@ def main() -> None:
     for size, b, d, p, a, g, q, rd, rp, ra, rg, rq in results:
         print(f"{size:>5} {b:>11.2f} {d:>10.2f} {p:>10.2f} {a:>10.2f} {g:>10.2f} {q:>10.2f} {rd:>14.3f} {rp:>13.3f} "
               f"{ra:>9.3f} {rg:>9.3f} {rq:>10.3f}")
+    if ort_rows:
+        print(f"\n{'size':>5} {'bare img/s':>11} {'predict':>10} {'ort graph':>10} {'ort predict':>12} "
+              f"{'ort predict/ort graph':>22} {'ort predict/predict':>20}")
+        for size in args.image_sizes:
+            mine = [r for r in ort_rows if r[0] == size]
+            med = [statistics.median(r[i] for r in mine) for i in (1, 2, 3, 4)]
+            print(f"{size:>5} {med[0]:>11.2f} {med[1]:>10.2f} {med[2]:>10.2f} {med[3]:>12.2f} "
+                  f"{statistics.median(r[4] / r[3] for r in mine):>22.3f} "
+                  f"{statistics.median(r[4] / r[2] for r in mine):>20.3f}")
     print("targets: detector/bare and predict/bare >= 0.85; predict adds decoding the files, the 16-bit map PNG "
           "of every image and the JPEG overlay of each flagged one (--overlays all: of every image; png: PNG "
           "overlays)")
