@@ -15,7 +15,16 @@ For each run (aux -> target) it reads the target store, the aux detector and the
   median and MAD (×1.4826) instead of mean and std; ``rzlogit_max``: the larger of the two;
 - ``late_w<w>``: image scores fused late: each signal's own image score standardised over the category's
   images, weight w on the guide's (as a logit); pixel maps those of ``fuse``;
+- ``gate``: the guide's standardised logit counted in proportion to the batch's own belief, sigmoid of
+  the batch's z, plus the batch's z, halved: the guides sharpen where the batch already sees something
+  and cannot raise a patch the batch finds normal;
+- ``agree``: the ``fuse`` mean with weight w = max(0, correlation of the two z's over the category's
+  patches) on the guide, (w · z(logit) + z(batch)) / (1 + w): a guide that disagrees with the batch
+  on a set counts less there (label-free, per category);
+- ``zmin``: the smaller of the two z's (a patch must be anomalous to both);
 - ``guide`` and ``batch`` alone, for reference.
+
+``--only a b ...`` scores just those rules (``guide``, ``batch`` and ``fuse`` always).
 
 Then upsampled and blurred like a guide map, image score = max, and the six metrics per category, the
 mean over categories, per run and over runs.
@@ -56,6 +65,11 @@ def rules(guide: np.ndarray, batch: np.ndarray) -> dict[str, np.ndarray]:
     out["rzlogit"] = (rz(logit) + rz(batch)) / 2
     out["rzmean"] = (rz(guide) + rz(batch)) / 2
     out["rzlogit_max"] = np.maximum(rz(logit), rz(batch))
+    zl, zb = z(logit), z(batch)
+    out["gate"] = (zl / (1 + np.exp(-zb)) + zb) / 2
+    w = max(0.0, float(np.mean(zl * zb)))  # the correlation of two standardised signals
+    out["agree"] = (w * zl + zb) / (1 + w)
+    out["zmin"] = np.minimum(zl, zb)
     for w in (0.5, 0.25):
         out[f"zmean_w{w}"] = w * z(guide) + (1 - w) * z(batch)
         out[f"zlogit_w{w}"] = w * z(logit) + (1 - w) * z(batch)
@@ -74,6 +88,10 @@ def load_run(root: Path, aux: str, target_name: str):
     return target, det, arrays, vectors
 
 
+ONLY: set[str] | None = None
+"""``--only``: the rules scored (None: every rule)."""
+
+
 def score_run(root: Path, aux: str, target_name: str) -> dict[str, dict]:
     target, det, arrays, vectors = load_run(root, aux, target_name)
     grid, size = tuple(target.attrs["grid"]), target.masks.shape[-1]
@@ -87,6 +105,8 @@ def score_run(root: Path, aux: str, target_name: str) -> dict[str, dict]:
         labels, masks = target.labels[start:stop].astype(np.int64), target.masks[start:stop]
         image, fused_maps = {}, None
         for name, values in rules(signals["guides"], mutual).items():
+            if ONLY is not None and name not in ONLY | {"guide", "batch", "fuse"}:
+                continue
             maps = scoring.patch_maps(torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)), grid, size,
                                       sigma=det.settings.blur_sigma)
             image[name] = maps.reshape(len(maps), -1).max(1)
@@ -96,7 +116,8 @@ def score_run(root: Path, aux: str, target_name: str) -> dict[str, dict]:
         # Late fusion: each signal's own image score (its map's max; the guide's as a logit), standardised
         # over the category's images, then averaged; the pixel maps stay those of ``fuse``.
         guide_logit = standardised(fusion.logit(torch.from_numpy(image["guide"])).numpy())
-        late = {f"late_w{w}": w * guide_logit + (1 - w) * standardised(image["batch"]) for w in (0.5, 0.25)}
+        late = {f"late_w{w}": w * guide_logit + (1 - w) * standardised(image["batch"]) for w in (0.5, 0.25)
+                if ONLY is None or f"late_w{w}" in ONLY}
         for name, scores in late.items():
             per.setdefault(name, {})[category] = metrics.compute_all(labels, scores, masks, fused_maps,
                                                                      has_masks=category not in no_masks)
@@ -104,15 +125,19 @@ def score_run(root: Path, aux: str, target_name: str) -> dict[str, dict]:
 
 
 def run_all(argv: list[str] | None, score, keys: tuple[str, ...], description: str, runs_help: str,
-            width: int) -> int:
+            width: int, options=None) -> int:
     """The command line of an analysis over runs: ``score(root, aux, target)`` -> {rule: metrics} for each
     ``--runs`` name, a line per run, then the mean of ``keys`` over the runs where defined, and the
-    whole as JSON to ``--out``."""
+    whole as JSON to ``--out``. ``options(parser)``, given, adds arguments and returns what to call with
+    the parsed arguments before scoring."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--root", type=Path, default=Path("."))
     ap.add_argument("--runs", nargs="+", required=True, help=runs_help)
     ap.add_argument("--out", type=Path)
+    apply = options(ap) if options is not None else None
     args = ap.parse_args(argv)
+    if apply is not None:
+        apply(args)
     torch.set_grad_enabled(False)
     out = {}
     for run in args.runs:
@@ -133,8 +158,16 @@ def run_all(argv: list[str] | None, score, keys: tuple[str, ...], description: s
 
 
 def main(argv: list[str] | None = None) -> int:
+    def only(ap: argparse.ArgumentParser):
+        ap.add_argument("--only", nargs="+", help="score just these rules (guide, batch and fuse always)")
+
+        def apply(args) -> None:
+            global ONLY
+            ONLY = None if args.only is None else set(args.only)
+        return apply
+
     return run_all(argv, score_run, ("image_auroc", "pixel_auroc", "pixel_aupro"), __doc__.split("\n\n")[0],
-                   "<aux>_to_<target> names", 10)
+                   "<aux>_to_<target> names", 10, options=only)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,13 @@ def test_fusion_rule_candidates_by_hand():
     np.testing.assert_allclose(got["rankmean"], (np.array([[2.5, 4], [1, 2.5]]) + np.array([[1, 4], [2, 3]])) / 8)
     z = (batch - batch.mean()) / batch.std()
     np.testing.assert_allclose(got["zmean_w0.5"], 0.5 * (guide - guide.mean()) / guide.std() + 0.5 * z, atol=1e-9)
+    # the guide's logit: log(p / (1 - p)) = 0, log 9, -log 9, 0; mean 0, std sqrt(2 log^2 9 / 4)
+    zl = np.array([[0.0, 1.0], [-1.0, 0.0]]) * np.sqrt(2)
+    zb = np.array([[-3.0, 3.0], [-1.0, 1.0]]) / np.sqrt(5)  # batch mean 2.5, std sqrt(1.25)
+    np.testing.assert_allclose(got["gate"], (zl / (1 + np.exp(-zb)) + zb) / 2, atol=1e-6)
+    w = (np.sqrt(2) * 3 / np.sqrt(5) + np.sqrt(2) * 1 / np.sqrt(5)) / 4  # mean of zl * zb over the 4 patches
+    np.testing.assert_allclose(got["agree"], (w * zl + zb) / (1 + w), atol=1e-6)
+    np.testing.assert_allclose(got["zmin"], np.minimum(zl, zb), atol=1e-6)
 
 
 def test_image_rule_candidates_by_hand():
