@@ -9,7 +9,7 @@ provider, on one batch of normalised inputs, interleaved repeat by repeat so mac
 Prints images/s of each, the ratio (goal: onnxruntime >= 1.3 x torch on CPU), the graph's FLOPs per
 image (torch's FlopCounterMode) and the fraction of this machine's measured fp32 matmul rate that each
 path reaches: the faster of a 2048^3 matmul in torch and in onnxruntime (one MatMul node) on the same
-threads, a practical peak, not the datasheet's (the two libraries' GEMMs differ by up to 2x on a CPU).
+threads, a practical peak, not the datasheet's (the two libraries' GEMMs can differ by 2x or more on a CPU).
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ def matmul_gflops(threads: int, n: int = 2048, repeats: int = 3) -> float:
 
 def ort_matmul_gflops(threads: int, n: int = 2048, repeats: int = 3) -> float:
     """The rate of one n^3 fp32 MatMul node in onnxruntime's CPU provider (its MLAS GEMM)."""
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
@@ -48,8 +47,7 @@ def ort_matmul_gflops(threads: int, n: int = 2048, repeats: int = 3) -> float:
     model.ir_version = 8  # onnx's newest IR can be ahead of what the pinned onnxruntime reads
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    session = ort.InferenceSession(model.SerializeToString(),
-                                   options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     feeds = {k: np.random.default_rng(0).standard_normal((n, n), np.float32) for k in ("a", "b")}
     session.run(None, feeds)
     best = min(_timed(lambda: session.run(None, feeds)) for _ in range(repeats))
