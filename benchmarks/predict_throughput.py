@@ -39,6 +39,7 @@ on the pixels.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import shutil
 import statistics
@@ -46,8 +47,6 @@ import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
-
-import io
 
 import numpy as np
 import torch
@@ -57,7 +56,7 @@ from pipeline.features import backbones
 from pipeline.data.images import load_image
 from pipeline.data.png import encode_png
 from pipeline.method.detector import Detector
-from pipeline.cli.predict import map_top, predict_files
+from pipeline.cli.predict import map_pixels, map_top, predict_files
 from pipeline.launch import resolve_device
 
 
@@ -77,7 +76,6 @@ def write_images(folder: Path, n: int, size: tuple[int, int], seed: int = 0) -> 
 def png_encoders(size: tuple[int, int], repeats: int, n: int = 8) -> None:
     """Print ms per map and bytes of PIL's PNG writer against ``encode_png`` on ``n`` smooth 16-bit maps
     of ``size`` (W, H), alternated ``repeats`` times; both must decode to the same pixels."""
-    from pipeline.cli.predict import map_pixels
     from pipeline.method.tiles import map_at_size
 
     rng = np.random.default_rng(1)
@@ -211,9 +209,8 @@ def main() -> None:
 
             bare(), scored()  # warm-up: first-call allocations and kernel selection
             rows = []
+            above = map_top(detector) + 1.0  # every map value is at most map_top, and so is every image score
             for rep in range(args.repeats):
-                # every map value is at most map_top(detector), and so is every image score
-                above = map_top(detector) + 1.0
                 rows.append((bare(), scored(), full(rep), full(rep, "all"), full(rep, "flagged", "png"),
                              full(rep, threshold=above)))
                 if ort is not None:
