@@ -44,6 +44,21 @@ def test_the_tiled_section_lists_only_the_runs_that_measured_it(tmp_path):
     rows = [line for line in section.splitlines() if line.startswith("| a_")]
     assert rows == ["| a_to_c (a → c) | 0.700 | 0.600 | 0.300 | 0.650 | 0.800 | – |"]
     assert "whole and tiled" not in results.render({"a_to_b": results.load_runs(reports)["a_to_b"]})
+    assert "the batch signal" not in section  # that run measured no batch paths
+
+
+def test_the_tiled_batch_table_lists_the_runs_with_the_batch_paths(tmp_path):
+    reports = tmp_path / "reports"
+    paths = {p: {"image_auroc": 0.1 * i, "pixel_auroc": 0.5 + 0.1 * i, "pixel_aupro": 0.2 + 0.1 * i}
+             for i, p in enumerate(("resized", "tiled", "batch", "resized+batch", "tiled+batch"), start=1)}
+    write_run(reports, "a_to_c", aux="a", target="c", image_auroc=0.7, pixel_auroc=0.6, pixel_aupro=0.3, tiled={
+        "tile": 224, "n_images": 10, "n_tiled": 8, "tiles_per_tiled_image": 10.0, **paths})
+    section = results.render(results.load_runs(reports)).split("## Large images: whole and tiled\n")[1]
+    section = section.split("\n## ")[0]
+    assert "| batch I-AUROC | batch P-AUROC | batch AUPRO | resized+batch I-AUROC" in section
+    rows = [line for line in section.splitlines() if line.startswith("| a_")]
+    assert rows == ["| a_to_c (a → c) | 0.100 | 0.600 | 0.300 | 0.200 | 0.700 | 0.400 |",
+                    "| a_to_c (a → c) | 0.300 | 0.800 | 0.500 | 0.400 | 0.900 | 0.600 | 0.500 | 1.000 | 0.700 |"]
 
 
 def test_readme_block_is_replaced_and_check_reports_stale_files(tmp_path, capsys):

@@ -7,6 +7,7 @@ import csv
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pipeline.cli import predict as P
@@ -156,6 +157,105 @@ def test_tiled_metrics_refuse_a_global_score_and_images_that_are_not_the_stores(
         tiled.check_samples(samples, [samples[0].relpath, "plate/test/good/999.png"], "store")
 
 
+def _grid_reference(det, samples, path, grid=64):
+    """Each image's map of one guide path at the grid, its image score and its grid mask, made with PIL
+    directly: the map's bilinear resize and "any defect pixel under the cell" (320 x 256 images)."""
+    from pipeline.data.images import load_image, load_mask
+    from pipeline.method import tiles
+
+    masks, maps, scores = [], [], []
+    for s in samples:
+        image = load_image(s.image)
+        if path == "resized":
+            m, sc = det.predict([image])
+            m, sc = m[0], sc[0]
+        else:
+            m, _ = tiles.tiled_map(lambda crops: det.predict(crops)[0], image, 32)
+            sc = m.max()
+        maps.append(np.asarray(Image.fromarray(m.astype(np.float32)).resize((grid, grid), Image.Resampling.BILINEAR)))
+        mask = load_mask(s.mask, image.size)
+        masks.append(mask.reshape(grid, 256 // grid, grid, 320 // grid).max(axis=(1, 3)))
+        scores.append(sc)
+    return np.stack(maps).astype(np.float64), np.array(scores), np.stack(masks)
+
+
+def test_the_batch_paths_equal_the_fusion_rule_on_the_whole_categorys_grid_maps(tmp_path):
+    """The streamed batch paths against the rule written out on the whole category at once: the batch
+    map upsampled (align_corners False, no blur here) then resized to the grid; each signal (the guide
+    as its logit) standardised over all the category's grid pixels; their mean; the fused image score
+    the max of the standardised batch patch scores' map."""
+    import torch.nn.functional as F
+
+    from pipeline.evaluation import metrics, tiled
+
+    samples = _write_line(tmp_path / "line")
+    det = RednessDetector()
+    mutual = np.random.default_rng(0).random((6, 64)).astype(np.float32)  # 8 x 8 patches an image
+    block = tiled.tiled_metrics(det, samples, 32, grid=64, scratch=tmp_path, max_pixels=10**8,
+                                batch=tiled.Batch(scores={"plate": mutual}, grid=(8, 8), size=32))
+    assert list(tmp_path.glob("tiled-*")) == []  # the kept maps went with their category
+
+    def up(values):
+        t = torch.from_numpy(values.astype(np.float32)).reshape(-1, 1, 8, 8)
+        return F.interpolate(t, size=(32, 32), mode="bilinear", align_corners=False)[:, 0].numpy()
+
+    def z(x):
+        return (x - x.mean()) / x.std()
+
+    b = np.stack([np.asarray(Image.fromarray(m).resize((64, 64), Image.Resampling.BILINEAR)) for m in up(mutual)])
+    labels = np.array([s.label for s in samples])
+    decided = up(((mutual.astype(np.float64) - mutual.mean(dtype=np.float64)) / mutual.std(dtype=np.float64)))
+    for path in tiled.PATHS:
+        g, _, masks = _grid_reference(det, samples, path)
+        p = np.clip(g, 1e-6, 1 - 1e-6)
+        fused = (z(np.log(p) - np.log1p(-p)) + z(b.astype(np.float64))) / 2
+        want = metrics.compute_all(labels, decided.max(axis=(1, 2)), masks, fused.astype(np.float32))
+        got = block["per_category"]["plate"][f"{path}+batch"]
+        for key in metrics.METRIC_KEYS:
+            assert got[key] == pytest.approx(want[key], abs=1e-6), (path, key)
+    want = metrics.compute_all(labels, up(mutual).max(axis=(1, 2)), masks, b)
+    for key in metrics.METRIC_KEYS:
+        assert block["per_category"]["plate"]["batch"][key] == pytest.approx(want[key], abs=1e-9), key
+        assert block["batch"][key] == block["per_category"]["plate"]["batch"][key]
+
+
+def test_a_batch_that_knows_the_defect_lifts_the_fused_paths_and_a_lone_image_has_none(tmp_path):
+    from pipeline.evaluation import tiled
+    from pipeline.evaluation.metrics import METRIC_KEYS
+    from pipeline.method import neighbours
+
+    samples = _write_line(tmp_path / "line")
+    solo = tmp_path / "line/solo/test/good"
+    solo.mkdir(parents=True)
+    Image.fromarray(np.zeros((256, 320, 3), np.uint8)).save(solo / "000.png")
+    from pipeline.data.tables import load_table
+    samples = load_table("mvtec", tmp_path / "line")
+    plate = [s for s in samples if s.category == "plate"]
+    # the batch signal: 1 on the 8 x 8 patches under each anomalous image's spot, 0 elsewhere
+    mutual = np.zeros((len(plate), 64), np.float32)
+    for i, s in enumerate(plate):
+        if s.label:
+            mask = np.asarray(Image.open(s.mask)) > 0
+            mutual[i] = mask.reshape(8, 32, 8, 40).any(axis=(1, 3)).reshape(-1)
+    block = tiled.tiled_metrics(RednessDetector(), samples, 32, grid=64, scratch=tmp_path, max_pixels=10**8,
+                                batch=tiled.Batch(scores={"plate": mutual, "solo": None}, grid=(8, 8), size=32))
+    got = block["per_category"]["plate"]
+    assert got["batch"]["image_auroc"] == 1.0 and got["resized+batch"]["image_auroc"] == 1.0
+    assert got["resized+batch"]["pixel_aupro"] > got["resized"]["pixel_aupro"] + 0.05
+    assert got["tiled"]["pixel_auroc"] == 1.0 and got["tiled+batch"]["pixel_auroc"] > 0.999  # coarse, not wrong
+    lone = block["per_category"]["solo"]
+    for path in tiled.BATCH_PATHS:
+        assert all(lone[path][k] is None for k in METRIC_KEYS)
+        assert lone[path]["null_reasons"]["pixel_auroc"] == neighbours.ONE_IMAGE
+        assert block[path]["image_auroc"] == got[path]["image_auroc"]  # the mean over the defined category
+    with pytest.raises(tiled.TiledError, match="categories"):
+        tiled.tiled_metrics(RednessDetector(), samples, 32, grid=64, scratch=tmp_path, max_pixels=10**8,
+                            batch=tiled.Batch(scores={"plate": mutual}, grid=(8, 8), size=32))
+    with pytest.raises(tiled.TiledError, match="5 rows of batch scores for 6 images"):
+        tiled.tiled_metrics(RednessDetector(), samples, 32, grid=64, scratch=tmp_path, max_pixels=10**8,
+                            batch=tiled.Batch(scores={"plate": mutual[:5], "solo": None}, grid=(8, 8), size=32))
+
+
 @pytest.mark.parametrize("where", ["whole", "tile"])
 def test_tiled_metrics_refuse_a_map_that_is_not_finite(tmp_path, where):
     from pipeline.errors import NonFiniteError
@@ -211,6 +311,20 @@ def test_the_evaluate_stage_measures_a_target_with_the_option_and_refuses_anothe
     assert loaded == [(tmp_path / "det", tmp_path / "w.safetensors")]
     assert block["tiled"]["image_auroc"] == 1.0 and block["resized"]["image_auroc"] == 0.0 and block["grid"] == 64
     assert [p.name for p in args.out.iterdir()] == []  # the run files went with their scratch folder
+    assert "batch" not in block  # no batch signal given: the guide paths only
+
+    # the batch signal comes from the neighbours stage's arrays where the run has them, a category's rows
+    from pipeline.evaluation import target_scores
+    rows = np.random.default_rng(1).random((len(samples) + 1, 64)).astype(np.float32)
+    rows[-1] = np.nan  # a category of one image has no mutual scores
+    target.masks, target.attrs["grid"] = np.zeros((len(samples) + 1, 32, 32), np.uint8), [8, 8]
+    batch = stage.tiled_batch(target, {"plate": (0, len(samples)), "solo": (len(samples), len(samples) + 1)},
+                              {target_scores.MUTUAL: rows}, "cpu")
+    assert batch.grid == (8, 8) and batch.size == 32 and batch.scores["solo"] is None
+    np.testing.assert_array_equal(batch.scores["plate"], rows[:len(samples)])
+    block = stage.score_tiled(params, target, args, 32, "cpu", batch=tiled.Batch({"plate": batch.scores["plate"]},
+                                                                                 batch.grid, batch.size))
+    assert block["batch"]["pixel_auroc"] is not None and block["tiled+batch"]["image_auroc"] is not None
 
     other = SimpleNamespace(path=target.path, attrs={**target.attrs, "dataset": "other"})
     assert stage.tiled_option(params, other, tmp_path / "params.yaml") is None  # no tile: not measured

@@ -161,6 +161,13 @@ def render(runs: Mapping[str, Mapping[str, Any]], atoms: Mapping[str, Mapping[st
                 "(`resized`) and as overlapping tiles stitched (`tiled`), on one grid of masks. "
                 + tiled_costs(tiled) + "\n",
                 table(tiled, [(path, lambda m, path=path: pick(m, "tiled", path)) for path in ("resized", "tiled")])]
+        with_batch = {run: m for run, m in tiled.items() if isinstance(m["tiled"].get("batch"), Mapping)}
+        if with_batch:
+            out += ["On the same grid, the batch signal (`batch`: the mutual map of the resized images, as "
+                    "`mutual` above) and each guide path fused with it by the fusion rule on grid pixels "
+                    "(pipeline/evaluation/tiled.py); the fused image score is the batch's.\n",
+                    table(with_batch, [(path, lambda m, path=path: pick(m, "tiled", path))
+                                       for path in ("batch", "resized+batch", "tiled+batch")])]
     for k in few_shot_ks(runs):
         out += [f"## Few-shot, {k} reference images per category\n",
                 "Mean over the seeded draws; the reference images are not scored. `reference`: the "

@@ -258,7 +258,8 @@ def main(argv: list[str] | None = None) -> None:
         run_info=run_info, curve_points=cfg.curve_points)
     tile = tiled_option(params, target, args.params)
     if tile is not None:
-        result["tiled"] = score_tiled(params, target, args, tile, device)
+        result["tiled"] = score_tiled(params, target, args, tile, device,
+                                      batch=tiled_batch(target, ranges, run_in.batch_scores, device))
     write_report(args.out, files, result, by_category, curves)
     log_summary(result, det)
 
@@ -276,9 +277,22 @@ def tiled_option(params, target: store.FeatureStore, params_path: Path) -> int |
     return ds.tile
 
 
-def score_tiled(params, target: store.FeatureStore, args: argparse.Namespace, tile: int, device: torch.device) -> dict:
+def tiled_batch(target: store.FeatureStore, ranges: dict[str, tuple[int, int]], batch_scores: dict | None,
+                device: torch.device) -> tiled.Batch:
+    """The target's batch signal for the tiled block: each category's mutual patch scores, from the
+    neighbours stage's arrays where the run has them, else computed from the store as the category loop
+    computes them."""
+    scores = {category: (target_scores.mutual_of(target, start, stop, device=device) if batch_scores is None
+                         else target_scores.category_mutual(batch_scores, start, stop))
+              for category, (start, stop) in ranges.items()}
+    return tiled.Batch(scores=scores, grid=tuple(target.attrs["grid"]), size=int(target.masks.shape[-1]))
+
+
+def score_tiled(params, target: store.FeatureStore, args: argparse.Namespace, tile: int, device: torch.device,
+                batch: tiled.Batch | None = None) -> dict:
     """metrics.json's ``tiled`` block (:func:`pipeline.evaluation.tiled.tiled_metrics`): the target's image
-    files scored whole and as tiles by the detector with its backbone."""
+    files scored whole and as tiles by the detector with its backbone, and with ``batch`` each fused with
+    the batch signal."""
     from pipeline.data import tables
 
     ds = params.datasets[target.attrs["dataset"]]
@@ -291,11 +305,12 @@ def score_tiled(params, target: store.FeatureStore, args: argparse.Namespace, ti
     try:
         block = tiled.tiled_metrics(det, samples, tile, grid=params.evaluate.tiled_grid, scratch=scratch,
                                     max_pixels=params.data.max_pixels, allow_empty_masks=params.data.allow_empty_masks,
-                                    without_masks=target.attrs.get("categories_without_masks", []))
+                                    without_masks=target.attrs.get("categories_without_masks", []), batch=batch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    log.info("tiled: image AUROC %s resized, %s tiled; AUPRO %s resized, %s tiled", block["resized"]["image_auroc"],
-             block["tiled"]["image_auroc"], block["resized"]["pixel_aupro"], block["tiled"]["pixel_aupro"])
+    for path in tiled.PATHS + (tiled.BATCH_PATHS if batch is not None else ()):
+        log.info("tiled: %s image AUROC %s, pixel AUROC %s, AUPRO %s", path, block[path]["image_auroc"],
+                 block[path]["pixel_auroc"], block[path]["pixel_aupro"])
     return block
 
 
