@@ -95,3 +95,30 @@ def test_sparsity_table_by_hand(tmp_path, capsys):
     assert rows["topk 8"]["mean_pixel_auroc"] == pytest.approx(0.8)
     assert "| topk 8 | 8 / 16 | 0.50 / 1.00 | 0.700 (0.010) | 0.800 (0.020) |" in capsys.readouterr().out
     assert (tmp_path / "out" / "sparsity.csv").read_text().count("\n") == 3
+
+
+def test_subsampled_mutual_by_hand():
+    """Three images of unit 2-d patches: image 0's patch (1, 0) is at distance 0 from image 1's (1, 0)
+    and 1 from image 2's (0, 1); with two references k = max(1, ⌊0.3 · 2⌋) = 1, the smaller counts."""
+    import torch
+
+    from analysis.tiled_mutual import fused, subsampled_mutual
+
+    e0, e1 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    bags = [torch.stack([e0]), torch.stack([e0, -e0]), torch.stack([e1])]
+    got = subsampled_mutual(bags, references=2)
+    assert torch.allclose(got[0], torch.tensor([0.0]))          # nearest in image 1: itself
+    assert torch.allclose(got[1], torch.tensor([0.0, 1.0]))     # -e0: 2 from image 0, 1 from image 2 (e1)
+    assert torch.allclose(got[2], torch.tensor([1.0]))          # e1 is 1 from every patch of 0 and 1
+    # one reference: each image against one other, drawn with the seed; an image never its own reference
+    one = subsampled_mutual(bags, references=1, seed=3)
+    assert all(v.shape == b.shape[:1] for v, b in zip(one, bags))
+    assert float(one[2][0]) == 1.0
+    with pytest.raises(ValueError, match="other"):
+        subsampled_mutual(bags[:1], references=1)
+    # the grid-pixel rule: logits 0, 0, ±ln 3 and batch 0, 0, ∓1 standardise to 0, 0, ±√2 and 0, 0, ∓√2,
+    # which cancel; the batch alone in agreement gives their mean √2
+    probability = np.array([[0.5, 0.5], [0.75, 0.25]], np.float32)
+    assert np.allclose(fused(probability, np.array([[0.0, 0.0], [-1.0, 1.0]], np.float32)), 0.0, atol=1e-6)
+    agree = fused(probability, np.array([[0.0, 0.0], [1.0, -1.0]], np.float32))
+    assert np.allclose(agree, [[0, 0], [np.sqrt(2), -np.sqrt(2)]], atol=1e-5)
