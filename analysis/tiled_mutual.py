@@ -160,16 +160,52 @@ def run(root: Path, dataset: str, auxes: list[str], references: int, seed: int =
     return result
 
 
+COLUMNS = ("tiled", "resized_batch", "tiled_batch", "tiled+tiled_batch")
+KEYS = (("I-AUROC", "image_auroc"), ("P-AUROC", "pixel_auroc"), ("AUPRO", "pixel_aupro"))
+
+
+def summary(results: list[dict]) -> str:
+    """A markdown table of saved results: a row per aux and dataset (means over the dataset's
+    categories), the four scorings' image AUROC, pixel AUROC and AUPRO, and their mean over the rows."""
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return float(np.mean(values)) if values else None
+
+    def fmt(v):
+        return "–" if v is None else f"{v:.3f}"
+
+    rows = []
+    for r in results:
+        auxes = sorted({k.split(":")[0] for per in r["per_category"].values() for k in per if ":" in k})
+        for a in auxes:
+            name = {"tiled": f"{a}:tiled", "tiled+tiled_batch": f"{a}:tiled+tiled_batch"}
+            rows.append((f"{a} → {r['dataset']}", [mean([per[name.get(c, c)][key] for per in r["per_category"].values()])
+                                                  for c in COLUMNS for _, key in KEYS]))
+    head = "| run | " + " | ".join(f"{c} {label}" for c in COLUMNS for label, _ in KEYS) + " |"
+    lines = [head, "|" + "---|" * (1 + len(COLUMNS) * len(KEYS))]
+    lines += [f"| {name} | " + " | ".join(map(fmt, values)) + " |" for name, values in rows]
+    lines.append("| **mean over the runs where defined** | "
+                 + " | ".join(fmt(mean([v[i] for _, v in rows])) for i in range(len(COLUMNS) * len(KEYS))) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", type=Path, required=True)
-    parser.add_argument("--dataset", required=True)
-    parser.add_argument("--aux", nargs="+", required=True)
+    parser.add_argument("--summarise", type=Path, nargs="+", metavar="JSON",
+                        help="print the table of results saved with --out, and run nothing")
+    parser.add_argument("--root", type=Path)
+    parser.add_argument("--dataset")
+    parser.add_argument("--aux", nargs="+")
     parser.add_argument("--references", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--every", type=int, default=1, help="score every n-th image only (a smoke run)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    if args.summarise:
+        print(summary([json.loads(p.read_text()) for p in args.summarise]), end="")
+        return
+    if not (args.root and args.dataset and args.aux):
+        parser.error("--root, --dataset and --aux are needed to run (or --summarise saved results)")
     torch.set_grad_enabled(False)
     result = run(args.root, args.dataset, args.aux, args.references, args.seed, args.every)
     if args.out:

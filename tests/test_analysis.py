@@ -122,3 +122,20 @@ def test_subsampled_mutual_by_hand():
     assert np.allclose(fused(probability, np.array([[0.0, 0.0], [-1.0, 1.0]], np.float32)), 0.0, atol=1e-6)
     agree = fused(probability, np.array([[0.0, 0.0], [1.0, -1.0]], np.float32))
     assert np.allclose(agree, [[0, 0], [np.sqrt(2), -np.sqrt(2)]], atol=1e-5)
+
+
+def test_tiled_mutual_summary_by_hand():
+    from analysis.tiled_mutual import summary
+
+    def m(i, p, a):
+        return {"image_auroc": i, "pixel_auroc": p, "pixel_aupro": a}
+
+    per = {"x": {"tiled_batch": m(0.9, 0.8, 0.7), "resized_batch": m(0.5, 0.5, 0.5), "a:tiled": m(0.1, 0.2, 0.3),
+                 "a:tiled+tiled_batch": m(None, 0.6, 0.4), "seconds": {"tokens_per_image": 1.0}},
+           "y": {"tiled_batch": m(0.7, 0.6, 0.5), "resized_batch": m(0.5, 0.5, 0.5), "a:tiled": m(0.3, 0.4, 0.5),
+                 "a:tiled+tiled_batch": m(None, 0.8, 0.6), "seconds": {"tokens_per_image": 1.0}}}
+    lines = summary([{"dataset": "d", "per_category": per}]).splitlines()
+    # means over the two categories; a metric undefined in both is a dash
+    assert lines[2] == ("| a → d | 0.200 | 0.300 | 0.400 | 0.500 | 0.500 | 0.500 | 0.800 | 0.700 | 0.600 "
+                        "| – | 0.700 | 0.500 |")
+    assert lines[3].startswith("| **mean over the runs where defined** | 0.200 | 0.300 | 0.400 |")
