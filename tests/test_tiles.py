@@ -105,9 +105,7 @@ def _write_line(root, n_good=3, n_bad=3):
 
 
 def test_tiled_metrics_find_what_the_resized_path_misses_and_equal_the_in_memory_metrics(tmp_path):
-    from pipeline.data.images import load_image, load_mask
     from pipeline.evaluation import metrics, tiled
-    from pipeline.method import tiles
 
     samples = _write_line(tmp_path / "line")
     det = RednessDetector()
@@ -119,22 +117,8 @@ def test_tiled_metrics_find_what_the_resized_path_misses_and_equal_the_in_memory
     # the streamed per-image adds equal metrics.compute_all on the whole category's arrays, made here
     # with PIL directly: the map's bilinear resize and "any defect pixel under the cell"
     for path in tiled.PATHS:
-        masks, maps, scores = [], [], []
-        for s in samples:
-            image = load_image(s.image)
-            if path == "resized":
-                m, sc = det.predict([image])
-                m, sc = m[0], sc[0]
-            else:
-                m, _ = tiles.tiled_map(lambda crops: det.predict(crops)[0], image, 32)
-                sc = m.max()
-            maps.append(np.asarray(Image.fromarray(m.astype(np.float32)).resize((64, 64), Image.Resampling.BILINEAR)))
-            mask = load_mask(s.mask, image.size)
-            cells = mask.reshape(64, 4, 64, 5).max(axis=(1, 3))  # 256 / 64 = 4 rows, 320 / 64 = 5 columns a cell
-            masks.append(cells)
-            scores.append(sc)
-        want = metrics.compute_all(np.array([s.label for s in samples]), np.array(scores), np.stack(masks),
-                                   np.stack(maps))
+        maps, scores, masks = _grid_reference(det, samples, path)
+        want = metrics.compute_all(np.array([s.label for s in samples]), scores, masks, maps.astype(np.float32))
         got = block["per_category"]["plate"][path]
         for key in metrics.METRIC_KEYS:
             assert got[key] == pytest.approx(want[key], abs=1e-9), (path, key)
