@@ -86,11 +86,10 @@ def category_metrics(labels, scores, cells, maps) -> dict:
 
 
 def fused(guide: np.ndarray, batch: np.ndarray) -> np.ndarray:
-    """The grid-pixel rule of pipeline/evaluation/tiled.py on whole arrays: the mean of the guide's logit
-    and the batch map, each standardised over every value."""
-    g = fusion.logit(torch.from_numpy(guide)).numpy()
-    b = batch.astype(np.float64)
-    return (((g - g.mean()) / g.std() + (b - b.mean()) / b.std()) / 2).astype(np.float32)
+    """The grid-pixel rule of pipeline/evaluation/tiled.py on whole arrays: :func:`fusion.fuse` of the
+    guide probability and the batch map with every value of each as one set."""
+    flat = [torch.from_numpy(np.ascontiguousarray(a, np.float32).reshape(1, -1)) for a in (guide, batch)]
+    return fusion.fuse(*flat).reshape(guide.shape).numpy()
 
 
 def run(root: Path, dataset: str, auxes: list[str], references: int, seed: int = 0, every: int = 1) -> dict:

@@ -85,8 +85,6 @@ def check_samples(samples: Sequence, paths: Sequence[str], where: str) -> None:
                          f"first difference at image {first}: re-run the extract stage (dvc repro)")
 
 
-
-
 @dataclass(frozen=True)
 class Batch:
     """The target's batch signal for :func:`tiled_metrics`: per category the mutual patch scores (n, L) of
@@ -201,8 +199,9 @@ STATS_ROWS = 16
 """Images whose grid maps are standardised or scored at once."""
 
 
-def _guide_signal(values: np.ndarray, probability: bool) -> torch.Tensor:
-    """Grid map values -> the signal the fusion rule standardises (the logit of a probability), float64."""
+def _fusion_signal(values: np.ndarray, probability: bool) -> torch.Tensor:
+    """Grid map values -> the signal the fusion rule standardises, float64: the logit of a probability,
+    any other map (the batch's, a guide that is no probability) as it is."""
     t = torch.from_numpy(np.ascontiguousarray(values, np.float32))
     return fusion.logit(t) if probability else t.double()
 
@@ -235,9 +234,8 @@ def _batch_paths(det, mutual: np.ndarray, kept: _Kept, labels: np.ndarray, has_m
             kept.maps["batch"][i + k] = grid_map(m, grid)
     image = {name: np.concatenate(v) for name, v in scores.items()}
     probability = settings.fusion == "none"  # otherwise the guide map is a product, not a probability
-    as_is = lambda v: torch.from_numpy(np.ascontiguousarray(v, np.float32)).double()  # noqa: E731
-    stats = {"batch": _statistics(kept.maps["batch"], as_is),
-             **{p: _statistics(kept.maps[p], lambda v: _guide_signal(v, probability)) for p in PATHS}}
+    stats = {"batch": _statistics(kept.maps["batch"], lambda v: _fusion_signal(v, False)),
+             **{p: _statistics(kept.maps[p], lambda v: _fusion_signal(v, probability)) for p in PATHS}}
     streams = {p: metrics_stream.PixelStream(scratch, f"tiled-{p}", rank=has_masks) for p in BATCH_PATHS}
     try:
         for i in range(len(mutual)):
@@ -245,9 +243,9 @@ def _batch_paths(det, mutual: np.ndarray, kept: _Kept, labels: np.ndarray, has_m
             regions = metrics_stream.label_regions(cell != 0) if has_masks else None
             b = np.asarray(kept.maps["batch"][i])
             streams["batch"].add(cell, b[None], regions)
-            flat_b = as_is(b.reshape(1, -1))
+            flat_b = _fusion_signal(b.reshape(1, -1), False)
             for path in PATHS:
-                g = _guide_signal(np.asarray(kept.maps[path][i]).reshape(1, -1), probability)
+                g = _fusion_signal(np.asarray(kept.maps[path][i]).reshape(1, -1), probability)
                 fused = fusion.standardised_mean(g, flat_b, stats=[stats[path], stats["batch"]])
                 streams[f"{path}+batch"].add(cell, fused.reshape(1, grid, grid).numpy(), regions)
         return {p: streams[p].metrics(labels, image["batch" if p == "batch" else "decided"], has_masks=has_masks)
